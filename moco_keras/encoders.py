@@ -1,0 +1,211 @@
+"""ResNet encoders in the torchvision layout, with a pluggable normalization.
+
+MoCo's published numbers come from torchvision's ResNet-50 ("v1.5": the
+stride of a bottleneck block sits on its 3x3 convolution, no convolution
+biases, BN epsilon 1e-5, symmetric zero padding). `keras.applications`
+differs on all of these, and keras-hub's `ResNetBackbone`, which matches the
+layout, builds `keras.layers.BatchNormalization` inside its blocks with no way
+to swap in split BN. So the encoders are written here, with layer names that
+are torchvision's state-dict keys with `_` for `.` (`layer3_5_conv2`,
+`layer1_0_downsample_1`; the torch backend forbids dots in names) so that
+official checkpoints map one to one.
+
+Every builder returns a functional `keras.Model` from images (NHWC) to the
+globally average-pooled features (rank 2: `N x width * 8 * expansion`).
+"""
+
+import functools
+
+import keras
+from keras import layers
+
+from moco_keras.batch_norm import SplitBatchNormalization
+
+# (block, expansion, blocks per stage), as torchvision's resnet{18,34,50}.
+_ARCHS = {
+    18: ("basic", 1, (2, 2, 2, 2)),
+    34: ("basic", 1, (3, 4, 6, 3)),
+    50: ("bottleneck", 4, (3, 4, 6, 3)),
+}
+
+
+def _conv_initializer():
+    # torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu").
+    return keras.initializers.VarianceScaling(
+        scale=2.0, mode="fan_out", distribution="untruncated_normal"
+    )
+
+
+def _conv(x, filters, kernel_size, strides, name):
+    """A bias-free convolution padded as torch pads: k // 2 on every side."""
+    pad = kernel_size // 2
+    if strides > 1 and pad:
+        # Keras "same" pads asymmetrically for strided convolutions, which
+        # shifts the sampling grid by one pixel against torch's weights.
+        x = layers.ZeroPadding2D(pad, name=f"{name}_pad")(x)
+        padding = "valid"
+    else:
+        padding = "same"
+    return layers.Conv2D(
+        filters,
+        kernel_size,
+        strides=strides,
+        padding=padding,
+        use_bias=False,
+        kernel_initializer=_conv_initializer(),
+        name=name,
+    )(x)
+
+
+def _basic_block(x, filters, strides, norm_layer, name):
+    shortcut = x
+    y = _conv(x, filters, 3, strides, f"{name}_conv1")
+    y = norm_layer(name=f"{name}_bn1")(y)
+    y = layers.ReLU(name=f"{name}_relu1")(y)
+    y = _conv(y, filters, 3, 1, f"{name}_conv2")
+    y = norm_layer(name=f"{name}_bn2")(y)
+    if strides != 1 or x.shape[-1] != filters:
+        shortcut = _conv(x, filters, 1, strides, f"{name}_downsample_0")
+        shortcut = norm_layer(name=f"{name}_downsample_1")(shortcut)
+    y = layers.Add(name=f"{name}_add")([y, shortcut])
+    return layers.ReLU(name=f"{name}_relu")(y)
+
+
+def _bottleneck_block(x, filters, strides, norm_layer, name):
+    shortcut = x
+    y = _conv(x, filters, 1, 1, f"{name}_conv1")
+    y = norm_layer(name=f"{name}_bn1")(y)
+    y = layers.ReLU(name=f"{name}_relu1")(y)
+    # ResNet v1.5: the stride is on the 3x3 convolution.
+    y = _conv(y, filters, 3, strides, f"{name}_conv2")
+    y = norm_layer(name=f"{name}_bn2")(y)
+    y = layers.ReLU(name=f"{name}_relu2")(y)
+    y = _conv(y, filters * 4, 1, 1, f"{name}_conv3")
+    y = norm_layer(name=f"{name}_bn3")(y)
+    if strides != 1 or x.shape[-1] != filters * 4:
+        shortcut = _conv(x, filters * 4, 1, strides, f"{name}_downsample_0")
+        shortcut = norm_layer(name=f"{name}_downsample_1")(shortcut)
+    y = layers.Add(name=f"{name}_add")([y, shortcut])
+    return layers.ReLU(name=f"{name}_relu")(y)
+
+
+def resnet(
+    depth,
+    width=64,
+    cifar_stem=False,
+    bn_splits=1,
+    norm_layer=None,
+    input_shape=(None, None, 3),
+    name=None,
+):
+    """A torchvision-layout ResNet that returns pooled features.
+
+    Args:
+        depth: int, one of 18, 34, 50.
+        width: int, channels of the first stage (64 in torchvision); the
+            stages have `width`, `2 * width`, `4 * width`, `8 * width`
+            channels, times 4 for the bottleneck output of ResNet-50.
+        cifar_stem: bool. If True, the stem is a 3x3 stride-1 convolution
+            with no max-pool (the official MoCo CIFAR demo's "common CIFAR
+            ResNet recipe"); else torchvision's 7x7 stride-2 convolution and
+            3x3 stride-2 max-pool.
+        bn_splits: int, groups of the split batch normalization used in
+            every normalization layer (1: ordinary batch normalization).
+        norm_layer: optional callable `norm_layer(name=...)` returning a
+            normalization layer, to replace split BN altogether. Mutually
+            exclusive with `bn_splits > 1`.
+        input_shape: shape of one image, channels last.
+        name: model name; defaults to `resnet{depth}`.
+
+    Returns:
+        A functional `keras.Model` mapping `N x H x W x C` images to
+        `N x D` features, D = `8 * width` (18, 34) or `32 * width` (50).
+
+    Example:
+
+    >>> encoder = resnet(18, width=16, cifar_stem=True, bn_splits=8)
+    >>> encoder.output_shape
+    (None, 128)
+    """
+    if depth not in _ARCHS:
+        raise ValueError(
+            f"Unsupported ResNet depth {depth!r}; expected one of "
+            f"{sorted(_ARCHS)}."
+        )
+    if not isinstance(width, int) or width < 1:
+        raise ValueError(f"`width` must be a positive int. Received: {width!r}")
+    if norm_layer is not None and bn_splits != 1:
+        raise ValueError(
+            "Pass either `norm_layer` or `bn_splits`, not both. Received: "
+            f"norm_layer={norm_layer!r}, bn_splits={bn_splits!r}"
+        )
+    if norm_layer is None:
+        norm_layer = functools.partial(
+            SplitBatchNormalization, num_splits=bn_splits
+        )
+    block_type, expansion, stage_blocks = _ARCHS[depth]
+    block = _bottleneck_block if block_type == "bottleneck" else _basic_block
+
+    inputs = keras.Input(shape=input_shape, name="images")
+    if cifar_stem:
+        x = _conv(inputs, width, 3, 1, "conv1")
+    else:
+        x = _conv(inputs, width, 7, 2, "conv1")
+    x = norm_layer(name="bn1")(x)
+    x = layers.ReLU(name="relu")(x)
+    if not cifar_stem:
+        # Zero padding equals torch's -inf padding here: inputs are >= 0.
+        x = layers.ZeroPadding2D(1, name="maxpool_pad")(x)
+        x = layers.MaxPooling2D(3, strides=2, name="maxpool")(x)
+    for stage, blocks in enumerate(stage_blocks):
+        filters = width * 2**stage
+        for index in range(blocks):
+            strides = 2 if stage > 0 and index == 0 else 1
+            x = block(
+                x, filters, strides, norm_layer, f"layer{stage + 1}_{index}"
+            )
+    assert x.shape[-1] == width * 8 * expansion
+    outputs = layers.GlobalAveragePooling2D(name="avgpool")(x)
+    return keras.Model(inputs, outputs, name=name or f"resnet{depth}")
+
+
+def resnet18(**kwargs):
+    """ResNet-18 (basic blocks, 512-d features). See `resnet`."""
+    return resnet(18, **kwargs)
+
+
+def resnet34(**kwargs):
+    """ResNet-34 (basic blocks, 512-d features). See `resnet`."""
+    return resnet(34, **kwargs)
+
+
+def resnet50(**kwargs):
+    """ResNet-50 v1.5 (bottleneck blocks, 2048-d features). See `resnet`."""
+    return resnet(50, **kwargs)
+
+
+def cifar_resnet18(width=16, **kwargs):
+    """ResNet-18 with the CIFAR stem; `width=16` gives 128-d features.
+
+    The encoder of the official MoCo CIFAR-10 demo has width 64; width 16
+    keeps a training step fast on a laptop CPU.
+    """
+    return resnet(18, width=width, cifar_stem=True, **kwargs)
+
+
+ENCODERS = {
+    "resnet18": resnet18,
+    "resnet34": resnet34,
+    "resnet50": resnet50,
+    "cifar_resnet18": cifar_resnet18,
+}
+
+
+def get_encoder(arch, **kwargs):
+    """Builds an encoder by name (`ENCODERS` lists the names)."""
+    if arch not in ENCODERS:
+        raise ValueError(
+            f"Unknown encoder arch {arch!r}. Expected one of "
+            f"{sorted(ENCODERS)}."
+        )
+    return ENCODERS[arch](**kwargs)

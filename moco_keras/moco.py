@@ -1,0 +1,397 @@
+"""Momentum Contrast (MoCo v1 / v2) as one `keras.Model`.
+
+He et al., "Momentum Contrast for Unsupervised Visual Representation
+Learning" (arXiv 1911.05722) and Chen et al., "Improved Baselines with
+Momentum Contrastive Learning" (arXiv 2003.04297). The step follows the
+official `moco/builder.py`: query forward, momentum update of the key
+encoder, key forward with shuffle BN, InfoNCE logits against the queue,
+enqueue of the new keys.
+
+Keras' shared training hook is used on every backend: `call` computes the
+queries, `compute_loss` does the rest, and the key encoder, queue and queue
+pointer are non-trainable variables updated with `assign`.
+"""
+
+import copy
+import math
+
+import keras
+from keras import layers
+from keras import ops
+
+from moco_keras.presets import PRESETS
+
+
+def _torch_linear_initializers(fan_in):
+    # torch.nn.Linear's default init, as the official heads are initialised:
+    # U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for the weight and the bias.
+    bound = 1.0 / math.sqrt(fan_in)
+    return {
+        "kernel_initializer": keras.initializers.VarianceScaling(
+            scale=1.0 / 3.0, mode="fan_in", distribution="uniform"
+        ),
+        "bias_initializer": keras.initializers.RandomUniform(-bound, bound),
+    }
+
+
+def _projection_head(feature_dim, dim, mlp, name):
+    """The official `fc` head: Linear (v1) or Linear-ReLU-Linear (v2)."""
+    if mlp:
+        head_layers = [
+            layers.Dense(
+                feature_dim,
+                activation="relu",
+                name="fc_0",
+                **_torch_linear_initializers(feature_dim),
+            ),
+            layers.Dense(
+                dim, name="fc_2", **_torch_linear_initializers(feature_dim)
+            ),
+        ]
+    else:
+        head_layers = [
+            layers.Dense(
+                dim, name="fc", **_torch_linear_initializers(feature_dim)
+            )
+        ]
+    head = keras.Sequential(head_layers, name=name)
+    head.build((None, feature_dim))
+    return head
+
+
+def _feature_shape(encoder):
+    try:
+        return tuple(encoder.output.shape)
+    except (AttributeError, ValueError):
+        pass
+    try:
+        return tuple(encoder.compute_output_shape((None, 32, 32, 3)))
+    except Exception as error:  # noqa: BLE001 - re-raised with advice.
+        raise ValueError(
+            "Could not infer the output shape of the encoder "
+            f"{encoder.name!r}. Pass a built functional keras.Model such as "
+            "`moco_keras.encoders.resnet50()`."
+        ) from error
+
+
+@keras.saving.register_keras_serializable(package="moco_keras")
+class MoCo(keras.Model):
+    """Momentum Contrast: a query encoder, a momentum key encoder, a queue.
+
+    Train it with `fit` on a dataset of `(view_q, view_k)` pairs, two
+    augmentations of the same images. `model(images)` returns the
+    L2-normalized query embeddings (`N x dim`); `compute_loss` runs the rest
+    of the MoCo step on the key view:
+
+    1. momentum update of the key encoder, on trainable weights only:
+       `theta_k = m * theta_k + (1 - m) * theta_q`;
+    2. keys with shuffle BN: the key batch is permuted, encoded, and put
+       back in order, so that the BN groups of queries and keys differ
+       (with split BN in the encoder; see `SplitBatchNormalization`);
+    3. `l_pos = q . k`, `l_neg = q @ queue`, logits `[l_pos, l_neg] / T`
+       with the positive in column 0, cross-entropy;
+    4. the keys are written into the queue at its pointer, overwriting the
+       oldest ones, and the pointer advances by N modulo K.
+
+    The queue keeps exactly the last K keys also when K is not a multiple of
+    the batch size (the pointer wraps inside a batch). Metrics: `loss`, and
+    the top-1 / top-5 accuracy of the (K+1)-way task (`acc1`, `acc5`), as
+    in the official training log.
+
+    Args:
+        encoder: a built `keras.Model` from images to rank-2 features
+            (`N x D`), e.g. `moco_keras.encoders.resnet50(bn_splits=8)`.
+            The key encoder is a clone of it, with the same initial weights.
+        dim: int, output dimension of the projection head (128).
+        mlp: bool, the MoCo v2 head `Dense(D) - ReLU - Dense(dim)` instead
+            of the v1 head `Dense(dim)`.
+        queue_size: int, K, the number of negative keys (65536).
+        momentum: float in [0, 1], m, momentum of the key encoder (0.999).
+        temperature: float > 0, T, softmax temperature (0.07 in v1, 0.2 in
+            v2).
+        seed: optional int, seeds the initial queue and the key shuffle.
+        **kwargs: `keras.Model` arguments such as `name`.
+
+    Example:
+
+    >>> from moco_keras import encoders
+    >>> encoder = encoders.cifar_resnet18(width=4, bn_splits=2)
+    >>> model = MoCo(encoder, dim=16, queue_size=32, mlp=True, seed=0)
+    >>> model.compile(optimizer=keras.optimizers.SGD(0.03, momentum=0.9))
+    >>> images = keras.random.uniform((8, 16, 16, 3))
+    >>> history = model.fit(images, images, batch_size=4, verbose=0)
+    >>> sorted(history.history)
+    ['acc1', 'acc5', 'loss']
+    """
+
+    def __init__(
+        self,
+        encoder,
+        dim=128,
+        mlp=False,
+        queue_size=65536,
+        momentum=0.999,
+        temperature=0.07,
+        seed=None,
+        **kwargs,
+    ):
+        _check_arguments(dim, mlp, queue_size, momentum, temperature)
+        super().__init__(**kwargs)
+        if not isinstance(encoder, keras.layers.Layer):
+            raise TypeError(
+                "`encoder` must be a keras.Model mapping images to features. "
+                f"Received: encoder={encoder!r} of type {type(encoder)}"
+            )
+        feature_shape = _feature_shape(encoder)
+        if len(feature_shape) != 2 or feature_shape[-1] is None:
+            raise ValueError(
+                "The encoder must return rank-2 features `N x D` with a known "
+                f"D; {encoder.name!r} returns shape {feature_shape}. End it "
+                "with a global pooling layer (the encoders in "
+                "`moco_keras.encoders` do)."
+            )
+        feature_dim = feature_shape[-1]
+        self.dim = dim
+        self.mlp = mlp
+        self.queue_size = queue_size
+        self.momentum = momentum
+        self.temperature = temperature
+        self.seed = seed
+
+        self.encoder_q = encoder
+        self.encoder_k = _clone(encoder)
+        self.head_q = _projection_head(feature_dim, dim, mlp, name="head_q")
+        self.head_k = _projection_head(feature_dim, dim, mlp, name="head_k")
+        for q_var, k_var in self._encoder_weight_pairs():
+            # A copy: JAX refuses two variables that share one buffer.
+            k_var.assign(ops.copy(q_var.value))
+        # Freeze the key side variable by variable: setting the layers'
+        # `trainable` would also put their BN layers in inference mode, and
+        # the official key encoder uses batch statistics.
+        for k_var in self.encoder_k.weights + self.head_k.weights:
+            k_var.trainable = False
+
+        self.queue = self.add_weight(
+            shape=(dim, queue_size),
+            initializer=_normalized_normal(seed),
+            trainable=False,
+            autocast=False,
+            name="queue",
+        )
+        self.queue_ptr = self.add_weight(
+            shape=(),
+            initializer="zeros",
+            dtype="int32",
+            trainable=False,
+            autocast=False,
+            name="queue_ptr",
+        )
+        self.seed_generator = keras.random.SeedGenerator(seed)
+        self.acc1 = keras.metrics.SparseTopKCategoricalAccuracy(
+            k=1, name="acc1"
+        )
+        self.acc5 = keras.metrics.SparseTopKCategoricalAccuracy(
+            k=min(5, queue_size + 1), name="acc5"
+        )
+        self.built = True
+
+    @classmethod
+    def from_preset(cls, preset, encoder, **overrides):
+        """Builds MoCo v1 or v2 (`"mocov1"`, `"mocov2"`) on `encoder`.
+
+        Any constructor argument in `overrides` replaces the preset's value.
+
+        Example:
+
+        >>> from moco_keras import encoders
+        >>> model = MoCo.from_preset(
+        ...     "mocov2", encoders.cifar_resnet18(width=4), queue_size=64
+        ... )
+        >>> model.temperature, model.queue_size
+        (0.2, 64)
+        """
+        if preset not in PRESETS:
+            raise ValueError(
+                f"Unknown preset {preset!r}; expected one of {sorted(PRESETS)}."
+            )
+        return cls(encoder, **{**PRESETS[preset], **overrides})
+
+    def call(self, inputs, training=False):
+        features = self.encoder_q(inputs, training=training)  # N x D
+        q = self.head_q(features, training=training)  # N x C
+        return ops.normalize(ops.cast(q, "float32"), axis=1)  # N x C
+
+    def compute_loss(
+        self, x=None, y=None, y_pred=None, sample_weight=None, training=True
+    ):
+        if y is None:
+            raise ValueError(
+                "MoCo trains on pairs of views: pass `fit(view_q, view_k)` or "
+                "a dataset of `(view_q, view_k)` tuples. The key view (y) "
+                "was None."
+            )
+        if sample_weight is not None:
+            raise ValueError(
+                "MoCo does not support sample weights; the dataset should "
+                "yield `(view_q, view_k)` pairs only."
+            )
+        q = y_pred  # N x C, normalized queries
+        if training:
+            # Before the key forward, as in the official code.
+            self._momentum_update_key_encoder()
+        k = ops.stop_gradient(self._compute_keys(y, training))  # N x C
+        queue = self.queue.value  # C x K
+        if keras.backend.backend() == "torch":
+            # Autograd keeps the queue for the backward pass of l_neg; the
+            # in-place enqueue below would invalidate it.
+            queue = ops.copy(queue)
+        l_pos = ops.sum(q * k, axis=1, keepdims=True)  # N x 1
+        l_neg = ops.matmul(q, queue)  # N x K
+        logits = ops.concatenate([l_pos, l_neg], axis=1)  # N x (1+K)
+        logits = logits / self.temperature  # N x (1+K)
+        # Cross-entropy with label 0 (the positive key) for every row.
+        loss = ops.mean(ops.logsumexp(logits, axis=1) - logits[:, 0])  # ()
+        labels = ops.zeros_like(logits[:, 0], dtype="int32")  # N
+        self.acc1.update_state(labels, ops.stop_gradient(logits))
+        self.acc5.update_state(labels, ops.stop_gradient(logits))
+        if training:
+            self._dequeue_and_enqueue(k)
+        for extra in self.losses:
+            loss = loss + self._aggregate_additional_loss(extra)
+        return loss
+
+    def _encoder_weight_pairs(self):
+        """(query variable, key variable) pairs, encoder then head."""
+        pairs = []
+        for q_model, k_model in (
+            (self.encoder_q, self.encoder_k),
+            (self.head_q, self.head_k),
+        ):
+            q_weights, k_weights = q_model.weights, k_model.weights
+            if len(q_weights) != len(k_weights):
+                raise ValueError(
+                    f"The key model {k_model.name!r} has {len(k_weights)} "
+                    f"variables but the query model has {len(q_weights)}."
+                )
+            pairs.extend(zip(q_weights, k_weights, strict=True))
+        return pairs
+
+    def _momentum_update_key_encoder(self):
+        m = self.momentum
+        for q_var, k_var in self._encoder_weight_pairs():
+            # Trainable weights only: BN moving statistics of the key encoder
+            # are its own, accumulated from the key batches.
+            if q_var.trainable:
+                q_value = ops.stop_gradient(q_var.value)
+                k_var.assign(m * k_var.value + (1.0 - m) * q_value)
+
+    def _compute_keys(self, images, training):
+        """Normalized keys of `images`, shuffle BN on one device.
+
+        The batch is permuted before the key encoder and put back in order
+        after it, so that each split-BN group of the keys holds other images
+        than the same group of the queries. Multi-device strategies replace
+        this method with one that shuffles across devices.
+        """
+        if not training:
+            return self._encode_keys(images, training=False)
+        batch_size = ops.shape(images)[0]
+        order = keras.random.shuffle(
+            ops.arange(batch_size, dtype="int32"), seed=self.seed_generator
+        )  # N
+        shuffled = ops.take(images, order, axis=0)  # N x H x W x 3
+        k = self._encode_keys(shuffled, training=True)  # N x C
+        return ops.take(k, ops.argsort(order), axis=0)  # N x C
+
+    def _encode_keys(self, images, training):
+        features = self.encoder_k(images, training=training)  # N x D
+        k = self.head_k(features, training=training)  # N x C
+        return ops.normalize(ops.cast(k, "float32"), axis=1)  # N x C
+
+    def _dequeue_and_enqueue(self, keys):
+        batch_size = keys.shape[0]
+        if batch_size is not None and batch_size > self.queue_size:
+            raise ValueError(
+                f"The batch ({batch_size} keys) is larger than the queue "
+                f"(queue_size={self.queue_size}). Use a queue of at least "
+                "the global batch size."
+            )
+        ptr = ops.convert_to_tensor(self.queue_ptr.value)  # ()
+        count = ops.shape(keys)[0]
+        columns = ops.mod(
+            ptr + ops.arange(count, dtype="int32"), self.queue_size
+        )  # N
+        queue_t = ops.transpose(self.queue.value)  # K x C
+        queue_t = ops.scatter_update(queue_t, columns[:, None], keys)  # K x C
+        self.queue.assign(ops.transpose(queue_t))  # C x K
+        self.queue_ptr.assign(ops.mod(ptr + count, self.queue_size))
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "encoder": keras.saving.serialize_keras_object(self.encoder_q),
+            "dim": self.dim,
+            "mlp": self.mlp,
+            "queue_size": self.queue_size,
+            "momentum": self.momentum,
+            "temperature": self.temperature,
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        # Deserialization consumes the nested config: work on a copy.
+        config = copy.deepcopy(config)
+        config["encoder"] = keras.saving.deserialize_keras_object(
+            config["encoder"]
+        )
+        return cls(**config)
+
+
+def _check_arguments(dim, mlp, queue_size, momentum, temperature):
+    if not isinstance(dim, int) or dim < 1:
+        raise ValueError(
+            f"`dim` must be a positive int (128 in the paper). Received: "
+            f"dim={dim!r}"
+        )
+    if not isinstance(mlp, bool):
+        raise ValueError(f"`mlp` must be True or False. Received: mlp={mlp!r}")
+    if not isinstance(queue_size, int) or queue_size < 1:
+        raise ValueError(
+            "`queue_size` (K) must be a positive int (65536 in the paper). "
+            f"Received: queue_size={queue_size!r}"
+        )
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(
+            "`momentum` (m) must be in [0, 1] (0.999 in the paper); it "
+            "weighs the old key encoder in `m * key + (1 - m) * query`. "
+            f"Received: momentum={momentum!r}"
+        )
+    if not (temperature > 0.0 and math.isfinite(temperature)):
+        raise ValueError(
+            "`temperature` (T) must be a finite number > 0 (0.07 in MoCo v1, "
+            f"0.2 in v2). Received: temperature={temperature!r}"
+        )
+
+
+def _clone(encoder):
+    try:
+        clone = keras.models.clone_model(encoder)
+    except Exception as error:  # noqa: BLE001 - re-raised with advice.
+        raise TypeError(
+            f"Could not clone the encoder {encoder.name!r} to make the key "
+            "encoder. Use a functional or Sequential keras.Model, or a "
+            "subclassed one that implements `get_config`/`from_config`."
+        ) from error
+    if not clone.built:
+        clone.build(encoder.input_shape)
+    return clone
+
+
+def _normalized_normal(seed):
+    def initializer(shape, dtype=None):
+        queue = keras.random.normal(shape, dtype=dtype, seed=seed)
+        return ops.normalize(queue, axis=0)
+
+    return initializer

@@ -1,0 +1,60 @@
+"""Shared helpers: tiny encoders and data so every test runs in seconds.
+
+The suite is backend-agnostic: run it with KERAS_BACKEND=tensorflow, jax or
+torch (`make test` runs all three).
+"""
+
+import keras
+import numpy as np
+import pytest
+
+from moco_keras import MoCo
+from moco_keras import encoders
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    keras.utils.set_random_seed(0)
+    yield
+    keras.backend.clear_session()
+
+
+def dense_encoder(input_shape=(4, 4, 3), features=8, name="dense_encoder"):
+    """A BN-free encoder, so features are a plain function of one image."""
+    inputs = keras.Input(input_shape)
+    x = keras.layers.Flatten()(inputs)
+    outputs = keras.layers.Dense(features, name="proj")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def tiny_resnet(bn_splits=1, size=8):
+    return encoders.cifar_resnet18(
+        width=2, bn_splits=bn_splits, input_shape=(size, size, 3)
+    )
+
+
+def sgd(learning_rate=0.1):
+    return keras.optimizers.SGD(learning_rate, momentum=0.9)
+
+
+def make_moco(encoder=None, compile=True, learning_rate=0.1, **kwargs):
+    kwargs.setdefault("dim", 4)
+    kwargs.setdefault("queue_size", 8)
+    kwargs.setdefault("seed", 0)
+    model = MoCo(encoder or dense_encoder(), **kwargs)
+    if compile:
+        model.compile(optimizer=sgd(learning_rate))
+    return model
+
+
+def random_images(n, shape=(4, 4, 3), seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, *shape)).astype("float32")
+
+
+def to_numpy(variable):
+    return keras.ops.convert_to_numpy(variable.value)
+
+
+def snapshot(variables):
+    return [to_numpy(v).copy() for v in variables]

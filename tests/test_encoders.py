@@ -1,0 +1,120 @@
+import keras
+import numpy as np
+import pytest
+from conftest import random_images
+
+from moco_keras import SplitBatchNormalization
+from moco_keras import encoders
+
+
+def trainable_count(model):
+    return sum(int(np.prod(v.shape)) for v in model.trainable_weights)
+
+
+@pytest.mark.parametrize(
+    "arch, features, torchvision_params",
+    [
+        # torchvision's parameter counts without the 1000-way fc layer.
+        ("resnet18", 512, 11_689_512 - 513_000),
+        ("resnet34", 512, 21_797_672 - 513_000),
+        ("resnet50", 2048, 25_557_032 - 2_049_000),
+    ],
+)
+def test_torchvision_sizes(arch, features, torchvision_params):
+    model = encoders.get_encoder(arch)
+    assert model.output_shape == (None, features)
+    assert trainable_count(model) == torchvision_params
+
+
+def test_resnet50_v15_layout():
+    model = encoders.resnet50(input_shape=(64, 64, 3))
+    # The stride of a downsampling bottleneck is on its 3x3 convolution.
+    assert model.get_layer("layer2_0_conv1").strides == (1, 1)
+    assert model.get_layer("layer2_0_conv2").strides == (2, 2)
+    assert model.get_layer("layer2_0_downsample_0").strides == (2, 2)
+    convs = [
+        layer
+        for layer in model.layers
+        if isinstance(layer, keras.layers.Conv2D)
+    ]
+    assert len(convs) == 53 and not any(c.use_bias for c in convs)
+    norms = [
+        layer
+        for layer in model.layers
+        if isinstance(layer, SplitBatchNormalization)
+    ]
+    assert len(norms) == 53
+    assert all(n.epsilon == 1e-5 and n.momentum == 0.9 for n in norms)
+    gammas = [keras.ops.convert_to_numpy(n.gamma) for n in norms]
+    assert all(np.all(g == 1.0) for g in gammas)  # no zero-init residual
+    assert model.get_layer("layer4_2_relu").output.shape == (None, 2, 2, 2048)
+
+
+def _numpy_conv(x, kernel, stride, pad):
+    """Cross-correlation with symmetric zero padding, as torch computes it."""
+    x = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    k = kernel.shape[0]
+    out = (x.shape[1] - k) // stride + 1
+    y = np.zeros((x.shape[0], out, out, kernel.shape[-1]), np.float64)
+    for i in range(out):
+        for j in range(out):
+            patch = x[
+                :, i * stride : i * stride + k, j * stride : j * stride + k
+            ]
+            y[:, i, j] = np.tensordot(
+                patch, kernel, axes=([1, 2, 3], [0, 1, 2])
+            )
+    return y
+
+
+@pytest.mark.parametrize("size", [9, 10])
+def test_strided_convolutions_pad_like_torch(size):
+    model = encoders.resnet18(input_shape=(size, size, 3))
+    x = random_images(2, (size, size, 3))
+    stem = keras.Model(model.input, model.get_layer("conv1").output)
+    kernel = keras.ops.convert_to_numpy(model.get_layer("conv1").kernel)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(stem(x)),
+        _numpy_conv(x, kernel, stride=2, pad=3),
+        atol=1e-4,
+    )
+
+
+def test_cifar_variant_and_width():
+    model = encoders.cifar_resnet18(width=16, input_shape=(32, 32, 3))
+    assert model.output_shape == (None, 128)
+    assert model.get_layer("conv1").kernel_size == (3, 3)
+    assert model.get_layer("conv1").strides == (1, 1)
+    assert not any(
+        isinstance(layer, keras.layers.MaxPooling2D) for layer in model.layers
+    )
+    assert model.get_layer("layer4_1_relu").output.shape == (None, 4, 4, 128)
+
+
+def test_bn_splits_and_pluggable_norm():
+    model = encoders.cifar_resnet18(width=2, bn_splits=4)
+    norms = [
+        layer
+        for layer in model.layers
+        if isinstance(layer, SplitBatchNormalization)
+    ]
+    assert norms and all(n.num_splits == 4 for n in norms)
+
+    model = encoders.resnet18(
+        width=4,
+        norm_layer=lambda name: keras.layers.LayerNormalization(name=name),
+    )
+    assert isinstance(model.get_layer("bn1"), keras.layers.LayerNormalization)
+    assert not any(
+        isinstance(layer, keras.layers.BatchNormalization)
+        for layer in model.layers
+    )
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="Unknown encoder arch 'resnet101'"):
+        encoders.get_encoder("resnet101")
+    with pytest.raises(ValueError, match="depth"):
+        encoders.resnet(101)
+    with pytest.raises(ValueError, match="not both"):
+        encoders.resnet18(bn_splits=2, norm_layer=keras.layers.Identity)
