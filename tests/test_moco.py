@@ -368,3 +368,17 @@ def test_keras_file_keeps_queue_pointer_and_key_encoder(tmp_path):
         random_images(4, (8, 8, 3)), random_images(4, (8, 8, 3))
     )
     assert int(to_numpy(loaded.queue_ptr)) == 6
+
+
+def test_fit_on_a_tf_data_dataset_of_pairs():
+    import tensorflow as tf
+
+    # tf.data leaves the batch dimension unknown inside the traced step.
+    x_q = random_images(12, (8, 8, 3), seed=1)
+    x_k = random_images(12, (8, 8, 3), seed=2)
+    pairs = tf.data.Dataset.from_tensor_slices((x_q, x_k)).batch(4)
+    model = make_moco(tiny_resnet(bn_splits=2), queue_size=10, mlp=True)
+    history = model.fit(pairs, epochs=2, verbose=0, shuffle=False)
+    assert sorted(history.history) == ["acc1", "acc5", "loss"]
+    assert np.all(np.isfinite(history.history["loss"]))
+    assert int(to_numpy(model.queue_ptr)) == 24 % 10
