@@ -4,8 +4,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 BACKENDS ?= tensorflow jax torch
 PYTEST_ARGS ?=
+# torch is the fastest Keras backend on a CPU for the quick start's small
+# ResNet (BENCHMARKS.md); any backend works: make demo DEMO_BACKEND=jax
+DEMO_BACKEND ?= torch
+DEMO_ARGS ?=
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: venv test test-one lint clean
+.PHONY: venv test lint demo fashion-mnist bench clean
 
 venv: $(VENV)/.installed
 
@@ -26,6 +32,24 @@ test: venv lint
 lint: venv
 	$(BIN)/ruff check moco_keras tests
 	$(BIN)/ruff format --check moco_keras tests
+
+# The main job: MoCo v2 on Fashion-MNIST, then kNN accuracy (~10 min, 2 cores).
+demo: venv fashion-mnist
+	KERAS_BACKEND=$(DEMO_BACKEND) $(BIN)/python -m moco_keras.recipes.quickstart \
+	  --workdir=runs/quickstart $(DEMO_ARGS)
+
+# Input pipeline throughput against a PIL/torchvision-style loader.
+bench: venv
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[bench]"
+	KERAS_BACKEND=tensorflow $(BIN)/python bench/pipeline.py
+
+# Debian's dataset-fashion-mnist: the embedded default data.
+fashion-mnist: $(FMNIST)
+
+$(FMNIST):
+	export DEBIAN_FRONTEND=noninteractive; \
+	$(SUDO) apt-get install -y dataset-fashion-mnist || \
+	  { $(SUDO) apt-get update && $(SUDO) apt-get install -y dataset-fashion-mnist; }
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,308 @@
+"""MoCo v1 / v2 two-crop augmentation for tf.data, as torchvision defines it.
+
+The official code augments PIL images with torchvision transforms
+(`main_moco.py`):
+
+- v1 (arXiv 1911.05722): RandomResizedCrop(224, scale=(0.2, 1)),
+  RandomGrayscale(p=0.2), ColorJitter(0.4, 0.4, 0.4, 0.4),
+  RandomHorizontalFlip, Normalize(ImageNet).
+- v2 (arXiv 2003.04297): RandomResizedCrop(224, scale=(0.2, 1)),
+  RandomApply([ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+  RandomGrayscale(p=0.2), RandomApply([GaussianBlur([0.1, 2.0])], p=0.5),
+  RandomHorizontalFlip, Normalize(ImageNet).
+
+Keras' own preprocessing layers do not have these semantics (one crop offset
+and one blur sigma per batch, a fixed jitter order, no RandomResizedCrop), so
+each op is written here with `tf.image` and stateless random ops, applied per
+image inside `tf.data`: every image draws its own parameters, and a seed fixes
+every draw. This module is TensorFlow because `tf.data` is; the pipeline feeds
+`model.fit` on every Keras backend.
+"""
+
+import math
+
+import tensorflow as tf
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# ITU-R 601-2 luma, as PIL's convert("L") and torchvision's rgb_to_grayscale.
+_LUMA = (0.299, 0.587, 0.114)
+# A kernel of 2 * ceil(3 * sigma) + 1 taps holds 99.7 % of a Gaussian's mass;
+# sigma is at most 2.0 in MoCo v2, hence 13 taps.
+BLUR_KERNEL_SIZE = 13
+
+
+def _preset(**overrides):
+    config = {
+        "size": 224,
+        "scale": (0.2, 1.0),
+        "ratio": (3.0 / 4.0, 4.0 / 3.0),
+        "jitter": (0.4, 0.4, 0.4, 0.1),
+        "jitter_p": 0.8,
+        "grayscale_p": 0.2,
+        "grayscale_first": False,
+        "blur_p": 0.5,
+        "blur_sigma": (0.1, 2.0),
+        "flip": True,
+        "mean": IMAGENET_MEAN,
+        "std": IMAGENET_STD,
+    }
+    config.update(overrides)
+    return config
+
+
+AUGMENTATIONS = {
+    # v1 applies grayscale before an always-on jitter with hue 0.4.
+    "mocov1": _preset(
+        jitter=(0.4, 0.4, 0.4, 0.4),
+        jitter_p=1.0,
+        grayscale_first=True,
+        blur_p=0.0,
+    ),
+    "mocov2": _preset(),
+    # The official CIFAR-10 demo: RandomResizedCrop(32) with torchvision's
+    # default scale, v2 colour, no blur, CIFAR statistics.
+    "cifar": _preset(
+        size=32,
+        scale=(0.08, 1.0),
+        blur_p=0.0,
+        mean=(0.4914, 0.4822, 0.4465),
+        std=(0.2023, 0.1994, 0.2010),
+    ),
+}
+
+
+def get_augmentation(name, **overrides):
+    """A copy of preset `name` ("mocov1", "mocov2", "cifar") with overrides."""
+    if name not in AUGMENTATIONS:
+        raise ValueError(
+            f"Unknown augmentation {name!r}; expected one of "
+            f"{sorted(AUGMENTATIONS)}."
+        )
+    unknown = set(overrides) - set(AUGMENTATIONS[name])
+    if unknown:
+        raise ValueError(
+            f"Unknown augmentation arguments {sorted(unknown)}; expected some "
+            f"of {sorted(AUGMENTATIONS[name])}."
+        )
+    return {**AUGMENTATIONS[name], **overrides}
+
+
+def _uniform(seed, low, high, shape=()):
+    return tf.random.stateless_uniform(
+        shape, seed=seed, minval=low, maxval=high, dtype=tf.float32
+    )
+
+
+def _coin(seed, p):
+    return _uniform(seed, 0.0, 1.0) < p
+
+
+def random_resized_crop_window(image_shape, seed, scale, ratio):
+    """torchvision's RandomResizedCrop.get_params, vectorized over 10 tries.
+
+    Area fraction ~ U(scale), log aspect ratio ~ U(log ratio); the first of
+    10 tries that fits is taken, else a center crop clamped to `ratio`.
+
+    Returns:
+        int32 `[top, left, height, width]`.
+    """
+    height = tf.cast(image_shape[0], tf.float32)
+    width = tf.cast(image_shape[1], tf.float32)
+    area_seed, ratio_seed, top_seed, left_seed = tf.unstack(
+        tf.random.experimental.stateless_split(seed, 4)
+    )
+    target_area = height * width * _uniform(area_seed, scale[0], scale[1], [10])
+    log_ratio = _uniform(
+        ratio_seed, math.log(ratio[0]), math.log(ratio[1]), [10]
+    )
+    aspect = tf.exp(log_ratio)
+    w = tf.round(tf.sqrt(target_area * aspect))
+    h = tf.round(tf.sqrt(target_area / aspect))
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = tf.argmax(tf.cast(fits, tf.int32))
+    # Fallback: center crop with the aspect ratio clamped into `ratio`.
+    in_ratio = width / height
+    fallback_w = tf.where(
+        in_ratio < ratio[0],
+        width,
+        tf.where(in_ratio > ratio[1], tf.round(height * ratio[1]), width),
+    )
+    fallback_h = tf.where(
+        in_ratio < ratio[0],
+        tf.round(width / ratio[0]),
+        height,
+    )
+    any_fit = tf.reduce_any(fits)
+    h = tf.where(any_fit, h[first], fallback_h)
+    w = tf.where(any_fit, w[first], fallback_w)
+    # torch.randint(0, H - h + 1): uniform over the valid offsets.
+    top = tf.floor(_uniform(top_seed, 0.0, 1.0) * (height - h + 1))
+    left = tf.floor(_uniform(left_seed, 0.0, 1.0) * (width - w + 1))
+    top = tf.where(any_fit, top, tf.floor((height - h) / 2))
+    left = tf.where(any_fit, left, tf.floor((width - w) / 2))
+    return tf.cast(tf.stack([top, left, h, w]), tf.int32)
+
+
+def _grayscale(image):
+    gray = tf.reduce_sum(image * tf.constant(_LUMA), axis=-1, keepdims=True)
+    return tf.broadcast_to(gray, tf.shape(image))
+
+
+def color_jitter(image, seed, brightness, contrast, saturation, hue):
+    """torchvision's ColorJitter on a float image in [0, 1].
+
+    Factors are drawn as torchvision draws them: brightness, contrast and
+    saturation ~ U(max(0, 1 - x), 1 + x), hue ~ U(-x, x); the four ops run in
+    a random order. Brightness scales, contrast blends with the mean of the
+    grayscale image, saturation blends with the grayscale image, hue rotates
+    in HSV; each result is clipped to [0, 1].
+    """
+    seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 5))
+    b = _uniform(seeds[0], max(0.0, 1 - brightness), 1 + brightness)
+    c = _uniform(seeds[1], max(0.0, 1 - contrast), 1 + contrast)
+    s = _uniform(seeds[2], max(0.0, 1 - saturation), 1 + saturation)
+    h = _uniform(seeds[3], -hue, hue)
+    order = tf.argsort(_uniform(seeds[4], 0.0, 1.0, [4]))
+
+    def _brightness(x):
+        return tf.clip_by_value(x * b, 0.0, 1.0)
+
+    def _contrast(x):
+        # The mean of the grayscale image, from the three channel means.
+        mean = tf.tensordot(tf.reduce_mean(x, axis=[0, 1]), _LUMA, 1)
+        return tf.clip_by_value(c * x + (1 - c) * mean, 0.0, 1.0)
+
+    def _saturation(x):
+        return tf.clip_by_value(s * x + (1 - s) * _grayscale(x), 0.0, 1.0)
+
+    def _hue(x):
+        return tf.clip_by_value(tf.image.adjust_hue(x, h), 0.0, 1.0)
+
+    branches = [_brightness, _contrast, _saturation, _hue]
+    for position in range(4):
+        image = tf.switch_case(
+            order[position], [lambda f=f, x=image: f(x) for f in branches]
+        )
+    return image
+
+
+def gaussian_blur(image, sigma):
+    """Separable Gaussian blur of an H x W x 3 image, edges mirrored."""
+    radius = BLUR_KERNEL_SIZE // 2
+    x = tf.range(-radius, radius + 1, dtype=tf.float32)
+    kernel = tf.exp(-0.5 * tf.square(x / sigma))
+    kernel = kernel / tf.reduce_sum(kernel)
+    padded = tf.pad(
+        image[None],
+        [[0, 0], [radius, radius], [radius, radius], [0, 0]],
+        "SYMMETRIC",
+    )
+    channels = 3
+    vertical = tf.tile(kernel[:, None, None, None], [1, 1, channels, 1])
+    horizontal = tf.tile(kernel[None, :, None, None], [1, 1, channels, 1])
+    blurred = tf.nn.depthwise_conv2d(padded, vertical, [1, 1, 1, 1], "VALID")
+    blurred = tf.nn.depthwise_conv2d(blurred, horizontal, [1, 1, 1, 1], "VALID")
+    return blurred[0]
+
+
+def augment_crop(image, seed, config):
+    """Everything after the crop: colour, grayscale, blur, flip, normalize.
+
+    Args:
+        image: float32 `size x size x 3` in [0, 1].
+        seed: int32 shape `[2]` stateless seed.
+        config: an `AUGMENTATIONS` dict.
+
+    Returns:
+        The normalized float32 view.
+    """
+    seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 7))
+    gray_p, jitter_p = config["grayscale_p"], config["jitter_p"]
+
+    def maybe_gray(x, s):
+        if gray_p <= 0:
+            return x
+        return tf.cond(_coin(s, gray_p), lambda: _grayscale(x), lambda: x)
+
+    def maybe_jitter(x):
+        def jitter():
+            return color_jitter(x, seeds[2], *config["jitter"])
+
+        if jitter_p >= 1:
+            return jitter()
+        if jitter_p <= 0:
+            return x
+        return tf.cond(_coin(seeds[1], jitter_p), jitter, lambda: x)
+
+    if config["grayscale_first"]:
+        image = maybe_jitter(maybe_gray(image, seeds[0]))
+    else:
+        image = maybe_gray(maybe_jitter(image), seeds[0])
+    if config["blur_p"] > 0:
+        sigma = _uniform(seeds[3], *config["blur_sigma"])
+        image = tf.cond(
+            _coin(seeds[4], config["blur_p"]),
+            lambda: gaussian_blur(image, sigma),
+            lambda: image,
+        )
+    if config["flip"]:
+        image = tf.cond(
+            _coin(seeds[5], 0.5),
+            lambda: tf.image.flip_left_right(image),
+            lambda: image,
+        )
+    mean = tf.constant(config["mean"], tf.float32)
+    std = tf.constant(config["std"], tf.float32)
+    return (image - mean) / std
+
+
+def _resize(crop, size):
+    # Antialiased bilinear, as PIL's bilinear resize behind torchvision's
+    # RandomResizedCrop on the official code's PIL images.
+    resized = tf.image.resize(
+        crop, [size, size], method="bilinear", antialias=True
+    )
+    return tf.clip_by_value(resized / 255.0, 0.0, 1.0)
+
+
+def crop_image(image, seed, config):
+    """Random-resized crop of a decoded uint8 `H x W x C` image (C = 1, 3)."""
+    image = tf.cast(image, tf.float32)
+    if image.shape[-1] == 1:
+        image = tf.image.grayscale_to_rgb(image)
+    window = random_resized_crop_window(
+        tf.shape(image), seed, config["scale"], config["ratio"]
+    )
+    crop = tf.slice(image, [window[0], window[1], 0], [window[2], window[3], 3])
+    return _resize(crop, config["size"])
+
+
+def two_crops(image_or_contents, seed, config, encoded):
+    """Two independent views `(view_q, view_k)` of one image.
+
+    Each view: random-resized crop, then `augment_crop`.
+
+    Args:
+        image_or_contents: encoded image bytes (`encoded=True`) or a decoded
+            uint8 `H x W x C` image.
+        seed: int32 shape `[2]` stateless seed for this image.
+        config: an `AUGMENTATIONS` dict.
+        encoded: whether the first argument is encoded bytes.
+    """
+    seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 4))
+    image = image_or_contents
+    if encoded:
+        # One full decode serves both crops: measured on ~500 x 375 JPEGs,
+        # it costs less than two `decode_and_crop_jpeg` calls (BENCHMARKS.md).
+        # Any format TF reads, whatever the file name says; grayscale and
+        # CMYK JPEGs come out as RGB.
+        image = tf.io.decode_image(
+            image_or_contents, channels=3, expand_animations=False
+        )
+    views = []
+    for crop_seed, augment_seed in ((seeds[0], seeds[1]), (seeds[2], seeds[3])):
+        crop = crop_image(image, crop_seed, config)
+        crop = tf.ensure_shape(crop, [config["size"], config["size"], 3])
+        views.append(augment_crop(crop, augment_seed, config))
+    return tuple(views)

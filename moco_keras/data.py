@@ -1,0 +1,367 @@
+"""Image sources as `tf.data`: ImageNet-style folders, tfds, Fashion-MNIST.
+
+Every source yields `(image, label)` elements, where `image` is either the
+encoded file (`Source.encoded`, decoded once by the augmentation for both
+views) or a decoded uint8 `H x W x C` array. `two_view_dataset` turns a source into
+the `(view_q, view_k)` batches that `MoCo.fit` trains on, on every backend.
+"""
+
+import collections
+import concurrent.futures
+import gzip
+import logging
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from moco_keras import augment
+
+logger = logging.getLogger("moco_keras")
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif")
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+# Mean and std of the Fashion-MNIST training pixels (in [0, 1]).
+FASHION_MNIST_MEAN = (0.2860,) * 3
+FASHION_MNIST_STD = (0.3530,) * 3
+
+_FOLDER_LAYOUT = """\
+Expected an ImageNet-style folder, one sub-folder per class:
+  ROOT/train/n01440764/n01440764_10026.JPEG
+  ROOT/train/n01443537/...
+  ROOT/val/n01440764/ILSVRC2012_val_00000293.JPEG
+Pass ROOT/train (or ROOT/val) as the folder, or ROOT with split='train'."""
+
+Source = collections.namedtuple(
+    "Source", ["dataset", "encoded", "num_examples", "class_names"]
+)
+Source.__doc__ = """A dataset of `(image, label)` and what it holds.
+
+Fields:
+    dataset: `tf.data.Dataset` of `(image, label)`.
+    encoded: True if `image` is encoded file contents, False if it is a
+        decoded uint8 `H x W x C` tensor.
+    num_examples: number of elements.
+    class_names: the class names, index = label.
+"""
+
+
+def list_image_folder(root):
+    """Files and labels of a class-per-folder tree, as torchvision lists them.
+
+    Classes are the sorted sub-folder names (torchvision's `ImageFolder`
+    order, so labels match the official code's); files are sorted within a
+    class and kept if their extension is an image one (case-insensitive).
+
+    Returns:
+        `(paths, labels, class_names)`.
+
+    Raises:
+        FileNotFoundError: `root` does not exist.
+        ValueError: `root` holds no class folder or no image.
+    """
+    if not os.path.isdir(root):
+        raise FileNotFoundError(
+            f"No data directory at {root!r}.\n{_FOLDER_LAYOUT}"
+        )
+    class_names = sorted(
+        entry.name for entry in os.scandir(root) if entry.is_dir()
+    )
+    if not class_names:
+        raise ValueError(
+            f"{root!r} has no class sub-folders.\n{_FOLDER_LAYOUT}"
+        )
+    paths, labels, empty = [], [], []
+    for label, name in enumerate(class_names):
+        files = sorted(
+            os.path.join(dirpath, f)
+            for dirpath, _, filenames in os.walk(os.path.join(root, name))
+            for f in filenames
+            if f.lower().endswith(IMAGE_EXTENSIONS)
+        )
+        if not files:
+            empty.append(name)
+        paths.extend(files)
+        labels.extend([label] * len(files))
+    if not paths:
+        raise ValueError(
+            f"{root!r} has class folders but no image files with the "
+            f"extensions {IMAGE_EXTENSIONS}.\n{_FOLDER_LAYOUT}"
+        )
+    if empty:
+        # Kept in the class index so that labels stay those of the folders.
+        logger.warning(
+            "%d empty class folder(s) in %s: %s",
+            len(empty),
+            root,
+            ", ".join(empty),
+        )
+    return paths, labels, class_names
+
+
+_MAGIC = {
+    b"\xff\xd8\xff": "jpeg",
+    b"\x89PNG\r\n\x1a\n": "png",
+    b"BM": "bmp",
+    b"GIF87a": "gif",
+    b"GIF89a": "gif",
+}
+# Trailers of complete files: a truncated JPEG or PNG lacks its own.
+_TRAILERS = {"jpeg": (b"\xff\xd9",), "png": (b"IEND\xaeB`\x82",)}
+
+
+def check_image_file(path):
+    """Why `path` cannot be a whole image, or None if it looks like one.
+
+    Reads the first and last bytes only: empty files, files of no image
+    format TensorFlow decodes, and JPEG / PNG files cut short (no end
+    marker) are caught; corruption inside a file is left to the decoder.
+    """
+    try:
+        size = os.path.getsize(path)
+        if size == 0:
+            return "empty file"
+        with open(path, "rb") as f:
+            head = f.read(16)
+            f.seek(max(0, size - 16))
+            tail = f.read(16)
+    except OSError as error:
+        return f"unreadable: {error.strerror or error}"
+    kind = next((k for m, k in _MAGIC.items() if head.startswith(m)), None)
+    if kind is None and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        kind = "webp"
+    if kind is None:
+        return "not an image TensorFlow decodes (unknown header)"
+    trailers = _TRAILERS.get(kind)
+    if trailers and not any(tail.rstrip(b"\x00").endswith(t) for t in trailers):
+        return f"truncated {kind.upper()} (no end marker)"
+    return None
+
+
+def check_image_files(paths, num_threads=16):
+    """`check_image_file` over many files in threads: `[(path, reason)]`."""
+    with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
+        reasons = list(pool.map(check_image_file, paths, chunksize=256))
+    return [(p, r) for p, r in zip(paths, reasons, strict=True) if r]
+
+
+def image_folder(root, split=None, check_files=True):
+    """An ImageNet-style folder (`ROOT/<class>/<image>`) as a `Source`.
+
+    Args:
+        root: the folder holding class folders, or the dataset root when
+            `split` is given (`ROOT/train`, `ROOT/val`).
+        split: optional sub-folder name, e.g. "train" or "val".
+        check_files: skip files that are empty, not images, or truncated
+            (`check_image_file`), naming them in the log. Files that still
+            fail to decode are skipped by the pipeline with a warning.
+
+    Returns:
+        A `Source` of encoded files.
+    """
+    if split is not None:
+        root = os.path.join(root, split)
+    paths, labels, class_names = list_image_folder(root)
+    if check_files:
+        bad = check_image_files(paths)
+        if bad:
+            skipped = {p for p, _ in bad}
+            logger.warning(
+                "Skipping %d of %d files in %s that cannot be decoded:\n%s",
+                len(bad),
+                len(paths),
+                root,
+                "\n".join(f"  {p}: {r}" for p, r in bad[:50])
+                + ("\n  ..." if len(bad) > 50 else ""),
+            )
+            kept = [i for i, p in enumerate(paths) if p not in skipped]
+            paths = [paths[i] for i in kept]
+            labels = [labels[i] for i in kept]
+            if not paths:
+                raise ValueError(f"No decodable image in {root!r}.")
+    dataset = tf.data.Dataset.from_tensor_slices(
+        (tf.constant(paths), tf.constant(labels, tf.int32))
+    ).map(
+        lambda path, label: (tf.io.read_file(path), label),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+    return Source(dataset, True, len(paths), class_names)
+
+
+def _read_idx(path):
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if data[:2] != b"\x00\x00" or data[2] != 0x08:
+        raise ValueError(f"{path!r} is not an unsigned-byte IDX file.")
+    ndim = data[3]
+    shape = np.frombuffer(data[4 : 4 + 4 * ndim], dtype=">u4").astype(int)
+    array = np.frombuffer(data[4 + 4 * ndim :], dtype=np.uint8)
+    return array.reshape(tuple(shape))
+
+
+def load_fashion_mnist(split="train", data_dir=None):
+    """Fashion-MNIST as numpy: `(images N x 28 x 28 uint8, labels N int32)`.
+
+    Reads the IDX files of Debian's `dataset-fashion-mnist` (in
+    `/usr/share/datasets/fashion-mnist`) or of `data_dir`, gzipped or not;
+    falls back to tfds `fashion_mnist` (which downloads) when neither holds
+    them.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(
+            f"split must be 'train' or 'test'. Received: {split!r}"
+        )
+    prefix = "train" if split == "train" else "t10k"
+    for directory in [d for d in (data_dir, FASHION_MNIST_DIR) if d]:
+        found = {}
+        for part, kind in (("images", "idx3"), ("labels", "idx1")):
+            for suffix in (".gz", ""):
+                path = os.path.join(
+                    directory, f"{prefix}-{part}-{kind}-ubyte{suffix}"
+                )
+                if os.path.exists(path):
+                    found[part] = path
+                    break
+        if len(found) == 2:
+            images, labels = (
+                _read_idx(found["images"]),
+                _read_idx(found["labels"]),
+            )
+            return images, labels.astype(np.int32)
+        if directory == data_dir:
+            raise FileNotFoundError(
+                f"No Fashion-MNIST IDX files ({prefix}-images-idx3-ubyte[.gz], "
+                f"{prefix}-labels-idx1-ubyte[.gz]) in {data_dir!r}."
+            )
+    try:
+        import tensorflow_datasets as tfds
+
+        images, labels = tfds.as_numpy(
+            tfds.load(
+                "fashion_mnist", split=split, batch_size=-1, as_supervised=True
+            )
+        )
+    except Exception as error:  # noqa: BLE001 - re-raised with advice.
+        raise FileNotFoundError(
+            "Fashion-MNIST not found: no IDX files in "
+            f"{FASHION_MNIST_DIR} and tfds could not download it. Install "
+            "them with `sudo apt-get install dataset-fashion-mnist` (Debian, "
+            "Ubuntu) or pass a data_dir holding the four IDX files."
+        ) from error
+    return images[..., 0], labels.astype(np.int32)
+
+
+def fashion_mnist(split="train", data_dir=None, pad=2, limit=None):
+    """Fashion-MNIST as a `Source` of 32 x 32 x 1 uint8 images.
+
+    Args:
+        split: "train" (60k) or "test" (10k).
+        data_dir: optional folder with the IDX files (see
+            `load_fashion_mnist`).
+        pad: zero padding on each side (2 gives 32 x 32, the CIFAR size).
+        limit: keep the first `limit` images (file order).
+    """
+    images, labels = load_fashion_mnist(split, data_dir)
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    images = np.pad(images, ((0, 0), (pad, pad), (pad, pad)))[..., None]
+    dataset = tf.data.Dataset.from_tensor_slices((images, labels))
+    return Source(dataset, False, len(images), FASHION_MNIST_CLASSES)
+
+
+def tfds_source(name, split="train", data_dir=None, download=True):
+    """A tensorflow-datasets image dataset as a `Source`.
+
+    Images stay encoded (`SkipDecoding`) until the augmentation decodes
+    them. `imagenet2012` needs its manual download (the ILSVRC2012 tars) in
+    `data_dir/downloads/manual`, as tfds documents.
+    """
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder(name, data_dir=data_dir)
+    if download:
+        builder.download_and_prepare()
+    info = builder.info
+    if "image" not in info.features or "label" not in info.features:
+        raise ValueError(
+            f"tfds dataset {name!r} has features {list(info.features)}; "
+            "expected 'image' and 'label'."
+        )
+    dataset = builder.as_dataset(
+        split=split,
+        decoders={"image": tfds.decode.SkipDecoding()},
+        shuffle_files=False,
+    ).map(
+        lambda example: (example["image"], tf.cast(example["label"], tf.int32))
+    )
+    return Source(
+        dataset,
+        True,
+        info.splits[split].num_examples,
+        tuple(info.features["label"].names),
+    )
+
+
+def two_view_dataset(
+    source,
+    augmentation,
+    batch_size,
+    seed=0,
+    shuffle=True,
+    shuffle_buffer=10_000,
+    drop_remainder=True,
+):
+    """Batches of `(view_q, view_k)`: two augmentations of each image.
+
+    Every image draws its own crop, jitter, grayscale, blur and flip
+    parameters from stateless seeds derived from `seed`, so the same seed
+    gives the same batches; a new epoch draws new views.
+
+    Args:
+        source: a `Source`.
+        augmentation: an `augment.AUGMENTATIONS` dict (see
+            `augment.get_augmentation`).
+        batch_size: the global batch size.
+        seed: int, fixes the shuffle and every augmentation draw.
+        shuffle: shuffle the images (with a buffer of `shuffle_buffer`).
+        drop_remainder: drop the last partial batch (MoCo's queue and split
+            BN want full batches).
+
+    Returns:
+        A `tf.data.Dataset` of `(view_q, view_k)`, each
+        `batch x size x size x 3` float32, normalized.
+    """
+    dataset = source.dataset
+    if shuffle:
+        dataset = dataset.shuffle(
+            min(shuffle_buffer, source.num_examples),
+            seed=seed,
+            reshuffle_each_iteration=True,
+        )
+    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+    dataset = tf.data.Dataset.zip((dataset, seeds.batch(2)))
+    dataset = dataset.map(
+        lambda element, pair_seed: augment.two_crops(
+            element[0], pair_seed, augmentation, source.encoded
+        ),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
+    if source.encoded:
+        # Files that passed the header check but fail to decode.
+        dataset = dataset.ignore_errors(log_warning=True)
+    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
+    return dataset.prefetch(tf.data.AUTOTUNE)
