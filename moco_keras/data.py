@@ -2,8 +2,9 @@
 
 Every source yields `(image, label)` elements, where `image` is either the
 encoded file (`Source.encoded`, decoded once by the augmentation for both
-views) or a decoded uint8 `H x W x C` array. `two_view_dataset` turns a source into
-the `(view_q, view_k)` batches that `MoCo.fit` trains on, on every backend.
+views) or a decoded uint8 `H x W x C` array. `two_view_dataset` turns a
+source into the `(view_q, view_k)` batches that `MoCo.fit` trains on, on
+every backend.
 """
 
 import collections

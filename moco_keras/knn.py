@@ -91,9 +91,11 @@ class KNNMonitor(keras.callbacks.Callback):
 
     Example:
 
-    >>> monitor = KNNMonitor(bank, bank_labels, test, test_labels, 10)
-    ... # doctest: +SKIP
-    >>> model.fit(pairs, epochs=8, callbacks=[monitor])  # doctest: +SKIP
+    ```python
+    monitor = KNNMonitor(bank, bank_labels, test, test_labels, 10, every=2)
+    model.fit(pairs, epochs=8, callbacks=[monitor])
+    monitor.accuracies  # [(1, 0.71), (3, 0.74), ...]: (epoch, top-1)
+    ```
     """
 
     def __init__(
