@@ -154,7 +154,7 @@ def check_image_file(path):
 def check_image_files(paths, num_threads=16):
     """`check_image_file` over many files in threads: `[(path, reason)]`."""
     with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
-        reasons = list(pool.map(check_image_file, paths, chunksize=256))
+        reasons = list(pool.map(check_image_file, paths))
     return [(p, r) for p, r in zip(paths, reasons, strict=True) if r]
 
 

@@ -193,7 +193,11 @@ def main(argv):
         f"(backend: {keras.backend.backend()})"
     )
     history = model.fit(
-        pairs, epochs=FLAGS.epochs, callbacks=callbacks, verbose=2
+        pairs,
+        epochs=FLAGS.epochs,
+        callbacks=callbacks,
+        verbose=2,
+        shuffle=False,  # tf.data shuffles; Keras would warn it cannot
     )
     trained_knn, trained_head_knn = full_knn()
 
