@@ -265,6 +265,25 @@ def load_fashion_mnist(split="train", data_dir=None):
     return images[..., 0], labels.astype(np.int32)
 
 
+def image_array_source(images, labels, class_names, pad=0):
+    """In-memory uint8 images as a `Source`.
+
+    Args:
+        images: uint8 `N x H x W` or `N x H x W x C` (C = 1 or 3).
+        labels: `N` int labels.
+        class_names: the class names, index = label.
+        pad: zero padding on each side of the height and width.
+    """
+    images = np.asarray(images, np.uint8)
+    if images.ndim == 3:
+        images = images[..., None]
+    if pad:
+        images = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    labels = np.asarray(labels, np.int32)
+    dataset = tf.data.Dataset.from_tensor_slices((images, labels))
+    return Source(dataset, False, len(images), tuple(class_names))
+
+
 def fashion_mnist(split="train", data_dir=None, pad=2, limit=None):
     """Fashion-MNIST as a `Source` of 32 x 32 x 1 uint8 images.
 
@@ -276,11 +295,9 @@ def fashion_mnist(split="train", data_dir=None, pad=2, limit=None):
         limit: keep the first `limit` images (file order).
     """
     images, labels = load_fashion_mnist(split, data_dir)
-    if limit is not None:
-        images, labels = images[:limit], labels[:limit]
-    images = np.pad(images, ((0, 0), (pad, pad), (pad, pad)))[..., None]
-    dataset = tf.data.Dataset.from_tensor_slices((images, labels))
-    return Source(dataset, False, len(images), FASHION_MNIST_CLASSES)
+    return image_array_source(
+        images[:limit], labels[:limit], FASHION_MNIST_CLASSES, pad
+    )
 
 
 def tfds_source(name, split="train", data_dir=None, download=True):

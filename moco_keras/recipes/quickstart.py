@@ -99,8 +99,11 @@ def main(argv):
     )
     test_images, test_labels = data.load_fashion_mnist("test", FLAGS.data_dir)
     bank, test = _eval_images(train_images), _eval_images(test_images)
-    source = data.fashion_mnist(
-        "train", FLAGS.data_dir, limit=FLAGS.train_limit
+    source = data.image_array_source(
+        train_images[: FLAGS.train_limit],
+        train_labels[: FLAGS.train_limit],
+        data.FASHION_MNIST_CLASSES,
+        pad=2,
     )
     augmentation = augment.get_augmentation(
         "cifar",
