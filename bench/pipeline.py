@@ -9,7 +9,11 @@ of (a) this package's tf.data pipeline (`data.image_folder` +
 that does what the official loader does: PIL decode, then the torchvision v2
 transforms written with PIL and numpy, one image at a time in Python. Both
 run in this process, alternately, on the same files; (a) is measured with
-tf.data confined to one thread (per core) and with all cores.
+tf.data confined to one thread (per core) and with all cores. Then the two
+halves of the split pipeline: (c) the tf.data part alone
+(`color_in_model=True`: decode, crop, resize, flip, uint8 out) on one
+thread, and (d) `layers.ColorAugmentation`, the part that runs in the model
+on an accelerator, here on the CPU.
 """
 
 import argparse
@@ -128,7 +132,7 @@ def run_baseline(paths, seconds, seed=0):
 # --- Ours ------------------------------------------------------------------
 
 
-def run_ours(root, seconds, threads, batch_size=32):
+def run_ours(root, seconds, threads, batch_size=32, color_in_model=False):
     import tensorflow as tf
 
     from moco_keras import augment
@@ -136,7 +140,9 @@ def run_ours(root, seconds, threads, batch_size=32):
 
     source = data.image_folder(root)
     config = augment.get_augmentation("mocov2")
-    pairs = data.two_view_dataset(source, config, batch_size, seed=0).repeat()
+    pairs = data.two_view_dataset(
+        source, config, batch_size, seed=0, color_in_model=color_in_model
+    ).repeat()
     if threads:
         options = tf.data.Options()
         options.threading.private_threadpool_size = threads
@@ -148,6 +154,43 @@ def run_ours(root, seconds, threads, batch_size=32):
     while time.perf_counter() - start < seconds:
         q, _ = next(iterator)
         count += int(q.shape[0])
+    return count / (time.perf_counter() - start)
+
+
+def run_color_layer(seconds, batch_size=32):
+    """Pairs/s of `layers.ColorAugmentation` alone on 224 px uint8 crops.
+
+    The colour half of the split pipeline, here on the CPU (all cores, the
+    backend's own threads); on a GPU it runs inside the training step.
+    """
+    import keras
+
+    from moco_keras import augment
+    from moco_keras import layers
+
+    layer = layers.ColorAugmentation.from_augmentation(
+        augment.get_augmentation("mocov2"), seed=0
+    )
+    crops = np.random.default_rng(0).integers(
+        0, 256, (batch_size, 224, 224, 3), dtype=np.uint8
+    )
+
+    class Training(keras.layers.Layer):
+        # `predict` would call the layer with training=False: force True.
+        def call(self, x):
+            return layer(x, training=True)
+
+    inputs = keras.Input((224, 224, 3), batch_size=batch_size, dtype="uint8")
+    # Compiled as a training step would compile it (tf.function / jit).
+    model = keras.Model(inputs, Training()(inputs))
+    first = model.predict_on_batch(crops)
+    normalized = layer(crops, training=False)
+    if np.allclose(first, keras.ops.convert_to_numpy(normalized), atol=1e-3):
+        raise RuntimeError("The colour layer did not augment.")
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        model.predict_on_batch(crops)
+        count += batch_size // 2  # two views make a pair
     return count / (time.perf_counter() - start)
 
 
@@ -168,6 +211,8 @@ def main():
             "baseline (1 core)": [],
             "ours (1 thread)": [],
             f"ours ({cores} cores)": [],
+            "split, CPU half (1 thread)": [],
+            "split, colour layer (CPU)": [],
         }
         for _ in range(args.rounds):
             results["baseline (1 core)"].append(
@@ -177,6 +222,12 @@ def main():
             results[f"ours ({cores} cores)"].append(
                 run_ours(root, args.seconds, 0)
             )
+            results["split, CPU half (1 thread)"].append(
+                run_ours(root, args.seconds, 1, color_in_model=True)
+            )
+            results["split, colour layer (CPU)"].append(
+                run_color_layer(args.seconds)
+            )
     print(
         f"MoCo v2 two-crop pairs/s, 224 px, {args.files} JPEGs ~500x375, "
         f"{args.rounds} rounds of {args.seconds:.0f} s, {cores} cores"
@@ -185,7 +236,7 @@ def main():
     for name, values in results.items():
         values = np.array(values)
         print(
-            f"  {name:22s} min {values.min():7.1f}  median "
+            f"  {name:28s} min {values.min():7.1f}  median "
             f"{np.median(values):7.1f}  max {values.max():7.1f}  "
             f"x{np.median(values) / base:5.2f} baseline"
         )

@@ -17,19 +17,19 @@ each op is written here with `tf.image` and stateless random ops, applied per
 image inside `tf.data`: every image draws its own parameters, and a seed fixes
 every draw. This module is TensorFlow because `tf.data` is; the pipeline feeds
 `model.fit` on every Keras backend.
+
+On an accelerator the views can stop after the crop (`crop_view`, uint8) and
+take their colour ops in the model (`layers.ColorAugmentation`, batched).
 """
 
 import math
 
 import tensorflow as tf
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# ITU-R 601-2 luma, as PIL's convert("L") and torchvision's rgb_to_grayscale.
-_LUMA = (0.299, 0.587, 0.114)
-# A kernel of 2 * ceil(3 * sigma) + 1 taps holds 99.7 % of a Gaussian's mass;
-# sigma is at most 2.0 in MoCo v2, hence 13 taps.
-BLUR_KERNEL_SIZE = 13
+from moco_keras.layers import BLUR_KERNEL_SIZE
+from moco_keras.layers import IMAGENET_MEAN
+from moco_keras.layers import IMAGENET_STD
+from moco_keras.layers import LUMA as _LUMA
 
 
 def _preset(**overrides):
@@ -149,21 +149,38 @@ def _grayscale(image):
     return tf.broadcast_to(gray, tf.shape(image))
 
 
-def color_jitter(image, seed, brightness, contrast, saturation, hue):
-    """torchvision's ColorJitter on a float image in [0, 1].
+def jitter_parameters(seed, brightness, contrast, saturation, hue):
+    """torchvision's ColorJitter draws for one image.
 
-    Factors are drawn as torchvision draws them: brightness, contrast and
-    saturation ~ U(max(0, 1 - x), 1 + x), hue ~ U(-x, x); the four ops run in
-    a random order. Brightness scales, contrast blends with the mean of the
-    grayscale image, saturation blends with the grayscale image, hue rotates
-    in HSV; each result is clipped to [0, 1].
+    Brightness, contrast and saturation factors ~ U(max(0, 1 - x), 1 + x),
+    the hue delta ~ U(-x, x), and a random order of the four ops.
+
+    Returns:
+        `(factors, order)`: float32 `[4]` (b, c, s, h) and int32 `[4]`, the
+        op (0 brightness, 1 contrast, 2 saturation, 3 hue) at each position.
     """
     seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 5))
-    b = _uniform(seeds[0], max(0.0, 1 - brightness), 1 + brightness)
-    c = _uniform(seeds[1], max(0.0, 1 - contrast), 1 + contrast)
-    s = _uniform(seeds[2], max(0.0, 1 - saturation), 1 + saturation)
-    h = _uniform(seeds[3], -hue, hue)
+    factors = tf.stack(
+        [
+            _uniform(seeds[0], max(0.0, 1 - brightness), 1 + brightness),
+            _uniform(seeds[1], max(0.0, 1 - contrast), 1 + contrast),
+            _uniform(seeds[2], max(0.0, 1 - saturation), 1 + saturation),
+            _uniform(seeds[3], -hue, hue),
+        ]
+    )
     order = tf.argsort(_uniform(seeds[4], 0.0, 1.0, [4]))
+    return factors, tf.cast(order, tf.int32)
+
+
+def apply_color_jitter(image, factors, order):
+    """ColorJitter with given `jitter_parameters` on a float image in [0, 1].
+
+    Brightness scales, contrast blends with the mean of the grayscale
+    image, saturation blends with the grayscale image, hue rotates in HSV;
+    each result is clipped to [0, 1].
+    """
+    b, c, s, h = tf.unstack(tf.convert_to_tensor(factors, tf.float32))
+    order = tf.convert_to_tensor(order, tf.int32)
 
     def _brightness(x):
         return tf.clip_by_value(x * b, 0.0, 1.0)
@@ -185,6 +202,17 @@ def color_jitter(image, seed, brightness, contrast, saturation, hue):
             order[position], [lambda f=f, x=image: f(x) for f in branches]
         )
     return image
+
+
+def color_jitter(image, seed, brightness, contrast, saturation, hue):
+    """torchvision's ColorJitter on a float image in [0, 1].
+
+    The draws of `jitter_parameters`, applied by `apply_color_jitter`.
+    """
+    factors, order = jitter_parameters(
+        seed, brightness, contrast, saturation, hue
+    )
+    return apply_color_jitter(image, factors, order)
 
 
 def gaussian_blur(image, sigma):
@@ -258,30 +286,69 @@ def augment_crop(image, seed, config):
 
 
 def _resize(crop, size):
-    # Antialiased bilinear, as PIL's bilinear resize behind torchvision's
-    # RandomResizedCrop on the official code's PIL images.
-    resized = tf.image.resize(
-        crop, [size, size], method="bilinear", antialias=True
+    """Bilinear resize to `size x size`, float [0, 255] in and out.
+
+    Antialiased where the crop shrinks, as PIL's bilinear resize behind
+    torchvision's RandomResizedCrop on the official code's PIL images.
+    Enlarging, antialiasing changes nothing (TF's two paths agree to 5e-5
+    of 255) but costs 5x the time, so it is skipped.
+    """
+    shape = tf.shape(crop)
+    shrinks = (shape[0] > size) | (shape[1] > size)
+    return tf.cond(
+        shrinks,
+        lambda: tf.image.resize(crop, [size, size], antialias=True),
+        lambda: tf.image.resize(crop, [size, size]),
     )
-    return tf.clip_by_value(resized / 255.0, 0.0, 1.0)
 
 
 def crop_image(image, seed, config):
-    """Random-resized crop of a decoded uint8 `H x W x C` image (C = 1, 3)."""
-    image = tf.cast(image, tf.float32)
+    """Random-resized crop of a decoded uint8 `H x W x C` image (C = 1, 3).
+
+    Returns:
+        float32 `size x size x 3` in [0, 1].
+    """
     if image.shape[-1] == 1:
         image = tf.image.grayscale_to_rgb(image)
     window = random_resized_crop_window(
         tf.shape(image), seed, config["scale"], config["ratio"]
     )
     crop = tf.slice(image, [window[0], window[1], 0], [window[2], window[3], 3])
-    return _resize(crop, config["size"])
+    # Cast the crop, not the whole image: a third less work per view.
+    resized = _resize(tf.cast(crop, tf.float32), config["size"])
+    return tf.clip_by_value(resized / 255.0, 0.0, 1.0)
 
 
-def two_crops(image_or_contents, seed, config, encoded):
+def crop_view(image, seed, config):
+    """The CPU half of a view when the colour ops run in the model.
+
+    Random-resized crop and horizontal flip, rounded to uint8 (as the
+    official code's PIL images are after their resize). The rest of the
+    view is `layers.ColorAugmentation`.
+
+    Returns:
+        uint8 `size x size x 3`.
+    """
+    crop_seed, flip_seed = tf.unstack(
+        tf.random.experimental.stateless_split(seed, 2)
+    )
+    view = crop_image(image, crop_seed, config)
+    if config["flip"]:
+        view = tf.cond(
+            _coin(flip_seed, 0.5),
+            lambda: tf.image.flip_left_right(view),
+            lambda: view,
+        )
+    view = tf.ensure_shape(view, [config["size"], config["size"], 3])
+    return tf.cast(tf.round(view * 255.0), tf.uint8)
+
+
+def two_crops(image_or_contents, seed, config, encoded, color_in_model=False):
     """Two independent views `(view_q, view_k)` of one image.
 
-    Each view: random-resized crop, then `augment_crop`.
+    Each view: random-resized crop, then `augment_crop`; or, with
+    `color_in_model`, `crop_view` alone (uint8 crops for a model that holds
+    a `layers.ColorAugmentation`).
 
     Args:
         image_or_contents: encoded image bytes (`encoded=True`) or a decoded
@@ -289,6 +356,7 @@ def two_crops(image_or_contents, seed, config, encoded):
         seed: int32 shape `[2]` stateless seed for this image.
         config: an `AUGMENTATIONS` dict.
         encoded: whether the first argument is encoded bytes.
+        color_in_model: stop after crop and flip.
     """
     seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 4))
     image = image_or_contents
@@ -299,6 +367,10 @@ def two_crops(image_or_contents, seed, config, encoded):
         # CMYK JPEGs come out as RGB.
         image = tf.io.decode_image(
             image_or_contents, channels=3, expand_animations=False
+        )
+    if color_in_model:
+        return crop_view(image, seeds[0], config), crop_view(
+            image, seeds[2], config
         )
     views = []
     for crop_seed, augment_seed in ((seeds[0], seeds[1]), (seeds[2], seeds[3])):

@@ -202,3 +202,50 @@ def test_quickstart_runs_end_to_end(tmp_path):
     for name in ("flags.json", "epochs.csv", "curves.png", "results.json"):
         assert (workdir / name).stat().st_size > 0
     assert tf.io.gfile.exists(str(workdir / "knn.csv"))
+
+
+def test_tfds_source_reads_a_locally_built_dataset(tmp_path):
+    import tensorflow_datasets as tfds
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (6, 20, 24, 3), dtype=np.uint8)
+
+    class MocoTestImages(tfds.core.GeneratorBasedBuilder):
+        """Six JPEG photos in two classes, built offline in the test."""
+
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(
+                builder=self,
+                features=tfds.features.FeaturesDict(
+                    {
+                        "image": tfds.features.Image(encoding_format="jpeg"),
+                        "label": tfds.features.ClassLabel(names=["a", "b"]),
+                    }
+                ),
+            )
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i, image in enumerate(images):
+                yield i, {"image": image, "label": i % 2}
+
+    source = data.tfds_source("moco_test_images", data_dir=str(tmp_path))
+    assert source.encoded and source.num_examples == 6
+    assert source.class_names == ("a", "b")
+    labels = [int(label) for _, label in source.dataset]
+    assert sorted(labels) == [0, 0, 0, 1, 1, 1]
+    pairs = data.two_view_dataset(source, SMALL, batch_size=3, seed=0)
+    q, k = next(iter(pairs))
+    assert q.shape == k.shape == (3, 16, 16, 3)
+    assert np.all(np.isfinite(q)) and not np.allclose(q, k)
+    with pytest.raises(ValueError, match="expected 'picture' and 'label'"):
+        data.tfds_source(
+            "moco_test_images",
+            data_dir=str(tmp_path),
+            download=False,
+            image_key="picture",
+        )
