@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 # The whole suite under every Keras backend; fails on any failure, including
 # a run that collects no test (pytest exit code 5).
-test: venv lint
+test: venv lint fashion-mnist
 	@set -e; for backend in $(BACKENDS); do \
 	  echo "=== KERAS_BACKEND=$$backend"; \
 	  KERAS_BACKEND=$$backend $(BIN)/python -m pytest $(PYTEST_ARGS); \

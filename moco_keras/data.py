@@ -300,12 +300,26 @@ def fashion_mnist(split="train", data_dir=None, pad=2, limit=None):
     )
 
 
-def tfds_source(name, split="train", data_dir=None, download=True):
+def tfds_source(
+    name,
+    split="train",
+    data_dir=None,
+    download=True,
+    image_key="image",
+    label_key="label",
+):
     """A tensorflow-datasets image dataset as a `Source`.
 
     Images stay encoded (`SkipDecoding`) until the augmentation decodes
     them. `imagenet2012` needs its manual download (the ILSVRC2012 tars) in
     `data_dir/downloads/manual`, as tfds documents.
+
+    Args:
+        name: the tfds name, e.g. "imagenet2012" or "imagenette/320px-v2".
+        split: a tfds split, e.g. "train" or "validation".
+        data_dir: where tfds keeps (or builds) its datasets.
+        download: build the dataset first if it is not there yet.
+        image_key, label_key: the feature names of the image and the label.
     """
     import tensorflow_datasets as tfds
 
@@ -313,24 +327,33 @@ def tfds_source(name, split="train", data_dir=None, download=True):
     if download:
         builder.download_and_prepare()
     info = builder.info
-    if "image" not in info.features or "label" not in info.features:
+    if image_key not in info.features or label_key not in info.features:
         raise ValueError(
             f"tfds dataset {name!r} has features {list(info.features)}; "
-            "expected 'image' and 'label'."
+            f"expected {image_key!r} and {label_key!r}. Pass "
+            "`image_key`/`label_key` with the names this dataset uses."
         )
     dataset = builder.as_dataset(
         split=split,
-        decoders={"image": tfds.decode.SkipDecoding()},
+        decoders={image_key: tfds.decode.SkipDecoding()},
         shuffle_files=False,
     ).map(
-        lambda example: (example["image"], tf.cast(example["label"], tf.int32))
+        lambda example: (
+            example[image_key],
+            tf.cast(example[label_key], tf.int32),
+        )
     )
     return Source(
         dataset,
         True,
         info.splits[split].num_examples,
-        tuple(info.features["label"].names),
+        tuple(info.features[label_key].names),
     )
+
+
+def epoch_seed(seed, epoch):
+    """The seed of one epoch's shuffle and draws, from the run's seed."""
+    return (seed * 1_000_003 + epoch) % 2**31
 
 
 def two_view_dataset(
@@ -341,12 +364,21 @@ def two_view_dataset(
     shuffle=True,
     shuffle_buffer=10_000,
     drop_remainder=True,
+    color_in_model=False,
+    epoch=None,
+    skip_batches=0,
 ):
     """Batches of `(view_q, view_k)`: two augmentations of each image.
 
     Every image draws its own crop, jitter, grayscale, blur and flip
     parameters from stateless seeds derived from `seed`, so the same seed
     gives the same batches; a new epoch draws new views.
+
+    Two modes: with `epoch=None`, one dataset for the whole run, reshuffled
+    and redrawn on each iteration (`model.fit(..., epochs=n)`); with an
+    `epoch`, that one epoch alone, its order and draws a function of
+    `(seed, epoch)`, from batch `skip_batches` on, which is what a run that
+    resumes mid-epoch needs (`training.fit_resumable`).
 
     Args:
         source: a `Source`.
@@ -357,29 +389,167 @@ def two_view_dataset(
         shuffle: shuffle the images (with a buffer of `shuffle_buffer`).
         drop_remainder: drop the last partial batch (MoCo's queue and split
             BN want full batches).
+        color_in_model: stop each view after crop and flip, as uint8, for a
+            `MoCo(..., augmentation=layers.ColorAugmentation(...))` that runs
+            the colour ops, blur and normalization on the accelerator.
+        epoch: build this one epoch only (see above).
+        skip_batches: with `epoch`, start after this many batches; the
+            skipped images are not decoded.
 
     Returns:
         A `tf.data.Dataset` of `(view_q, view_k)`, each
-        `batch x size x size x 3` float32, normalized.
+        `batch x size x size x 3` float32, normalized (uint8 crops with
+        `color_in_model`).
     """
     dataset = source.dataset
+    per_run = epoch is None
+    if not per_run:
+        seed = epoch_seed(seed, epoch)
     if shuffle:
         dataset = dataset.shuffle(
             min(shuffle_buffer, source.num_examples),
             seed=seed,
-            reshuffle_each_iteration=True,
+            reshuffle_each_iteration=per_run,
         )
-    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+    seeds = tf.data.Dataset.random(
+        seed=seed, rerandomize_each_iteration=per_run
+    )
     dataset = tf.data.Dataset.zip((dataset, seeds.batch(2)))
+    if skip_batches:
+        if per_run:
+            raise ValueError("`skip_batches` needs an `epoch`.")
+        dataset = dataset.skip(skip_batches * batch_size)
     dataset = dataset.map(
         lambda element, pair_seed: augment.two_crops(
-            element[0], pair_seed, augmentation, source.encoded
+            element[0],
+            pair_seed,
+            augmentation,
+            source.encoded,
+            color_in_model=color_in_model,
         ),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
     )
+    return _batched(dataset, source, batch_size, drop_remainder)
+
+
+def _batched(dataset, source, batch_size, drop_remainder):
     if source.encoded:
         # Files that passed the header check but fail to decode.
         dataset = dataset.ignore_errors(log_warning=True)
     dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
     return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def _decoded(element, encoded):
+    if not encoded:
+        image = element
+        if image.shape[-1] == 1:
+            image = tf.image.grayscale_to_rgb(image)
+        return image
+    return tf.io.decode_image(element, channels=3, expand_animations=False)
+
+
+def eval_view(image, size, mean, std, crop_fraction=0.875):
+    """The official evaluation transform of a decoded uint8 image.
+
+    Resize the short side to `round(size / crop_fraction)` (256 for 224),
+    center crop `size x size`, normalize. `crop_fraction=1` resizes the
+    short side to `size` (small images such as Fashion-MNIST).
+    """
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    short = tf.round(size / crop_fraction)
+    scale = short / tf.reduce_min(shape)
+    new_shape = tf.cast(tf.round(shape * scale), tf.int32)
+    new_shape = tf.maximum(new_shape, size)
+    # Antialiased when shrinking, as PIL's resize in the official loader.
+    resized = tf.image.resize(
+        tf.cast(image, tf.float32), new_shape, antialias=True
+    )
+    top = (new_shape[0] - size) // 2
+    left = (new_shape[1] - size) // 2
+    crop = tf.slice(resized, [top, left, 0], [size, size, 3])
+    crop = tf.clip_by_value(crop / 255.0, 0.0, 1.0)
+    return (crop - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
+
+
+def labelled_dataset(
+    source,
+    batch_size,
+    size,
+    mean,
+    std,
+    train_augmentation=None,
+    crop_fraction=0.875,
+    seed=0,
+    epoch=None,
+    skip_batches=0,
+    shuffle_buffer=10_000,
+):
+    """Batches of `(image, label)` for linear classification and kNN.
+
+    Without `train_augmentation`: `eval_view` of every image, in the source's
+    order, the last batch kept. With it (an `augment` dict, e.g. the
+    official RandomResizedCrop(scale 0.08-1) + flip): a shuffled epoch,
+    its order and crops a function of `(seed, epoch)`, last partial batch
+    dropped, from batch `skip_batches` on.
+
+    Returns:
+        A `tf.data.Dataset` of float32 `N x size x size x 3`, int32 `N`.
+    """
+
+    def evaluate(element, label):
+        image = _decoded(element, source.encoded)
+        view = eval_view(image, size, mean, std, crop_fraction)
+        return tf.ensure_shape(view, [size, size, 3]), label
+
+    dataset = source.dataset
+    if train_augmentation is None and epoch is None:
+        dataset = dataset.map(evaluate, num_parallel_calls=tf.data.AUTOTUNE)
+        return _batched(dataset, source, batch_size, drop_remainder=False)
+    seed = epoch_seed(seed, epoch or 0)
+    dataset = dataset.shuffle(
+        min(shuffle_buffer, source.num_examples),
+        seed=seed,
+        reshuffle_each_iteration=False,
+    )
+    if train_augmentation is None:
+        dataset = dataset.skip(skip_batches * batch_size)
+        dataset = dataset.map(evaluate, num_parallel_calls=tf.data.AUTOTUNE)
+    else:
+        seeds = tf.data.Dataset.random(seed=seed).batch(2)
+        dataset = tf.data.Dataset.zip((dataset, seeds))
+        dataset = dataset.skip(skip_batches * batch_size)
+
+        def train_view(element_label, image_seed):
+            element, label = element_label
+            image = _decoded(element, source.encoded)
+            crop_seed, augment_seed = tf.unstack(
+                tf.random.experimental.stateless_split(image_seed, 2)
+            )
+            crop = augment.crop_image(image, crop_seed, train_augmentation)
+            crop = tf.ensure_shape(crop, [size, size, 3])
+            view = augment.augment_crop(crop, augment_seed, train_augmentation)
+            return view, label
+
+        dataset = dataset.map(
+            train_view,
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
+    return _batched(dataset, source, batch_size, drop_remainder=True)
+
+
+def linear_augmentation(size, mean, std):
+    """The official linear-classification training transform:
+    RandomResizedCrop(size, scale 0.08-1) + horizontal flip + normalize."""
+    return augment.get_augmentation(
+        "mocov2",
+        size=size,
+        scale=(0.08, 1.0),
+        jitter_p=0.0,
+        grayscale_p=0.0,
+        blur_p=0.0,
+        mean=tuple(mean),
+        std=tuple(std),
+    )

@@ -109,6 +109,10 @@ class MoCo(keras.Model):
         momentum: float in [0, 1], m, momentum of the key encoder (0.999).
         temperature: float > 0, T, softmax temperature (0.07 in v1, 0.2 in
             v2).
+        augmentation: optional layer applied to both views before the
+            encoders, e.g. `layers.ColorAugmentation`, so that the colour
+            ops run batched on the accelerator; it gets `training`, and
+            `model(images)` then takes what the layer takes (uint8 crops).
         seed: optional int, seeds the initial queue and the key shuffle.
         **kwargs: `keras.Model` arguments such as `name`.
 
@@ -132,6 +136,7 @@ class MoCo(keras.Model):
         queue_size=65536,
         momentum=0.999,
         temperature=0.07,
+        augmentation=None,
         seed=None,
         **kwargs,
     ):
@@ -157,6 +162,13 @@ class MoCo(keras.Model):
         self.momentum = momentum
         self.temperature = temperature
         self.seed = seed
+        if augmentation is not None and not callable(augmentation):
+            raise TypeError(
+                "`augmentation` must be a Keras layer applied to both views "
+                "(e.g. `layers.ColorAugmentation`). Received: "
+                f"augmentation={augmentation!r}"
+            )
+        self.augmentation = augmentation
 
         self.encoder_q = encoder
         self.encoder_k = _clone(encoder)
@@ -217,6 +229,8 @@ class MoCo(keras.Model):
         return cls(encoder, **{**PRESETS[preset], **overrides})
 
     def call(self, inputs, training=False):
+        if self.augmentation is not None:
+            inputs = self.augmentation(inputs, training=training)
         features = self.encoder_q(inputs, training=training)  # N x D
         q = self.head_q(features, training=training)  # N x C
         return ops.normalize(ops.cast(q, "float32"), axis=1)  # N x C
@@ -293,6 +307,8 @@ class MoCo(keras.Model):
         than the same group of the queries. Multi-device strategies replace
         this method with one that shuffles across devices.
         """
+        if self.augmentation is not None:
+            images = self.augmentation(images, training=training)
         if not training:
             return self._encode_keys(images, training=False)
         batch_size = ops.shape(images)[0]
@@ -326,6 +342,19 @@ class MoCo(keras.Model):
         self.queue.assign(ops.transpose(queue_t))  # C x K
         self.queue_ptr.assign(ops.mod(ptr + count, self.queue_size))
 
+    def save_own_variables(self, store):
+        super().save_own_variables(store)
+        # Keras does not save SeedGenerator states; the key shuffle's belongs
+        # to a run that resumes where it stopped.
+        store[_SEED_STATE] = self.seed_generator.state
+
+    def load_own_variables(self, store):
+        keys = list(store.keys())
+        if _SEED_STATE in keys:
+            self.seed_generator.state.assign(store[_SEED_STATE])
+            store = {key: store[key] for key in keys if key != _SEED_STATE}
+        super().load_own_variables(store)
+
     def get_config(self):
         return {
             "name": self.name,
@@ -336,6 +365,9 @@ class MoCo(keras.Model):
             "queue_size": self.queue_size,
             "momentum": self.momentum,
             "temperature": self.temperature,
+            "augmentation": keras.saving.serialize_keras_object(
+                self.augmentation
+            ),
             "seed": self.seed,
         }
 
@@ -343,10 +375,12 @@ class MoCo(keras.Model):
     def from_config(cls, config):
         # Deserialization consumes the nested config: work on a copy.
         config = copy.deepcopy(config)
-        config["encoder"] = keras.saving.deserialize_keras_object(
-            config["encoder"]
-        )
+        for key in ("encoder", "augmentation"):
+            config[key] = keras.saving.deserialize_keras_object(config.get(key))
         return cls(**config)
+
+
+_SEED_STATE = "seed_generator_state"
 
 
 def _check_arguments(dim, mlp, queue_size, momentum, temperature):

@@ -382,3 +382,39 @@ def test_fit_on_a_tf_data_dataset_of_pairs():
     assert sorted(history.history) == ["acc1", "acc5", "loss"]
     assert np.all(np.isfinite(history.history["loss"]))
     assert int(to_numpy(model.queue_ptr)) == 24 % 10
+
+
+def test_load_weights_resumes_the_exact_run(tmp_path):
+    """Weights, optimizer slots, queue, pointer and the shuffle's seed."""
+
+    def build():
+        keras.utils.set_random_seed(0)
+        model = make_moco(tiny_resnet(bn_splits=2), queue_size=10, mlp=True)
+        model.optimizer.build(model.trainable_variables)
+        return model
+
+    def step(model, seed):
+        model.train_on_batch(
+            random_images(4, (8, 8, 3), seed=seed),
+            random_images(4, (8, 8, 3), seed=seed + 10),
+        )
+
+    model = build()
+    for seed in range(3):
+        step(model, seed)
+    path = tmp_path / "ckpt.keras"
+    model.save(path)
+    resumed = build()
+    resumed.load_weights(path)
+    for a, b in zip(
+        model.optimizer.variables, resumed.optimizer.variables, strict=True
+    ):
+        np.testing.assert_array_equal(to_numpy(a), to_numpy(b), a.path)
+    np.testing.assert_array_equal(
+        to_numpy(model.seed_generator.state),
+        to_numpy(resumed.seed_generator.state),
+    )
+    step(model, 3)
+    step(resumed, 3)
+    for a, b in zip(model.weights, resumed.weights, strict=True):
+        np.testing.assert_allclose(to_numpy(a), to_numpy(b), atol=1e-6)

@@ -12,36 +12,39 @@ a PNG of the loss and kNN curves.
 """
 
 import csv
-import json
 import os
 import time
 
-from absl import app
 from absl import flags
 from absl import logging
 
+from moco_keras.recipes import common
+from moco_keras.recipes import pretrain  # noqa: F401 - defines its flags
+
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", "runs/quickstart", "Where outputs go.")
-flags.DEFINE_string(
-    "data_dir", None, "Folder with the Fashion-MNIST IDX files."
-)
-flags.DEFINE_integer("epochs", 4, "Pretraining epochs.")
-flags.DEFINE_integer("batch_size", 256, "Global batch size.")
-flags.DEFINE_float("lr", 0.06, "Learning rate for a batch of 512 (scaled).")
-flags.DEFINE_float("wd", 5e-4, "L2 weight decay (coupled, as torch's SGD).")
-flags.DEFINE_integer("train_limit", 20000, "Pretrain on the first N images.")
-flags.DEFINE_integer("moco_k", 4096, "Queue size K.")
-flags.DEFINE_float("moco_m", 0.99, "Key encoder momentum m.")
-flags.DEFINE_float("moco_t", 0.1, "Softmax temperature T.")
-flags.DEFINE_integer("bn_splits", 8, "Split BN groups (simulated devices).")
-flags.DEFINE_integer("width", 16, "Width of the CIFAR ResNet-18.")
+# The shared recipe flags (common, pretrain) with the quick start's values;
+# --lr is for a batch of 512 and scales with --batch_size.
+DEFAULTS = {
+    "workdir": "runs/quickstart",
+    "dataset": "fashion_mnist",
+    "epochs": 4,
+    "batch_size": 256,
+    "lr": 0.06,
+    "lr_batch_size": 512,
+    "wd": 5e-4,
+    "train_limit": 20000,
+    "moco_k": 4096,
+    "moco_m": 0.99,
+    "moco_t": 0.1,
+    "bn_splits": 8,
+    "width": 16,
+}
 flags.DEFINE_integer("knn_k", 200, "k of the kNN monitor.")
 flags.DEFINE_float("knn_t", 0.1, "Temperature of the kNN monitor.")
 flags.DEFINE_integer(
     "monitor_bank", 5000, "Bank size of the per-epoch kNN monitor (0: off)."
 )
 flags.DEFINE_integer("monitor_test", 1000, "Test images of the kNN monitor.")
-flags.DEFINE_integer("seed", 0, "Seed of weights, shuffle and augmentation.")
 
 
 def _eval_images(images):
@@ -89,8 +92,16 @@ def main(argv):
     from moco_keras import optimizers
 
     os.makedirs(FLAGS.workdir, exist_ok=True)
-    with open(os.path.join(FLAGS.workdir, "flags.json"), "w") as f:
-        json.dump(FLAGS.flag_values_dict(), f, indent=2, sort_keys=True)
+    values = {
+        name: FLAGS[name].value
+        for name in sorted(
+            {"data_dir", "seed", *DEFAULTS}
+            | {f.name for f in FLAGS.get_flags_for_module(__name__)}
+        )
+    }
+    common.write_json_atomically(
+        os.path.join(FLAGS.workdir, "flags.json"), values
+    )
     keras.utils.set_random_seed(FLAGS.seed)
     started = time.time()
 
@@ -127,7 +138,7 @@ def main(argv):
         temperature=FLAGS.moco_t,
         seed=FLAGS.seed,
     )
-    lr = FLAGS.lr * FLAGS.batch_size / 512
+    lr = common.learning_rate(values)
     schedule = optimizers.EpochSchedule(
         lr, steps_per_epoch, FLAGS.epochs, cosine=True
     )
@@ -228,8 +239,9 @@ def main(argv):
         "wall_seconds": round(time.time() - started, 1),
         "backend": keras.backend.backend(),
     }
-    with open(os.path.join(FLAGS.workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    common.write_json_atomically(
+        os.path.join(FLAGS.workdir, "results.json"), results
+    )
     with open(os.path.join(FLAGS.workdir, "knn.csv"), "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(("features", "epoch", "knn_top1"))
@@ -258,4 +270,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main, DEFAULTS)

@@ -1,0 +1,276 @@
+"""Flags and pieces shared by the pretraining and linear-classification
+recipes: datasets by name, the workdir, checkpoints, logs and checks."""
+
+import json
+import math
+import os
+
+from absl import flags
+
+FLAGS = flags.FLAGS
+
+# Shared by both recipes; each sets its own defaults before parsing.
+flags.DEFINE_string("workdir", None, "Where checkpoints and logs go.")
+flags.DEFINE_string(
+    "dataset",
+    "folder",
+    "'folder' (an ImageNet-style tree: DATA_DIR/train/<class>/*, "
+    "DATA_DIR/val/<class>/*), 'fashion_mnist' (Debian's IDX files), or "
+    "'tfds/<name>' (any tensorflow-datasets image dataset).",
+)
+flags.DEFINE_string("data_dir", None, "The dataset's folder.")
+flags.DEFINE_integer("image_size", 224, "Crop size of the views.")
+flags.DEFINE_integer(
+    "train_limit", 0, "Train on the first N training images (0: all)."
+)
+flags.DEFINE_integer("epochs", 200, "Total epochs.")
+flags.DEFINE_integer("batch_size", 256, "Global batch size.")
+flags.DEFINE_float("lr", 0.03, "Learning rate (for --lr_batch_size).")
+flags.DEFINE_integer(
+    "lr_batch_size",
+    0,
+    "If > 0, --lr is for a batch of this size and is scaled linearly to "
+    "--batch_size (lr * batch_size / lr_batch_size); 0 takes --lr as is.",
+)
+flags.DEFINE_list(
+    "schedule", ["120", "160"], "Epochs at which the lr is multiplied by 0.1."
+)
+flags.DEFINE_bool("cos", False, "Cosine lr schedule (then --schedule is off).")
+flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
+flags.DEFINE_float("wd", 1e-4, "Weight decay (L2, coupled as torch's SGD).")
+flags.DEFINE_integer("seed", 0, "Seed of weights, data order and draws.")
+flags.DEFINE_float(
+    "crop_fraction",
+    0.875,
+    "Evaluation: resize the short side to image_size / crop_fraction, then "
+    "center crop (0.875: 256 -> 224); 1 for small images.",
+)
+flags.DEFINE_integer(
+    "checkpoint_steps", 0, "Also checkpoint every N steps (0: per epoch)."
+)
+flags.DEFINE_integer("keep_checkpoints", 3, "Newest checkpoints to keep.")
+flags.DEFINE_integer(
+    "keep_every_epochs", 10, "Also keep every N-th epoch's checkpoint."
+)
+flags.DEFINE_enum(
+    "mixed_precision",
+    None,
+    ["mixed_float16", "mixed_bfloat16"],
+    "Keras dtype policy (GPUs: mixed_float16 / mixed_bfloat16).",
+)
+flags.DEFINE_bool("jit_compile", False, "XLA-compile the train step.")
+flags.DEFINE_bool(
+    "deterministic",
+    False,
+    "TensorFlow backend: deterministic kernels (bitwise-repeatable runs).",
+)
+flags.DEFINE_enum("verbose", "auto", ["auto", "0", "1", "2"], "fit verbosity.")
+
+DATASET_STATS = {
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "fashion_mnist": ((0.2860,) * 3, (0.3530,) * 3),
+}
+
+
+def check(condition, message):
+    """Raises `app.UsageError(message)` unless `condition`."""
+    from absl import app
+
+    if not condition:
+        raise app.UsageError(message)
+
+
+def check_common(values):
+    """Contradictions among the shared flags, before any data is read.
+
+    Args:
+        values: `FLAGS.flag_values_dict()` or a dict with the same keys.
+
+    Returns:
+        The schedule milestones as ints.
+    """
+    check(values["workdir"], "--workdir is required: where the run lives.")
+    check(values["epochs"] >= 1, f"--epochs must be >= 1: {values['epochs']}")
+    check(
+        values["batch_size"] >= 1,
+        f"--batch_size must be >= 1: {values['batch_size']}",
+    )
+    check(
+        values["lr"] > 0 and math.isfinite(values["lr"]),
+        f"--lr must be a finite number > 0: {values['lr']}",
+    )
+    dataset = values["dataset"]
+    check(
+        dataset in ("folder", "fashion_mnist") or dataset.startswith("tfds/"),
+        f"Unknown --dataset={dataset!r}: expected 'folder', 'fashion_mnist' "
+        "or 'tfds/<name>' (e.g. tfds/imagenet2012).",
+    )
+    check(
+        dataset != "folder" or values["data_dir"],
+        "--dataset=folder needs --data_dir=ROOT with ROOT/train/<class>/* "
+        "(and ROOT/val/<class>/* for evaluation).",
+    )
+    try:
+        milestones = sorted(int(m) for m in values["schedule"] or [])
+    except ValueError:
+        check(False, f"--schedule must list epochs: {values['schedule']}")
+    if not values["cos"]:
+        late = [m for m in milestones if not 0 < m < values["epochs"]]
+        check(
+            not late,
+            f"--schedule milestones {late} are not inside the run's "
+            f"{values['epochs']} epochs: the lr step would never happen. "
+            "Give epochs in (0, --epochs), or --cos.",
+        )
+    check(
+        0 < values["crop_fraction"] <= 1,
+        f"--crop_fraction must be in (0, 1]: {values['crop_fraction']}",
+    )
+    return milestones
+
+
+def learning_rate(values):
+    if values["lr_batch_size"]:
+        return values["lr"] * values["batch_size"] / values["lr_batch_size"]
+    return values["lr"]
+
+
+def dataset_stats(dataset):
+    """(mean, std) of the normalization the dataset's images get."""
+    if dataset == "fashion_mnist":
+        return DATASET_STATS["fashion_mnist"]
+    return DATASET_STATS["imagenet"]
+
+
+def load_source(dataset, data_dir, split, limit=0, val_split="validation"):
+    """A `data.Source` by recipe name; `split` is "train" or "val"."""
+    from moco_keras import data
+
+    if dataset == "fashion_mnist":
+        source = data.fashion_mnist(
+            "train" if split == "train" else "test",
+            data_dir,
+            limit=limit or None,
+        )
+        return source
+    if dataset == "folder":
+        source = data.image_folder(data_dir, split=split)
+    else:
+        source = data.tfds_source(
+            dataset[len("tfds/") :],
+            split="train" if split == "train" else val_split,
+            data_dir=data_dir,
+        )
+    if limit:
+        source = data.Source(
+            source.dataset.take(limit),
+            source.encoded,
+            min(limit, source.num_examples),
+            source.class_names,
+        )
+    return source
+
+
+def write_json_atomically(path, payload):
+    temporary = path + ".tmp"
+    with open(temporary, "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=True)
+    os.replace(temporary, path)
+
+
+def set_up(values):
+    """Backend options from the flags; returns the workdir's subpaths."""
+    import keras
+
+    if values["mixed_precision"]:
+        keras.mixed_precision.set_dtype_policy(values["mixed_precision"])
+    if values["deterministic"] and keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+    keras.utils.set_random_seed(values["seed"])
+    workdir = values["workdir"]
+    os.makedirs(workdir, exist_ok=True)
+    write_json_atomically(os.path.join(workdir, "flags.json"), values)
+    return {
+        "checkpoints": os.path.join(workdir, "checkpoints"),
+        "csv": os.path.join(workdir, "epochs.csv"),
+        "png": os.path.join(workdir, "curves.png"),
+        "tensorboard": os.path.join(workdir, "tensorboard"),
+        "results": os.path.join(workdir, "results.json"),
+    }
+
+
+def callbacks(paths, steps_per_epoch, values, title, extra=(), queue_size=None):
+    """Loss watch, extra (e.g. kNN), CSV, curves, TensorBoard, checkpoints.
+
+    The order matters: the loss check runs first so nothing is saved after
+    a NaN; the CSV row is written before the checkpoint that ends the epoch.
+    """
+    import keras
+
+    from moco_keras import training
+
+    return [
+        training.LossWatch(queue_size),
+        *extra,
+        keras.callbacks.CSVLogger(paths["csv"], append=True),
+        training.CurvePlot(paths["csv"], paths["png"], title),
+        keras.callbacks.TensorBoard(paths["tensorboard"]),
+        training.Checkpointer(
+            paths["checkpoints"],
+            steps_per_epoch,
+            every_steps=values["checkpoint_steps"],
+            keep=values["keep_checkpoints"],
+            keep_every_epochs=values["keep_every_epochs"],
+        ),
+    ]
+
+
+def fit(model, epoch_dataset, values, steps_per_epoch, paths, callbacks):
+    """`training.fit_resumable` in the workdir; the start step back."""
+    from moco_keras import training
+
+    verbose = values["verbose"]
+    return training.fit_resumable(
+        model,
+        epoch_dataset,
+        values["epochs"],
+        steps_per_epoch,
+        paths["checkpoints"],
+        callbacks=callbacks,
+        csv_path=paths["csv"],
+        verbose=verbose if verbose == "auto" else int(verbose),
+    )
+
+
+def recipe_values(module_name):
+    """The values of this module's and the recipe's flags (not absl's own)."""
+    names = {flag.name for flag in FLAGS.get_flags_for_module(__name__)}
+    names |= {flag.name for flag in FLAGS.get_flags_for_module(module_name)}
+    return {name: FLAGS[name].value for name in sorted(names)}
+
+
+def optimizer(values, milestones, steps_per_epoch):
+    """torch's SGD with the flags' lr, per-epoch schedule and weight decay."""
+    from moco_keras import optimizers
+
+    schedule = optimizers.EpochSchedule(
+        learning_rate(values),
+        steps_per_epoch,
+        values["epochs"],
+        cosine=values["cos"],
+        milestones=() if values["cos"] else milestones,
+    )
+    return optimizers.SGD(
+        schedule, momentum=values["momentum"], weight_decay=values["wd"]
+    )
+
+
+def run(main, defaults):
+    """`app.run(main)` with this recipe's defaults for the shared flags."""
+    from absl import app
+
+    for name, value in defaults.items():
+        FLAGS.set_default(name, value)
+    app.run(main)

@@ -1,0 +1,298 @@
+r"""Linear classification on frozen MoCo features: the number papers report.
+
+    python -m moco_keras.recipes.lincls --flagfile=recipes/lincls.flags \
+        --pretrained=runs/mocov2 --data_dir=/data/ILSVRC2012 \
+        --workdir=runs/mocov2_lincls
+
+The protocol of the official `main_lincls.py`: the pretrained query encoder,
+frozen and in inference mode (BN uses its moving statistics), its pooled
+features into one Dense layer initialised N(0, 0.01) with a zero bias; SGD
+lr 30, momentum 0.9, weight decay 0, batch 256, 100 epochs, x0.1 at epochs
+60 and 80; training views RandomResizedCrop(224, scale 0.08-1) + flip,
+evaluation resize 256 + center crop 224; top-1 and top-5 on the validation
+split. At the end the backbone is checked to be unchanged.
+
+`--cache_features` is the fast path for small data: the features of the
+evaluation view of every training image are computed once and the linear
+layer trains on them (no random crops, so use it with
+`--notrain_augment` semantics in mind); with `--notrain_augment`, the full
+path gives the same result (tested).
+"""
+
+import os
+import time
+
+from absl import app
+from absl import flags
+
+from moco_keras.recipes import common
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string(
+    "pretrained",
+    None,
+    "A pretraining workdir (its newest checkpoint is used) or a MoCo "
+    "checkpoint file (`.keras`).",
+)
+flags.DEFINE_bool(
+    "train_augment",
+    True,
+    "Train on RandomResizedCrop(scale 0.08-1) + flip views; off: on the "
+    "evaluation views.",
+)
+flags.DEFINE_bool(
+    "cache_features",
+    False,
+    "Fast path: extract the frozen features once, train the linear layer on "
+    "them (implies --notrain_augment).",
+)
+flags.DEFINE_string(
+    "val_split", "validation", "The tfds split used for validation."
+)
+
+DEFAULTS = {
+    "lr": 30.0,
+    "epochs": 100,
+    "wd": 0.0,
+    "schedule": ["60", "80"],
+    "keep_every_epochs": 0,
+}
+
+
+def resolve_pretrained(path):
+    """The checkpoint file that `--pretrained` names."""
+    from moco_keras import training
+
+    common.check(path, "--pretrained is required: a workdir or a checkpoint.")
+    if os.path.isdir(path):
+        directory = os.path.join(path, "checkpoints")
+        found, _ = training.latest_checkpoint(directory)
+        if found is None:
+            found, _ = training.latest_checkpoint(path)
+        common.check(
+            found is not None,
+            f"--pretrained={path} is a folder without MoCo checkpoints "
+            "(expected checkpoints/ckpt-<step>.keras, as the pretrain "
+            "recipe writes).",
+        )
+        return found
+    common.check(
+        os.path.isfile(path),
+        f"--pretrained={path} does not exist.",
+    )
+    return path
+
+
+def load_backbone(path):
+    """The query encoder of a MoCo checkpoint (`app.UsageError` if none)."""
+    import keras
+
+    from moco_keras import MoCo
+
+    try:
+        model = keras.saving.load_model(path, compile=False)
+    except Exception as error:  # noqa: BLE001 - re-raised as a usage error.
+        raise app.UsageError(
+            f"--pretrained={path} is not a MoCo checkpoint that Keras can "
+            f"read ({type(error).__name__}: {error}). Pass a `.keras` file "
+            "written by moco_keras.recipes.pretrain, or its workdir."
+        ) from error
+    common.check(
+        isinstance(model, MoCo),
+        f"--pretrained={path} holds a {type(model).__name__}, not a MoCo "
+        "model; pass a checkpoint of moco_keras.recipes.pretrain.",
+    )
+    return model.encoder_q
+
+
+def check_flags(values):
+    milestones = common.check_common(values)
+    common.check(
+        not (values["cache_features"] and values["train_augment"]),
+        "--cache_features extracts each training image's features once, "
+        "from its evaluation view; it cannot train on random crops. Add "
+        "--notrain_augment (or drop --cache_features).",
+    )
+    return milestones
+
+
+def linear_head(feature_dim, num_classes, name="fc"):
+    import keras
+
+    return keras.layers.Dense(
+        num_classes,
+        kernel_initializer=keras.initializers.RandomNormal(0.0, 0.01),
+        bias_initializer="zeros",
+        name=name,
+    )
+
+
+def compile_classifier(model, values, milestones, steps_per_epoch, classes):
+    import keras
+
+    model.compile(
+        optimizer=common.optimizer(values, milestones, steps_per_epoch),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=[
+            keras.metrics.SparseCategoricalAccuracy(name="acc1"),
+            keras.metrics.SparseTopKCategoricalAccuracy(
+                k=min(5, classes), name="acc5"
+            ),
+        ],
+        jit_compile=values["jit_compile"],
+    )
+
+
+def _features(backbone, dataset):
+    """Features and labels of a `(images, labels)` dataset, in order."""
+    import numpy as np
+    from keras import ops
+
+    features, labels = [], []
+    for images, batch_labels in dataset:
+        batch = backbone(ops.convert_to_tensor(images.numpy()), training=False)
+        features.append(ops.convert_to_numpy(batch))
+        labels.append(batch_labels.numpy())
+    return np.concatenate(features), np.concatenate(labels)
+
+
+def main(argv):
+    del argv
+    values = common.recipe_values(__name__)
+    milestones = check_flags(values)
+    checkpoint = resolve_pretrained(values["pretrained"])
+    backbone = load_backbone(checkpoint)
+
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from moco_keras import data
+
+    paths = common.set_up(values)
+    backbone.trainable = False  # inference mode: BN moving statistics
+    before = [keras.ops.convert_to_numpy(v).copy() for v in backbone.weights]
+    size = values["image_size"]
+    mean, std = common.dataset_stats(values["dataset"])
+    train = common.load_source(
+        values["dataset"],
+        values["data_dir"],
+        "train",
+        limit=values["train_limit"],
+        val_split=values["val_split"],
+    )
+    val = common.load_source(
+        values["dataset"],
+        values["data_dir"],
+        "val",
+        val_split=values["val_split"],
+    )
+    classes = len(train.class_names)
+    batch_size = values["batch_size"]
+    steps_per_epoch = train.num_examples // batch_size
+    common.check(
+        steps_per_epoch >= 1,
+        f"{train.num_examples} training images make no full batch of "
+        f"{batch_size}; lower --batch_size.",
+    )
+    augmentation = None
+    if values["train_augment"]:
+        augmentation = data.linear_augmentation(size, mean, std)
+
+    def labelled(source, **kwargs):
+        return data.labelled_dataset(
+            source,
+            batch_size,
+            size,
+            mean,
+            std,
+            crop_fraction=values["crop_fraction"],
+            seed=values["seed"],
+            **kwargs,
+        )
+
+    feature_dim = backbone.output_shape[-1]
+    head = linear_head(feature_dim, classes)
+    if values["cache_features"]:
+        print("Extracting the frozen features once ...")
+        train_x, train_y = _features(backbone, labelled(train))
+        val_x, val_y = _features(backbone, labelled(val))
+        inputs = keras.Input((feature_dim,))
+        model = keras.Model(inputs, head(inputs), name="linear_head")
+        cached = data.Source(
+            tf.data.Dataset.from_tensor_slices((train_x, train_y)),
+            False,
+            len(train_x),
+            train.class_names,
+        )
+
+        def epoch_dataset(epoch, skip):
+            # The same shuffle as the image path: same seed, same order.
+            dataset = cached.dataset.shuffle(
+                min(10_000, cached.num_examples),
+                seed=data.epoch_seed(values["seed"], epoch),
+                reshuffle_each_iteration=False,
+            ).skip(skip * batch_size)
+            return dataset.batch(batch_size, drop_remainder=True)
+
+        val_data = tf.data.Dataset.from_tensor_slices((val_x, val_y)).batch(
+            batch_size
+        )
+    else:
+        inputs = keras.Input((size, size, 3))
+        features = backbone(inputs, training=False)
+        model = keras.Model(inputs, head(features), name="linear_classifier")
+
+        def epoch_dataset(epoch, skip):
+            return labelled(
+                train,
+                train_augmentation=augmentation,
+                epoch=epoch,
+                skip_batches=skip,
+            )
+
+        val_data = labelled(val)
+    compile_classifier(model, values, milestones, steps_per_epoch, classes)
+    callbacks = common.callbacks(
+        paths, steps_per_epoch, values, "Linear classification"
+    )
+    print(
+        f"Linear classification on {checkpoint}: {train.num_examples} "
+        f"training images, {classes} classes, {values['epochs']} epochs"
+    )
+    started = time.time()
+    common.fit(model, epoch_dataset, values, steps_per_epoch, paths, callbacks)
+    scores = model.evaluate(val_data, verbose=0, return_dict=True)
+    after = [keras.ops.convert_to_numpy(v) for v in backbone.weights]
+    changed = [
+        v.path
+        for v, a, b in zip(backbone.weights, before, after, strict=True)
+        if not np.array_equal(a, b)
+    ]
+    if changed:
+        raise RuntimeError(
+            f"The frozen backbone changed during linear classification: "
+            f"{changed[:5]}. This is a bug; please report it."
+        )
+    results = {
+        "top1": round(100 * float(scores["acc1"]), 2),
+        "top5": round(100 * float(scores["acc5"]), 2),
+        "val_loss": float(scores["loss"]),
+        "val_images": val.num_examples,
+        "pretrained": checkpoint,
+        "backbone_unchanged": True,
+        "cache_features": values["cache_features"],
+        "seconds_this_session": round(time.time() - started, 1),
+        "backend": keras.backend.backend(),
+    }
+    common.write_json_atomically(paths["results"], results)
+    print(
+        f"Validation top-1 {results['top1']:.2f} %, top-5 "
+        f"{results['top5']:.2f} % ({val.num_examples} images); the backbone "
+        "is unchanged."
+    )
+
+
+if __name__ == "__main__":
+    common.run(main, DEFAULTS)

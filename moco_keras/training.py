@@ -1,0 +1,328 @@
+"""Runs that survive being killed: checkpoints, resume, loss checks, curves.
+
+A run is a directory. `Checkpointer` writes `ckpt-<global step>.keras`
+files into it (every epoch, and every N steps if asked), each written under
+a temporary name and renamed, so a file with a checkpoint's name is always
+whole. `fit_resumable` trains epoch by epoch and, when the directory already
+holds checkpoints, first loads the newest one: weights, key encoder, queue,
+pointer, optimizer slots and step (hence the schedule's position) and the
+model's random state; the data of epoch `e` is a function of `(seed, e)`,
+and the batches already done in that epoch are skipped, so a resumed run
+sees what the uninterrupted run would have seen.
+"""
+
+import csv
+import math
+import os
+import re
+
+import keras
+from absl import logging
+from keras import ops
+
+_CHECKPOINT = re.compile(r"^ckpt-(\d{9})\.keras$")
+
+
+def checkpoint_path(directory, step):
+    return os.path.join(directory, f"ckpt-{step:09d}.keras")
+
+
+def list_checkpoints(directory):
+    """`[(global step, path), ...]` of the whole checkpoints, oldest first."""
+    if not os.path.isdir(directory):
+        return []
+    found = []
+    for name in os.listdir(directory):
+        match = _CHECKPOINT.match(name)
+        if match:
+            found.append((int(match.group(1)), os.path.join(directory, name)))
+    return sorted(found)
+
+
+def latest_checkpoint(directory):
+    """`(path, global step)` of the newest checkpoint, or `(None, 0)`."""
+    found = list_checkpoints(directory)
+    if not found:
+        return None, 0
+    step, path = found[-1]
+    return path, step
+
+
+def save_atomically(model, path):
+    """`model.save(path)` under a temporary name, synced, then renamed.
+
+    A run killed mid-save leaves at most a `.tmp-*` file, never a broken
+    checkpoint under a checkpoint's name; a full disk raises with the
+    earlier checkpoints intact.
+    """
+    directory, name = os.path.split(path)
+    temporary = os.path.join(directory, f".tmp-{os.getpid()}-{name}")
+    try:
+        model.save(temporary)
+        with open(temporary, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+def _global_step(model):
+    return int(ops.convert_to_numpy(model.optimizer.iterations))
+
+
+class Checkpointer(keras.callbacks.Callback):
+    """Saves the whole training state to `directory` as it trains.
+
+    Args:
+        directory: where `ckpt-<global step>.keras` files go.
+        steps_per_epoch: optimizer steps in one epoch.
+        every_steps: also save every this many steps (0: epoch ends only).
+        keep: how many of the newest checkpoints to keep.
+        keep_every_epochs: also keep the end of every this-many-th epoch
+            (0: none beyond `keep`).
+    """
+
+    def __init__(
+        self,
+        directory,
+        steps_per_epoch,
+        every_steps=0,
+        keep=3,
+        keep_every_epochs=0,
+    ):
+        super().__init__()
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1. Received: keep={keep}")
+        self.directory = directory
+        self.steps_per_epoch = steps_per_epoch
+        self.every_steps = every_steps
+        self.keep = keep
+        self.keep_every_epochs = keep_every_epochs
+        os.makedirs(directory, exist_ok=True)
+        for name in os.listdir(directory):
+            if name.startswith(".tmp-"):  # left by a run killed mid-save
+                os.remove(os.path.join(directory, name))
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.every_steps:
+            step = _global_step(self.model)
+            if step % self.every_steps == 0:
+                self.save(step)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.save(_global_step(self.model))
+
+    def save(self, step):
+        path = checkpoint_path(self.directory, step)
+        if not os.path.exists(path):
+            save_atomically(self.model, path)
+        self._prune()
+
+    def _keeps_forever(self, step):
+        if not self.keep_every_epochs or step % self.steps_per_epoch:
+            return False
+        return (step // self.steps_per_epoch) % self.keep_every_epochs == 0
+
+    def _prune(self):
+        found = list_checkpoints(self.directory)
+        for step, path in found[: -self.keep]:
+            if not self._keeps_forever(step):
+                os.remove(path)
+
+
+class LossWatch(keras.callbacks.Callback):
+    """Stops a run whose loss is not finite; warns when nothing is learned.
+
+    A NaN or infinite loss raises `FloatingPointError` naming the step (the
+    checkpoints written before it stay). An epoch whose mean loss is within
+    1 % of ln(K + 1), the loss of guessing among the K + 1 keys, logs a
+    warning: the encoder is not learning (lr, temperature, or data).
+
+    Args:
+        queue_size: K, for the ln(K + 1) check; None to skip it.
+    """
+
+    def __init__(self, queue_size=None):
+        super().__init__()
+        self.queue_size = queue_size
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = float((logs or {}).get("loss", 0.0))
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"The loss became {loss} at global step "
+                f"{_global_step(self.model)} (epoch {self._epoch + 1}, "
+                f"batch {batch + 1}). Training stopped; the checkpoints "
+                "written before it are kept. Lower the learning rate, or "
+                "check the data for broken images."
+            )
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.queue_size is None or "loss" not in (logs or {}):
+            return
+        chance = math.log(self.queue_size + 1)
+        loss = float(logs["loss"])
+        if abs(loss - chance) < 0.01 * chance:
+            logging.warning(
+                "Epoch %d: the loss %.4f sits at ln(K+1) = %.4f, the loss of "
+                "guessing among the K+1 keys: nothing is being learned. "
+                "Check the learning rate, the temperature and the data.",
+                epoch + 1,
+                loss,
+                chance,
+            )
+
+
+class CurvePlot(keras.callbacks.Callback):
+    """Redraws a PNG of every metric in a CSV log at each epoch end.
+
+    Put it after the `keras.callbacks.CSVLogger` that writes `csv_path`.
+    """
+
+    def __init__(self, csv_path, png_path, title=""):
+        super().__init__()
+        self.csv_path, self.png_path, self.title = csv_path, png_path, title
+
+    def on_epoch_end(self, epoch, logs=None):
+        plot_csv(self.csv_path, self.png_path, self.title)
+
+
+def read_csv_log(path):
+    """`{column: [float, ...]}` of a CSVLogger file ({} if there is none)."""
+    if not os.path.exists(path):
+        return {}
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    columns = {}
+    for row in rows:
+        for key, value in row.items():
+            try:
+                columns.setdefault(key, []).append(float(value))
+            except (TypeError, ValueError):
+                columns.setdefault(key, []).append(float("nan"))
+    return columns
+
+
+def truncate_csv_log(path, epochs):
+    """Keeps the rows of the first `epochs` epochs (a resumed run rewrites
+    the rest)."""
+    if not os.path.exists(path):
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        return
+    header, body = rows[0], rows[1:]
+    kept = [row for row in body if row and int(row[0]) < epochs]
+    temporary = path + ".tmp"
+    with open(temporary, "w", newline="") as f:
+        csv.writer(f).writerows([header, *kept])
+    os.replace(temporary, path)
+
+
+def plot_csv(csv_path, png_path, title=""):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = read_csv_log(csv_path)
+    epochs = [e + 1 for e in columns.pop("epoch", [])]
+    if not epochs:
+        return
+    names = [n for n in columns if n not in ("learning_rate",)]
+    fig, axes = plt.subplots(
+        1, len(names), figsize=(4 * len(names), 3.5), squeeze=False
+    )
+    for ax, name in zip(axes[0], names, strict=True):
+        ax.plot(epochs, columns[name], marker="o")
+        ax.set(xlabel="epoch", title=name)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    temporary = png_path + ".tmp.png"
+    fig.savefig(temporary, dpi=90)
+    plt.close(fig)
+    os.replace(temporary, png_path)
+
+
+def fit_resumable(
+    model,
+    epoch_dataset,
+    epochs,
+    steps_per_epoch,
+    directory,
+    callbacks=(),
+    csv_path=None,
+    verbose="auto",
+):
+    """Trains to `epochs`, resuming from the newest checkpoint in `directory`.
+
+    Args:
+        model: a compiled model (a `Checkpointer` in `callbacks` saves it).
+        epoch_dataset: `f(epoch, skip_batches)` -> a `tf.data.Dataset` of
+            the batches of `epoch`
+            from batch `skip_batches` on, the same for the same arguments.
+        epochs: total epochs of the run.
+        steps_per_epoch: batches per epoch.
+        directory: the checkpoint directory.
+        callbacks: Keras callbacks, given to every `fit` call.
+        csv_path: a CSVLogger file to cut back to the resumed epoch.
+        verbose: `fit`'s verbosity.
+
+    Returns:
+        The global step the run started from (0 for a fresh run).
+    """
+    path, step = latest_checkpoint(directory)
+    if path is not None:
+        if not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)
+        model.load_weights(path)
+        logging.info("Resumed from %s (global step %d).", path, step)
+        print(f"Resuming from {path} (global step {step})")
+    start_epoch, skip = divmod(step, steps_per_epoch)
+    if csv_path is not None:
+        truncate_csv_log(csv_path, start_epoch)
+    fit = dict(
+        callbacks=list(callbacks),
+        verbose=verbose,
+        shuffle=False,  # each epoch's dataset is already shuffled
+    )
+    if skip and start_epoch < epochs:
+        # The rest of the epoch the run died in, then the whole epochs.
+        print(
+            f"Epoch {start_epoch + 1}/{epochs}: resuming at batch {skip + 1} "
+            f"of {steps_per_epoch}"
+        )
+        model.fit(
+            epoch_dataset(start_epoch, skip),
+            initial_epoch=start_epoch,
+            epochs=start_epoch + 1,
+            steps_per_epoch=steps_per_epoch - skip,
+            **fit,
+        )
+        start_epoch += 1
+        if model.stop_training:
+            return step
+    if start_epoch >= epochs:
+        return step
+    # One `fit` over the remaining epochs, so that progress bars and
+    # callbacks see the run's epoch count; epoch e's batches are
+    # `epoch_dataset(e, 0)`, chained.
+    dataset = epoch_dataset(start_epoch, 0)
+    for epoch in range(start_epoch + 1, epochs):
+        dataset = dataset.concatenate(epoch_dataset(epoch, 0))
+    model.fit(
+        dataset,
+        initial_epoch=start_epoch,
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        **fit,
+    )
+    return step
