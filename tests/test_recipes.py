@@ -5,11 +5,14 @@ Real Fashion-MNIST subsets (Debian's `dataset-fashion-mnist`, which
 `recipes/lincls_smoke.flags`, and a generated ImageNet-style folder.
 """
 
+import atexit
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import keras
@@ -37,6 +40,15 @@ SMOKE = [
     "--verbose=0",
 ]
 TIMEOUT = 600
+# JAX compiles the same train step in each subprocess; a persistent cache
+# shared by this session's runs compiles it once.
+JAX_CACHE = tempfile.mkdtemp(prefix="moco-jax-cache-")
+atexit.register(shutil.rmtree, JAX_CACHE, ignore_errors=True)
+ENV = {
+    **os.environ,
+    "JAX_COMPILATION_CACHE_DIR": JAX_CACHE,
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+}
 
 
 def run_recipe(recipe, *args, check=True):
@@ -47,6 +59,7 @@ def run_recipe(recipe, *args, check=True):
         text=True,
         timeout=TIMEOUT,
         stdin=subprocess.DEVNULL,
+        env=ENV,
     )
     if check and result.returncode != 0:
         raise AssertionError(
@@ -119,6 +132,7 @@ def test_killed_run_resumes_to_the_same_weights(smoke_run, tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         stdin=subprocess.DEVNULL,
+        env=ENV,
     )
     try:
         deadline = time.time() + TIMEOUT
