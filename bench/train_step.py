@@ -7,7 +7,8 @@ Images per second and peak resident memory of one whole training step
 SGD step, enqueue) for:
 
 - this package's `MoCo` under KERAS_BACKEND=tensorflow (with and without
-  XLA `jit_compile`), jax and torch, through `model.train_on_batch`;
+  XLA `jit_compile`), jax and torch, through `model.fit` on one in-memory
+  batch repeated;
 - the same step in plain PyTorch, written as the official
   `moco/builder.py` and `main_moco.py` write it (same architecture, same
   batch, torch's SGD with weight decay), eager.
@@ -218,7 +219,12 @@ def torch_step_fn(model_name, spec, threads):
     shape = (spec["batch"], 3, spec["size"], spec["size"])
     im_q = torch.from_numpy(rng.normal(size=shape).astype("float32"))
     im_k = torch.from_numpy(rng.normal(size=shape).astype("float32"))
-    return lambda: step(im_q, im_k)
+
+    def steps(count):
+        for _ in range(count):
+            step(im_q, im_k)
+
+    return steps
 
 
 # --- This package, through Keras ------------------------------------------
@@ -255,33 +261,55 @@ def keras_step_fn(model_name, spec, threads, jit):
         optimizer=optimizers.SGD(0.03, momentum=0.9, weight_decay=1e-4),
         jit_compile=jit,
     )
+    import tensorflow as tf
+
     rng = np.random.default_rng(0)
     shape = (spec["batch"], size, size, 3)
     x_q = rng.normal(size=shape).astype("float32")
     x_k = rng.normal(size=shape).astype("float32")
-    return lambda: model.train_on_batch(x_q, x_k)
+    pairs = tf.data.Dataset.from_tensors((x_q, x_k)).repeat()
+
+    def steps(count):
+        # `fit`, not `train_on_batch`: on JAX, train_on_batch copies every
+        # variable back to Keras after each call, which fit does per epoch.
+        model.fit(
+            pairs, steps_per_epoch=count, epochs=1, verbose=0, shuffle=False
+        )
+
+    return steps
+
+
+def _rss_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def worker(args):
     spec = MODELS[args.model]
+    # The frameworks alone, before any model: what the step adds is apart.
+    if args.config == "torch-plain":
+        import torch  # noqa: F401
+    else:
+        import keras  # noqa: F401
+        import tensorflow  # noqa: F401
+
+        import moco_keras  # noqa: F401
+    import_mib = _rss_mib()
     if args.config == "torch-plain":
         step = torch_step_fn(args.model, spec, args.threads)
     else:
         step = keras_step_fn(
             args.model, spec, args.threads, args.config == "tensorflow-xla"
         )
-    for _ in range(args.warmup):
-        step()
+    step(args.warmup)
     start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
+    step(args.steps)
     seconds = time.perf_counter() - start
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(
         json.dumps(
             {
                 "images_per_s": args.steps * spec["batch"] / seconds,
-                "peak_mib": peak_mib,
+                "peak_mib": _rss_mib(),
+                "import_mib": import_mib,
             }
         )
     )
@@ -341,14 +369,16 @@ def main():
     base = np.median([r["images_per_s"] for r in results[configs[0]]])
     print(
         f"  {'config':16s} {'img/s min':>10s} {'median':>8s} {'max':>8s} "
-        f"{'vs ' + configs[0]:>18s} {'peak MiB':>9s}"
+        f"{'vs ' + configs[0]:>18s} {'peak MiB':>9s} {'imports':>8s}"
     )
     for config, runs in results.items():
         speed = np.array([r["images_per_s"] for r in runs])
         peak = max(r["peak_mib"] for r in runs)
+        imports = max(r["import_mib"] for r in runs)
         print(
             f"  {config:16s} {speed.min():10.1f} {np.median(speed):8.1f} "
-            f"{speed.max():8.1f} {np.median(speed) / base:18.2f} {peak:9.0f}"
+            f"{speed.max():8.1f} {np.median(speed) / base:18.2f} {peak:9.0f} "
+            f"{imports:8.0f}"
         )
 
 
