@@ -289,40 +289,40 @@ def fit_resumable(
     start_epoch, skip = divmod(step, steps_per_epoch)
     if csv_path is not None:
         truncate_csv_log(csv_path, start_epoch)
-    fit = dict(
-        callbacks=list(callbacks),
-        verbose=verbose,
-        shuffle=False,  # each epoch's dataset is already shuffled
-    )
-    if skip and start_epoch < epochs:
-        # The rest of the epoch the run died in, then the whole epochs.
-        print(
-            f"Epoch {start_epoch + 1}/{epochs}: resuming at batch {skip + 1} "
-            f"of {steps_per_epoch}"
-        )
+    for epoch in range(start_epoch, epochs):
+        if skip:
+            print(
+                f"Epoch {epoch + 1}/{epochs}: resuming at batch {skip + 1} "
+                f"of {steps_per_epoch}"
+            )
+        # One `fit` per epoch, each on that epoch's own dataset (chaining
+        # the epochs into one dataset costs minutes to build for hundreds
+        # of epochs), told the run's epoch count for progress bars and
+        # callbacks and stopped after its one epoch.
+        stopper = _StopAfterOneEpoch()
         model.fit(
-            epoch_dataset(start_epoch, skip),
-            initial_epoch=start_epoch,
-            epochs=start_epoch + 1,
+            epoch_dataset(epoch, skip),
+            initial_epoch=epoch,
+            epochs=epochs,
             steps_per_epoch=steps_per_epoch - skip,
-            **fit,
+            callbacks=[*callbacks, stopper],
+            verbose=verbose,
+            shuffle=False,  # each epoch's dataset is already shuffled
         )
-        start_epoch += 1
-        if model.stop_training:
-            return step
-    if start_epoch >= epochs:
-        return step
-    # One `fit` over the remaining epochs, so that progress bars and
-    # callbacks see the run's epoch count; epoch e's batches are
-    # `epoch_dataset(e, 0)`, chained.
-    dataset = epoch_dataset(start_epoch, 0)
-    for epoch in range(start_epoch + 1, epochs):
-        dataset = dataset.concatenate(epoch_dataset(epoch, 0))
-    model.fit(
-        dataset,
-        initial_epoch=start_epoch,
-        epochs=epochs,
-        steps_per_epoch=steps_per_epoch,
-        **fit,
-    )
+        skip = 0
+        if stopper.asked_by_others:
+            break
     return step
+
+
+class _StopAfterOneEpoch(keras.callbacks.Callback):
+    """Ends `fit` after one epoch; notes whether another callback (listed
+    before it) had asked to stop the run."""
+
+    def __init__(self):
+        super().__init__()
+        self.asked_by_others = False
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.asked_by_others = bool(self.model.stop_training)
+        self.model.stop_training = True
