@@ -88,8 +88,6 @@ class KNNMonitor(keras.callbacks.Callback):
         features: "backbone" (pooled encoder features) or "head" (the
             normalized MoCo embedding).
         k, t: as in `knn_predict`.
-        epochs: the run's last epoch, when `fit` is called one epoch at a
-            time (as `training.fit_resumable` does); default: `fit`'s.
 
     Example:
 
@@ -111,7 +109,6 @@ class KNNMonitor(keras.callbacks.Callback):
         features="backbone",
         k=200,
         t=0.1,
-        epochs=None,
     ):
         super().__init__()
         if features not in ("backbone", "head"):
@@ -122,7 +119,6 @@ class KNNMonitor(keras.callbacks.Callback):
         self.test_images, self.test_labels = test_images, test_labels
         self.num_classes, self.every = num_classes, every
         self.features, self.k, self.t = features, k, t
-        self.epochs = epochs
         self.accuracies = []
 
     def evaluate(self):
@@ -142,8 +138,8 @@ class KNNMonitor(keras.callbacks.Callback):
         )
 
     def on_epoch_end(self, epoch, logs=None):
-        last = self.epochs or self.params.get("epochs", 0)
-        if epoch % self.every and epoch != last - 1:
+        last = self.params.get("epochs", 0) - 1
+        if epoch % self.every and epoch != last:
             if logs is not None:
                 # A steady set of keys: CSV loggers fix their columns on
                 # the first epoch.

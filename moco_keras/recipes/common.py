@@ -66,11 +66,6 @@ flags.DEFINE_bool(
 )
 flags.DEFINE_enum("verbose", "auto", ["auto", "0", "1", "2"], "fit verbosity.")
 
-DATASET_STATS = {
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    "fashion_mnist": ((0.2860,) * 3, (0.3530,) * 3),
-}
-
 
 def check(condition, message):
     """Raises `app.UsageError(message)` unless `condition`."""
@@ -137,9 +132,12 @@ def learning_rate(values):
 
 def dataset_stats(dataset):
     """(mean, std) of the normalization the dataset's images get."""
+    from moco_keras import data
+    from moco_keras import layers
+
     if dataset == "fashion_mnist":
-        return DATASET_STATS["fashion_mnist"]
-    return DATASET_STATS["imagenet"]
+        return data.FASHION_MNIST_MEAN, data.FASHION_MNIST_STD
+    return layers.IMAGENET_MEAN, layers.IMAGENET_STD
 
 
 def load_source(dataset, data_dir, split, limit=0, val_split="validation"):

@@ -171,7 +171,6 @@ def knn_monitor(values):
         test_labels,
         len(source.class_names),
         every=values["knn_every"],
-        epochs=values["epochs"],
     )
 
 
