@@ -38,10 +38,20 @@ demo: venv fashion-mnist
 	KERAS_BACKEND=$(DEMO_BACKEND) $(BIN)/python -m moco_keras.recipes.quickstart \
 	  --workdir=runs/quickstart $(DEMO_ARGS)
 
-# Input pipeline throughput against a PIL/torchvision-style loader.
-bench: venv
+# All three benchmarks of BENCHMARKS.md, tables and plot into bench/results/
+# (about 2 h 30 on 2 cores, most of it the learning benchmark's four runs).
+# BENCH_ARGS go to the learning benchmark, e.g. --configs=torch-plain,tensorflow
+BENCH_ARGS ?=
+bench: venv fashion-mnist
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[bench]"
-	KERAS_BACKEND=tensorflow $(BIN)/python bench/pipeline.py
+	mkdir -p bench/results
+	KERAS_BACKEND=tensorflow $(BIN)/python bench/pipeline.py \
+	  --output=bench/results/pipeline.md
+	$(BIN)/python bench/train_step.py --model=cifar18 --runs=3 \
+	  --parts=step,supervised,keys --output=bench/results/train_step_cifar18.md
+	$(BIN)/python bench/train_step.py --model=resnet50 --runs=2 --steps=4 \
+	  --output=bench/results/train_step_resnet50.md
+	$(BIN)/python bench/learning.py --output=bench/results $(BENCH_ARGS)
 
 # Debian's dataset-fashion-mnist: the embedded default data.
 fashion-mnist: $(FMNIST)

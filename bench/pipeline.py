@@ -199,6 +199,7 @@ def main():
     parser.add_argument("--files", type=int, default=256)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--output", help="also write the table here (md)")
     args = parser.parse_args()
     cores = len(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory() as tmp:
@@ -228,18 +229,25 @@ def main():
             results["split, colour layer (CPU)"].append(
                 run_color_layer(args.seconds)
             )
-    print(
+    lines = [
         f"MoCo v2 two-crop pairs/s, 224 px, {args.files} JPEGs ~500x375, "
-        f"{args.rounds} rounds of {args.seconds:.0f} s, {cores} cores"
-    )
+        f"{args.rounds} rounds of {args.seconds:.0f} s, {cores} cores",
+        "",
+        "| pipeline | pairs/s min | median | max | vs baseline median |",
+        "|---|---|---|---|---|",
+    ]
     base = np.median(results["baseline (1 core)"])
     for name, values in results.items():
         values = np.array(values)
-        print(
-            f"  {name:28s} min {values.min():7.1f}  median "
-            f"{np.median(values):7.1f}  max {values.max():7.1f}  "
-            f"x{np.median(values) / base:5.2f} baseline"
+        lines.append(
+            f"| {name} | {values.min():.1f} | {np.median(values):.1f} "
+            f"| {values.max():.1f} | {np.median(values) / base:.2f} |"
         )
+    text = "\n".join(lines)
+    print(text)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text + "\n")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 r"""One MoCo v2 training step: each Keras backend against plain PyTorch.
 
     python bench/train_step.py [--model=resnet50|cifar18] [--runs=3]
+        [--parts=step,supervised,keys] [--configs=...,tensorflow-bf16]
 
 Images per second and peak resident memory of one whole training step
 (query forward and backward, momentum update, shuffled key forward, loss,
@@ -9,9 +10,15 @@ SGD step, enqueue) for:
 - this package's `MoCo` under KERAS_BACKEND=tensorflow (with and without
   XLA `jit_compile`), jax and torch, through `model.fit` on one in-memory
   batch repeated;
-- the same step in plain PyTorch, written as the official
-  `moco/builder.py` and `main_moco.py` write it (same architecture, same
-  batch, torch's SGD with weight decay), eager.
+- the same step in plain PyTorch (`bench/torch_moco.py`, written as the
+  official `moco/builder.py` and `main_moco.py` write it: same architecture,
+  same batch, torch's SGD with weight decay), eager.
+
+Opt-in configurations `tensorflow-bf16` and `torch-plain-bf16` run Keras'
+`mixed_bfloat16` policy and `torch.autocast(bfloat16)`. `--parts` also
+times the step's parts apart: "supervised" (the query side alone: forward,
+backward, SGD) and "keys" (the key encoder's forward in training mode); the
+step less both is MoCo's own work.
 
 Each measurement runs in a fresh subprocess pinned to the same cores
 (so one backend per process, and the same thread count for all); the
@@ -33,196 +40,87 @@ import time
 
 import numpy as np
 
+# bench/torch_moco.py, the official step in plain PyTorch, sits beside this.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
 MODELS = {
     "resnet50": dict(size=112, batch=32, queue=65536, splits=1, width=64),
     "cifar18": dict(size=32, batch=256, queue=4096, splits=8, width=16),
 }
 CONFIGS = ("torch-plain", "tensorflow", "tensorflow-xla", "jax", "torch")
+# Opt-in: bfloat16 autocast in plain PyTorch against Keras' mixed_bfloat16
+# policy (on CPUs with AMX / AVX512-BF16 oneDNN runs these in bfloat16).
+BF16_CONFIGS = ("torch-plain-bf16", "tensorflow-bf16")
+# Where a step's time goes, measured apart with the same network and batch:
+# "step" is the whole MoCo step; "supervised" the query side alone (forward,
+# backward, SGD; a plain training step of encoder and head); "keys" the key
+# encoder's forward in training mode (batch statistics), no gradient. What
+# the step takes beyond supervised + keys is MoCo's own work (momentum
+# update, shuffle, loss, queue) and framework overhead.
+PARTS = ("step", "supervised", "keys")
 
 
 # --- Plain PyTorch, as the official code ---------------------------------
 
 
-def torch_step_fn(model_name, spec, threads):
+def torch_step_fn(model_name, spec, threads, part="step", bf16=False):
+    import contextlib
+
     import torch
+    import torch_moco
     from torch import nn
-    from torch.nn import functional
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-
-    class SplitBatchNorm(nn.BatchNorm2d):
-        """The official CIFAR demo's split BN (num_splits groups)."""
-
-        def __init__(self, channels, num_splits):
-            super().__init__(channels)
-            self.num_splits = num_splits
-
-        def forward(self, x):
-            if not self.training or self.num_splits == 1:
-                return super().forward(x)
-            n, c, h, w = x.shape
-            running_mean = self.running_mean.repeat(self.num_splits)
-            running_var = self.running_var.repeat(self.num_splits)
-            out = functional.batch_norm(
-                x.view(-1, c * self.num_splits, h, w),
-                running_mean,
-                running_var,
-                self.weight.repeat(self.num_splits),
-                self.bias.repeat(self.num_splits),
-                True,
-                self.momentum,
-                self.eps,
-            ).view(n, c, h, w)
-            self.running_mean.data.copy_(
-                running_mean.view(self.num_splits, c).mean(dim=0)
-            )
-            self.running_var.data.copy_(
-                running_var.view(self.num_splits, c).mean(dim=0)
-            )
-            return out
-
-    def norm(channels):
-        return SplitBatchNorm(channels, spec["splits"])
-
-    class Bottleneck(nn.Module):
-        expansion = 4
-
-        def __init__(self, inplanes, planes, stride):
-            super().__init__()
-            width = planes
-            self.conv1 = nn.Conv2d(inplanes, width, 1, bias=False)
-            self.bn1 = norm(width)
-            self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
-            self.bn2 = norm(width)
-            self.conv3 = nn.Conv2d(width, planes * 4, 1, bias=False)
-            self.bn3 = norm(planes * 4)
-            self.downsample = None
-            if stride != 1 or inplanes != planes * 4:
-                self.downsample = nn.Sequential(
-                    nn.Conv2d(inplanes, planes * 4, 1, stride, bias=False),
-                    norm(planes * 4),
-                )
-
-        def forward(self, x):
-            out = functional.relu(self.bn1(self.conv1(x)))
-            out = functional.relu(self.bn2(self.conv2(out)))
-            out = self.bn3(self.conv3(out))
-            identity = x if self.downsample is None else self.downsample(x)
-            return functional.relu(out + identity)
-
-    class Basic(nn.Module):
-        expansion = 1
-
-        def __init__(self, inplanes, planes, stride):
-            super().__init__()
-            self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
-            self.bn1 = norm(planes)
-            self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-            self.bn2 = norm(planes)
-            self.downsample = None
-            if stride != 1 or inplanes != planes:
-                self.downsample = nn.Sequential(
-                    nn.Conv2d(inplanes, planes, 1, stride, bias=False),
-                    norm(planes),
-                )
-
-        def forward(self, x):
-            out = functional.relu(self.bn1(self.conv1(x)))
-            out = self.bn2(self.conv2(out))
-            identity = x if self.downsample is None else self.downsample(x)
-            return functional.relu(out + identity)
-
-    class ResNet(nn.Module):
-        def __init__(self, block, layers, width, cifar_stem, dim):
-            super().__init__()
-            if cifar_stem:
-                self.stem = nn.Sequential(
-                    nn.Conv2d(3, width, 3, 1, 1, bias=False),
-                    norm(width),
-                    nn.ReLU(),
-                )
-            else:
-                self.stem = nn.Sequential(
-                    nn.Conv2d(3, width, 7, 2, 3, bias=False),
-                    norm(width),
-                    nn.ReLU(),
-                    nn.MaxPool2d(3, 2, 1),
-                )
-            blocks, inplanes = [], width
-            for stage, count in enumerate(layers):
-                planes = width * 2**stage
-                for index in range(count):
-                    stride = 2 if stage > 0 and index == 0 else 1
-                    blocks.append(block(inplanes, planes, stride))
-                    inplanes = planes * block.expansion
-            self.layers = nn.Sequential(*blocks)
-            # MoCo v2 head, as builder.py replaces fc with mlp=True.
-            self.fc = nn.Sequential(
-                nn.Linear(inplanes, inplanes),
-                nn.ReLU(),
-                nn.Linear(inplanes, dim),
-            )
-
-        def forward(self, x):
-            x = self.layers(self.stem(x))
-            return self.fc(
-                torch.flatten(functional.adaptive_avg_pool2d(x, 1), 1)
-            )
+    arch = "resnet50" if model_name == "resnet50" else "cifar_resnet18"
 
     def encoder():
-        if model_name == "resnet50":
-            return ResNet(Bottleneck, [3, 4, 6, 3], 64, False, 128)
-        return ResNet(Basic, [2, 2, 2, 2], spec["width"], True, 128)
+        return torch_moco.ResNet(arch, spec["width"], spec["splits"])
 
-    encoder_q, encoder_k = encoder(), encoder()
-    for param_q, param_k in zip(
-        encoder_q.parameters(), encoder_k.parameters(), strict=True
-    ):
-        param_k.data.copy_(param_q.data)
-        param_k.requires_grad = False
-    queue = functional.normalize(torch.randn(128, spec["queue"]), dim=0)
-    state = {"ptr": 0}
+    model = torch_moco.MoCo(encoder, K=spec["queue"], m=0.999, T=0.2)
+    model.train()
     optimizer = torch.optim.SGD(
-        encoder_q.parameters(), 0.03, momentum=0.9, weight_decay=1e-4
+        model.encoder_q.parameters(), 0.03, momentum=0.9, weight_decay=1e-4
     )
     criterion = nn.CrossEntropyLoss()
-    m, t = 0.999, 0.2
 
     def step(im_q, im_k):
-        nonlocal queue
-        q = functional.normalize(encoder_q(im_q), dim=1)
-        with torch.no_grad():
-            for param_q, param_k in zip(
-                encoder_q.parameters(), encoder_k.parameters(), strict=True
-            ):
-                param_k.data = param_k.data * m + param_q.data * (1.0 - m)
-            idx_shuffle = torch.randperm(im_k.shape[0])
-            idx_unshuffle = torch.argsort(idx_shuffle)
-            k = functional.normalize(encoder_k(im_k[idx_shuffle]), dim=1)
-            k = k[idx_unshuffle]
-        l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)
-        l_neg = torch.einsum("nc,ck->nk", q, queue.clone().detach())
-        logits = torch.cat([l_pos, l_neg], dim=1) / t
-        labels = torch.zeros(logits.shape[0], dtype=torch.long)
-        loss = criterion(logits, labels)
+        logits, labels = model(im_q, im_k)
+        loss = criterion(logits.float(), labels)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        with torch.no_grad():
-            ptr = state["ptr"]
-            queue[:, ptr : ptr + k.shape[0]] = k.T
-            state["ptr"] = (ptr + k.shape[0]) % spec["queue"]
-        return float(loss)
 
+    def supervised(im_q, im_k):
+        loss = model.encoder_q(im_q).float().square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    def keys(im_q, im_k):
+        with torch.no_grad():
+            model.encoder_k(im_k)
+
+    function = {"step": step, "supervised": supervised, "keys": keys}[part]
     rng = np.random.default_rng(0)
     shape = (spec["batch"], 3, spec["size"], spec["size"])
     im_q = torch.from_numpy(rng.normal(size=shape).astype("float32"))
     im_k = torch.from_numpy(rng.normal(size=shape).astype("float32"))
 
-    def steps(count):
-        for _ in range(count):
-            step(im_q, im_k)
+    def steps(count, warmup=0):
+        """Runs warmup + count steps; returns the seconds of the last count."""
+        autocast = (
+            torch.autocast("cpu", dtype=torch.bfloat16)
+            if bf16
+            else contextlib.nullcontext()
+        )
+        with autocast:
+            for _ in range(warmup):
+                function(im_q, im_k)
+            start = time.perf_counter()
+            for _ in range(count):
+                function(im_q, im_k)
+        return time.perf_counter() - start
 
     return steps
 
@@ -230,7 +128,7 @@ def torch_step_fn(model_name, spec, threads):
 # --- This package, through Keras ------------------------------------------
 
 
-def keras_step_fn(model_name, spec, threads, jit):
+def keras_step_fn(model_name, spec, threads, jit, part="step", bf16=False):
     if os.environ["KERAS_BACKEND"] == "tensorflow":
         import tensorflow as tf
 
@@ -242,7 +140,21 @@ def keras_step_fn(model_name, spec, threads, jit):
     from moco_keras import encoders
     from moco_keras import optimizers
 
+    class KeyForward(keras.Model):
+        """The key encoder and head in training mode, run by `predict`."""
+
+        def __init__(self, encoder, head):
+            super().__init__()
+            self.encoder, self.head = encoder, head
+
+        def call(self, images, training=None):
+            # Training mode whatever predict says: MoCo's keys use the batch
+            # statistics (and update the key encoder's moving ones).
+            return self.head(self.encoder(images, training=True), training=True)
+
     keras.utils.set_random_seed(0)
+    if bf16:
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
     size = spec["size"]
     if model_name == "resnet50":
         encoder = encoders.resnet50(
@@ -257,24 +169,83 @@ def keras_step_fn(model_name, spec, threads, jit):
     model = MoCo.from_preset(
         "mocov2", encoder, queue_size=spec["queue"], seed=0
     )
-    model.compile(
-        optimizer=optimizers.SGD(0.03, momentum=0.9, weight_decay=1e-4),
-        jit_compile=jit,
-    )
     import tensorflow as tf
 
     rng = np.random.default_rng(0)
     shape = (spec["batch"], size, size, 3)
     x_q = rng.normal(size=shape).astype("float32")
     x_k = rng.normal(size=shape).astype("float32")
-    pairs = tf.data.Dataset.from_tensors((x_q, x_k)).repeat()
-
-    def steps(count):
-        # `fit`, not `train_on_batch`: on JAX, train_on_batch copies every
-        # variable back to Keras after each call, which fit does per epoch.
-        model.fit(
-            pairs, steps_per_epoch=count, epochs=1, verbose=0, shuffle=False
+    optimizer = optimizers.SGD(0.03, momentum=0.9, weight_decay=1e-4)
+    if part == "step":
+        model.compile(optimizer=optimizer, jit_compile=jit)
+        pairs = tf.data.Dataset.from_tensors((x_q, x_k)).repeat()
+    elif part == "supervised":
+        inputs = keras.Input(shape[1:])
+        model = keras.Model(
+            inputs, model.head_q(model.encoder_q(inputs)), name="supervised"
         )
+        model.compile(optimizer=optimizer, loss="mse", jit_compile=jit)
+        target = np.zeros((spec["batch"], 128), "float32")
+        pairs = tf.data.Dataset.from_tensors((x_q, target)).repeat()
+    else:
+        model = KeyForward(model.encoder_k, model.head_k)
+        model.compile(jit_compile=jit)
+        pairs = tf.data.Dataset.from_tensors(x_k).repeat()
+
+    class Timer(keras.callbacks.Callback):
+        """Seconds from the end of the warm-up batches to the last batch."""
+
+        def __init__(self, warmup, total):
+            super().__init__()
+            self.warmup, self.total = warmup, total
+            self.start = self.seconds = None
+
+        def _batch_end(self, batch, logs):
+            if batch + 1 not in (self.warmup, self.total):
+                return
+            # Wait for the step's results: JAX and TF dispatch asynchronously.
+            keras.tree.map_structure(np.asarray, logs)
+            now = time.perf_counter()
+            if batch + 1 == self.warmup:
+                self.start = now
+            if batch + 1 == self.total:
+                self.seconds = now - self.start
+
+        def on_train_begin(self, logs=None):
+            self.start = time.perf_counter()
+
+        on_predict_begin = on_train_begin
+
+        def on_train_batch_end(self, batch, logs=None):
+            self._batch_end(batch, logs)
+
+        def on_predict_batch_end(self, batch, logs=None):
+            self._batch_end(batch, logs)
+
+    def steps(count, warmup=0):
+        """Runs warmup + count steps; returns the seconds of the last count.
+
+        One `fit` (or `predict`) call for both: a second call can cost a
+        fixed set-up (on JAX, variables move in and out of the compiled
+        state at each call's start and end), which is not the step's speed.
+        `fit`, not `train_on_batch`: on JAX, train_on_batch moves every
+        variable back to Keras after each call.
+        """
+        timer = Timer(warmup, warmup + count)
+        if part == "keys":
+            model.predict(
+                pairs, steps=warmup + count, verbose=0, callbacks=[timer]
+            )
+        else:
+            model.fit(
+                pairs,
+                steps_per_epoch=warmup + count,
+                epochs=1,
+                verbose=0,
+                shuffle=False,
+                callbacks=[timer],
+            )
+        return timer.seconds
 
     return steps
 
@@ -284,9 +255,9 @@ def _rss_mib():
 
 
 def worker(args):
-    spec = MODELS[args.model]
+    spec = model_spec(args)
     # The frameworks alone, before any model: what the step adds is apart.
-    if args.config == "torch-plain":
+    if args.config.startswith("torch-plain"):
         import torch  # noqa: F401
     else:
         import keras  # noqa: F401
@@ -294,16 +265,19 @@ def worker(args):
 
         import moco_keras  # noqa: F401
     import_mib = _rss_mib()
-    if args.config == "torch-plain":
-        step = torch_step_fn(args.model, spec, args.threads)
+    bf16 = args.config.endswith("-bf16")
+    if args.config.startswith("torch-plain"):
+        step = torch_step_fn(args.model, spec, args.threads, args.part, bf16)
     else:
         step = keras_step_fn(
-            args.model, spec, args.threads, args.config == "tensorflow-xla"
+            args.model,
+            spec,
+            args.threads,
+            args.config == "tensorflow-xla",
+            args.part,
+            bf16,
         )
-    step(args.warmup)
-    start = time.perf_counter()
-    step(args.steps)
-    seconds = time.perf_counter() - start
+    seconds = step(args.steps, warmup=args.warmup)
     print(
         json.dumps(
             {
@@ -315,71 +289,157 @@ def worker(args):
     )
 
 
+def model_spec(args):
+    """The model's settings, with `--batch` (smoke runs) applied."""
+    return {
+        **MODELS[args.model],
+        **({"batch": args.batch} if args.batch else {}),
+    }
+
+
+def _backend(config):
+    """The KERAS_BACKEND a configuration runs under."""
+    if config.startswith("torch-plain"):
+        return "torch"
+    return config.split("-")[0]
+
+
+def measure(args, cores, config, part):
+    """One measurement in a fresh subprocess pinned to the same cores."""
+    env = {
+        **os.environ,
+        "KERAS_BACKEND": _backend(config),
+        "PYTHONPATH": os.path.dirname(
+            os.path.dirname(os.path.abspath(__file__))
+        ),
+    }
+    command = [
+        "taskset",
+        "-c",
+        ",".join(map(str, cores[: args.threads])),
+        sys.executable,
+        os.path.abspath(__file__),
+        f"--model={args.model}",
+        f"--config={config}",
+        f"--part={part}",
+        f"--steps={args.steps}",
+        f"--warmup={args.warmup}",
+        f"--batch={args.batch}",
+        f"--threads={args.threads}",
+    ]
+    out = subprocess.run(
+        command, env=env, capture_output=True, text=True, check=False
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"{config} ({part}) failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def report(args, results):
+    """The tables: speed and memory per config, then the step's parts."""
+    spec = model_spec(args)
+    lines = [
+        f"MoCo v2 train step, {args.model}, batch {spec['batch']}, "
+        f"{spec['size']} px, K {spec['queue']}, split BN {spec['splits']}, "
+        f"{args.threads} threads, {args.runs} rounds of {args.steps} steps",
+        "",
+        "| config | img/s min | median | max | vs torch-plain "
+        "| peak MiB | imports MiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    median = {
+        key: float(np.median([r["images_per_s"] for r in runs]))
+        for key, runs in results.items()
+    }
+    base = median.get(("torch-plain", "step"))
+    for (config, part), runs in results.items():
+        if part != "step":
+            continue
+        speed = np.array([r["images_per_s"] for r in runs])
+        ratio = f"{median[config, part] / base:.2f}" if base else "-"
+        lines.append(
+            f"| {config} | {speed.min():.1f} | {np.median(speed):.1f} "
+            f"| {speed.max():.1f} | {ratio} "
+            f"| {max(r['peak_mib'] for r in runs):.0f} "
+            f"| {max(r['import_mib'] for r in runs):.0f} |"
+        )
+    parts = [part for part in args.parts.split(",") if part != "step"]
+    if parts:
+        # Milliseconds per batch from the medians; what is left of the step
+        # after the query side and the key forward is MoCo's own work.
+        lines += [
+            "",
+            "| config | step ms | supervised ms | keys ms | rest ms |",
+            "|---|---|---|---|---|",
+        ]
+        for config in args.configs.split(","):
+            ms = {
+                part: 1000 * spec["batch"] / median[config, part]
+                for part in PARTS
+                if (config, part) in median
+            }
+            if len(ms) < len(PARTS):
+                continue
+            rest = ms["step"] - ms["supervised"] - ms["keys"]
+            lines.append(
+                f"| {config} | {ms['step']:.0f} | {ms['supervised']:.0f} "
+                f"| {ms['keys']:.0f} | {rest:.0f} |"
+            )
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=sorted(MODELS), default="cifar18")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument(
+        "--configs",
+        default=",".join(CONFIGS),
+        help=f"comma list of {CONFIGS + BF16_CONFIGS}",
+    )
+    parser.add_argument(
+        "--parts",
+        default="step",
+        help=f"comma list of {PARTS}: also time the step's parts apart",
+    )
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument(
+        "--batch", type=int, default=0, help="override the model's batch"
+    )
+    parser.add_argument("--output", help="also write the tables here (md)")
     parser.add_argument("--config", help=argparse.SUPPRESS)
+    parser.add_argument("--part", default="step", help=argparse.SUPPRESS)
     args = parser.parse_args()
     cores = sorted(os.sched_getaffinity(0))
     args.threads = args.threads or len(cores)
     if args.config:
         return worker(args)
-    configs = args.configs.split(",")
-    results = {config: [] for config in configs}
-    here = os.path.dirname(os.path.abspath(__file__))
+    for name, given, known in (
+        ("config", args.configs, CONFIGS + BF16_CONFIGS),
+        ("part", args.parts, PARTS),
+    ):
+        unknown = set(given.split(",")) - set(known)
+        if unknown:
+            parser.error(f"unknown {name}(s) {sorted(unknown)}; known: {known}")
+    if "step" not in args.parts.split(","):
+        args.parts = "step," + args.parts
+    results = {
+        (config, part): []
+        for config in args.configs.split(",")
+        for part in args.parts.split(",")
+    }
     for _ in range(args.runs):
-        for config in configs:
-            backend = "torch" if config == "torch-plain" else config
-            env = {
-                **os.environ,
-                "KERAS_BACKEND": backend.replace("-xla", ""),
-                "PYTHONPATH": os.path.dirname(here),
-            }
-            command = [
-                "taskset",
-                "-c",
-                ",".join(map(str, cores[: args.threads])),
-                sys.executable,
-                os.path.abspath(__file__),
-                f"--model={args.model}",
-                f"--config={config}",
-                f"--steps={args.steps}",
-                f"--warmup={args.warmup}",
-                f"--threads={args.threads}",
-            ]
-            out = subprocess.run(
-                command, env=env, capture_output=True, text=True, check=False
-            )
-            if out.returncode != 0:
-                raise RuntimeError(f"{config} failed:\n{out.stderr[-3000:]}")
-            results[config].append(
-                json.loads(out.stdout.strip().splitlines()[-1])
-            )
-    spec = MODELS[args.model]
-    print(
-        f"MoCo v2 train step, {args.model}, batch {spec['batch']}, "
-        f"{spec['size']} px, K {spec['queue']}, split BN {spec['splits']}, "
-        f"{args.threads} threads, {args.runs} rounds of {args.steps} steps"
-    )
-    base = np.median([r["images_per_s"] for r in results[configs[0]]])
-    print(
-        f"  {'config':16s} {'img/s min':>10s} {'median':>8s} {'max':>8s} "
-        f"{'vs ' + configs[0]:>18s} {'peak MiB':>9s} {'imports':>8s}"
-    )
-    for config, runs in results.items():
-        speed = np.array([r["images_per_s"] for r in runs])
-        peak = max(r["peak_mib"] for r in runs)
-        imports = max(r["import_mib"] for r in runs)
-        print(
-            f"  {config:16s} {speed.min():10.1f} {np.median(speed):8.1f} "
-            f"{speed.max():8.1f} {np.median(speed) / base:18.2f} {peak:9.0f} "
-            f"{imports:8.0f}"
-        )
+        # Alternate every configuration within a round: a shared machine's
+        # slow minutes then fall on all of them.
+        for key in results:
+            results[key].append(measure(args, cores, *key))
+    text = report(args, results)
+    print(text)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text + "\n")
 
 
 if __name__ == "__main__":
