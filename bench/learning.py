@@ -62,19 +62,13 @@ PROTOCOL = {
 # --- Shared by every configuration: data and kNN ---------------------------
 
 
-def eval_images(images):
-    """uint8 N x 28 x 28 -> normalized float32 N x 32 x 32 x 3 (zero pad 2)."""
-    from moco_keras import data
-
-    x = np.pad(images, ((0, 0), (2, 2), (2, 2))).astype("float32") / 255.0
-    x = (x - data.FASHION_MNIST_MEAN[0]) / data.FASHION_MNIST_STD[0]
-    return np.repeat(x[..., None], 3, axis=-1)
-
-
 def load(protocol):
     """The training pairs (tf.data) and the kNN bank and test sets."""
     from moco_keras import augment
     from moco_keras import data
+
+    # Padded, normalized, 3 channels: the quick start's evaluation images.
+    from moco_keras.recipes.quickstart import _eval_images as eval_images
 
     train_images, train_labels = data.load_fashion_mnist("train")
     test_images, test_labels = data.load_fashion_mnist("test")
