@@ -10,6 +10,8 @@ the batch with its own statistics; this layer is that idea for Keras 3.
 import keras
 from keras import ops
 
+from moco_keras import distribute
+
 
 @keras.saving.register_keras_serializable(package="moco_keras")
 class SplitBatchNormalization(keras.layers.BatchNormalization):
@@ -22,7 +24,10 @@ class SplitBatchNormalization(keras.layers.BatchNormalization):
     of each group's statistics, so the update equals the average of what G
     devices would each compute. In inference mode the moving statistics are
     used, exactly as in `keras.layers.BatchNormalization`. With
-    `num_splits=1` the layer is `keras.layers.BatchNormalization`.
+    `num_splits=1` the layer is `keras.layers.BatchNormalization`, except
+    under a multi-replica `tf.distribute` strategy: there each replica is a
+    group (its own statistics, no cross-replica BN) and the moving
+    statistics are averaged over the replicas, so they stay the same on all.
 
     Contiguous groups (rather than the strided groups of the official CIFAR
     demo) line up with the per-device shards of a data-parallel batch, so the
@@ -68,7 +73,11 @@ class SplitBatchNormalization(keras.layers.BatchNormalization):
         self._rank = len(input_shape)
 
     def call(self, inputs, training=None, mask=None):
-        if self.num_splits == 1 or not (training and self.trainable):
+        batch_statistics = bool(training and self.trainable)
+        context = distribute.replica_context() if batch_statistics else None
+        if context is not None and self.axis != -1:
+            context = None  # only channels-last is synchronized
+        if not batch_statistics or (self.num_splits == 1 and context is None):
             return super().call(inputs, training=training, mask=mask)
         if mask is not None:
             raise NotImplementedError(
@@ -103,6 +112,15 @@ class SplitBatchNormalization(keras.layers.BatchNormalization):
         channels = (inputs.shape[-1],)
         group_mean = ops.reshape(ops.mean(mean, axis=0), channels)
         group_variance = ops.reshape(ops.mean(variance, axis=0), channels)
+        if context is not None:
+            # Each tf.distribute replica normalizes with its own statistics
+            # (each replica is a group); the moving statistics take their
+            # average, as one device with a group per replica does, so that
+            # every replica keeps the same ones.
+            group_mean = distribute.mean_over_replicas(context, group_mean)
+            group_variance = distribute.mean_over_replicas(
+                context, group_variance
+            )
         self.moving_mean.assign(
             self.moving_mean * self.momentum
             + group_mean * (1.0 - self.momentum)

@@ -19,6 +19,7 @@ import keras
 from keras import layers
 from keras import ops
 
+from moco_keras import distribute
 from moco_keras.presets import PRESETS
 
 
@@ -253,7 +254,8 @@ class MoCo(keras.Model):
         if training:
             # Before the key forward, as in the official code.
             self._momentum_update_key_encoder()
-        k = ops.stop_gradient(self._compute_keys(y, training))  # N x C
+        k, queue_keys = self._compute_keys(y, training)  # N x C, N' x C
+        k = ops.stop_gradient(k)  # N x C
         queue = self.queue.value  # C x K
         if keras.backend.backend() == "torch":
             # Autograd keeps the queue for the backward pass of l_neg; the
@@ -269,7 +271,13 @@ class MoCo(keras.Model):
         self.acc1.update_state(labels, ops.stop_gradient(logits))
         self.acc5.update_state(labels, ops.stop_gradient(logits))
         if training:
-            self._dequeue_and_enqueue(k)
+            self._dequeue_and_enqueue(ops.stop_gradient(queue_keys))
+        replicas = distribute.num_replicas()
+        if replicas > 1:
+            # tf.distribute sums the replicas' gradients. Keras divides its
+            # own losses by the replica count, but not a `compute_loss`
+            # override: without this the gradients are R times too large.
+            loss = loss / replicas  # ()
         for extra in self.losses:
             loss = loss + self._aggregate_additional_loss(extra)
         return loss
@@ -300,24 +308,40 @@ class MoCo(keras.Model):
                 k_var.assign(m * k_var.value + (1.0 - m) * q_value)
 
     def _compute_keys(self, images, training):
-        """Normalized keys of `images`, shuffle BN on one device.
+        """Normalized keys of `images` with shuffle BN, and the queue's keys.
 
-        The batch is permuted before the key encoder and put back in order
-        after it, so that each split-BN group of the keys holds other images
-        than the same group of the queries. Multi-device strategies replace
-        this method with one that shuffles across devices.
+        One device: the batch is permuted before the key encoder and put
+        back in order after it, so that each split-BN group of the keys
+        holds other images than the same group of the queries. Under a
+        `tf.distribute` strategy the permutation runs across all replicas
+        (`distribute.shuffled_keys`).
+
+        Returns:
+            `(k, queue_keys)`: the keys of this device's images (`N x C`),
+            and the keys to enqueue, those of the global batch (`N x C` on
+            one device, `R*N x C` over R replicas).
         """
         if self.augmentation is not None:
             images = self.augmentation(images, training=training)
         if not training:
-            return self._encode_keys(images, training=False)
+            k = self._encode_keys(images, training=False)  # N x C
+            return k, k
+        context = distribute.replica_context()
+        if context is not None:
+            return distribute.shuffled_keys(
+                context,
+                images,
+                lambda x: self._encode_keys(x, training=True),
+                self.seed_generator,
+            )
         batch_size = ops.shape(images)[0]
         order = keras.random.shuffle(
             ops.arange(batch_size, dtype="int32"), seed=self.seed_generator
         )  # N
         shuffled = ops.take(images, order, axis=0)  # N x H x W x 3
         k = self._encode_keys(shuffled, training=True)  # N x C
-        return ops.take(k, ops.argsort(order), axis=0)  # N x C
+        k = ops.take(k, ops.argsort(order), axis=0)  # N x C
+        return k, k
 
     def _encode_keys(self, images, training):
         features = self.encoder_k(images, training=training)  # N x D
