@@ -367,6 +367,7 @@ def two_view_dataset(
     color_in_model=False,
     epoch=None,
     skip_batches=0,
+    shard=None,
 ):
     """Batches of `(view_q, view_k)`: two augmentations of each image.
 
@@ -395,6 +396,12 @@ def two_view_dataset(
         epoch: build this one epoch only (see above).
         skip_batches: with `epoch`, start after this many batches; the
             skipped images are not decoded.
+        shard: `(index, count)`: this worker's share of every batch, for
+            `count` workers that each read their own images
+            (`distribute.distribute_dataset`): images `index`, `index +
+            count`, ... of the shuffled order, in batches of
+            `batch_size // count`. `batch_size` and `skip_batches` stay
+            global. None: all of them.
 
     Returns:
         A `tf.data.Dataset` of `(view_q, view_k)`, each
@@ -419,6 +426,17 @@ def two_view_dataset(
         if per_run:
             raise ValueError("`skip_batches` needs an `epoch`.")
         dataset = dataset.skip(skip_batches * batch_size)
+    if shard is not None:
+        index, count = shard
+        if batch_size % count:
+            raise ValueError(
+                f"The global batch of {batch_size} does not split over "
+                f"{count} workers. Use a multiple of {count}."
+            )
+        # After the shuffle, which is the same on every worker (same seed),
+        # and before any decoding: each image is decoded by one worker.
+        dataset = dataset.shard(count, index)
+        batch_size //= count
     dataset = dataset.map(
         lambda element, pair_seed: augment.two_crops(
             element[0],

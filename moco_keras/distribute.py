@@ -1,4 +1,11 @@
-"""Shuffle BN across `tf.distribute` replicas (TensorFlow backend).
+"""Many devices and machines: strategies, and shuffle BN across replicas.
+
+`make_strategy` gives what `--strategy` names: a `tf.distribute` strategy
+(TensorFlow backend: one replica per device, per-replica view) or a
+`keras.distribution.DataParallel` set for the process (JAX backend: one SPMD
+program over the global batch, sharded over the devices).
+
+Shuffle BN across `tf.distribute` replicas (TensorFlow backend).
 
 Under a `tf.distribute` strategy each replica (one per GPU) runs the step on
 its slice of the global batch, with ordinary BN on that slice. MoCo's key
@@ -14,8 +21,26 @@ permuted key batch is the same computation, and the tests hold the two to
 each other.
 """
 
+import contextlib
+import json
+import os
+
 import keras
+from absl import logging
 from keras import ops
+
+# `--strategy` values, by the backend that runs them.
+STRATEGIES = {
+    "none": ("tensorflow", "jax", "torch"),
+    "mirrored": ("tensorflow",),
+    "multi_worker": ("tensorflow",),
+    "tpu": ("tensorflow",),
+    "data_parallel": ("jax",),
+}
+
+# The Keras versions whose TensorFlow trainer `patch_keras_multi_worker`
+# was tested against (tests/test_distribute.py runs two workers).
+MULTI_WORKER_TESTED_KERAS = ("3.15.1",)
 
 
 def replica_context():
@@ -80,3 +105,240 @@ def shuffled_keys(context, images, encode, seed_generator):
 def mean_over_replicas(context, value):
     """`value` averaged over the replicas (identical on every replica)."""
     return context.all_reduce("mean", value)
+
+
+def check_strategy(name, backend=None):
+    """Raises `ValueError` unless `name` runs on `backend` (default: now)."""
+    backend = backend or keras.backend.backend()
+    if name not in STRATEGIES:
+        raise ValueError(
+            f"Unknown strategy {name!r}: expected one of {sorted(STRATEGIES)}."
+        )
+    if backend not in STRATEGIES[name]:
+        usable = [s for s, b in STRATEGIES.items() if backend in b]
+        raise ValueError(
+            f"Strategy {name!r} needs the {' or '.join(STRATEGIES[name])} "
+            f"backend; this process runs {backend}, which offers {usable}. "
+            f"Set KERAS_BACKEND={STRATEGIES[name][0]} or pick one of those."
+        )
+
+
+def use_cpu_devices(count):
+    """Splits this machine's CPU into `count` devices (to test on a CPU).
+
+    TensorFlow: `count` logical CPU devices, before its runtime starts. JAX:
+    `--xla_force_host_platform_device_count`, before its backend starts.
+    Call it before anything runs on a device.
+    """
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        (cpu,) = tf.config.list_physical_devices("CPU")
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * count
+        )
+    elif backend == "jax":
+        flag = f"--xla_force_host_platform_device_count={count}"
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}"
+        import jax
+
+        jax.config.update("jax_platforms", "cpu")
+        if len(jax.devices()) != count:
+            raise RuntimeError(
+                f"Asked for {count} CPU devices, JAX has {jax.devices()}: its "
+                "backend had started before. Set XLA_FLAGS="
+                f"{flag} in the environment instead."
+            )
+    else:
+        raise ValueError(f"No CPU devices to split under {backend}.")
+
+
+def make_strategy(name, cpu_devices=0):
+    """The `tf.distribute` strategy of `name`, or None.
+
+    Args:
+        name: a key of `STRATEGIES`. `"mirrored"`: all local GPUs (or the
+            `cpu_devices`); `"multi_worker"`: `MultiWorkerMirroredStrategy`,
+            the cluster from `TF_CONFIG`, with `patch_keras_multi_worker`;
+            `"tpu"`: `TPUStrategy` on the TPU of `TPU_NAME` (or the local
+            one); `"data_parallel"` (JAX): sets
+            `keras.distribution.DataParallel` over all devices (all
+            processes, after `keras.distribution.initialize()` when
+            `KERAS_DISTRIBUTION_JOB_ADDRESSES` is set) and returns None;
+            `"none"`: None.
+        cpu_devices: split the CPU into this many devices first (0: no).
+
+    Returns:
+        A `tf.distribute.Strategy`, or None (build and fit as usual).
+    """
+    check_strategy(name)
+    if cpu_devices:
+        use_cpu_devices(cpu_devices)
+    if name == "none":
+        return None
+    if name == "data_parallel":
+        if os.environ.get("KERAS_DISTRIBUTION_JOB_ADDRESSES"):
+            # Several hosts: jax.distributed, from the KERAS_DISTRIBUTION_*
+            # variables (keras.distribution.initialize documents them).
+            keras.distribution.initialize()
+        keras.distribution.set_distribution(keras.distribution.DataParallel())
+        return None
+    import tensorflow as tf
+
+    if name == "mirrored":
+        devices = None
+        if cpu_devices:
+            devices = [f"/cpu:{i}" for i in range(cpu_devices)]
+        return tf.distribute.MirroredStrategy(devices)
+    if name == "multi_worker":
+        if "TF_CONFIG" not in os.environ:
+            raise ValueError(
+                "--strategy=multi_worker reads the cluster from the TF_CONFIG "
+                "environment variable, which is not set. Set it on every "
+                'machine, e.g. {"cluster": {"worker": ["host1:12345", '
+                '"host2:12345"]}, "task": {"type": "worker", "index": 0}} '
+                "(index 1 on host2)."
+            )
+        patch_keras_multi_worker()
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
+        os.environ.get("TPU_NAME", "")
+    )
+    tf.config.experimental_connect_to_cluster(resolver)
+    tf.tpu.experimental.initialize_tpu_system(resolver)
+    return tf.distribute.TPUStrategy(resolver)
+
+
+def device_count(strategy=None):
+    """Devices the global batch is split over: replicas, or JAX devices."""
+    if strategy is not None:
+        return strategy.num_replicas_in_sync
+    distribution = keras.distribution.distribution()
+    if distribution is not None:
+        return len(distribution.device_mesh.devices.flatten())
+    return 1
+
+
+def scope(strategy):
+    """`strategy.scope()`, or a context that does nothing for None."""
+    if strategy is None:
+        return contextlib.nullcontext()
+    return strategy.scope()
+
+
+def is_chief(strategy=None):
+    """Whether this process writes the run's files (checkpoints, logs).
+
+    One process per job does: the `chief` task if the cluster has one, else
+    worker 0; every process of a job without a cluster (one machine) does.
+    """
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return jax.process_index() == 0
+    config = json.loads(os.environ.get("TF_CONFIG") or "{}")
+    if strategy is None or not config.get("cluster"):
+        return True
+    task = config.get("task", {})
+    if "chief" in config["cluster"]:
+        return task.get("type") == "chief"
+    return task.get("type") == "worker" and int(task.get("index", 0)) == 0
+
+
+def distribute_dataset(strategy, dataset_fn, global_batch_size):
+    """The input of `fit` under `strategy`, each worker reading its share.
+
+    Args:
+        strategy: a `tf.distribute.Strategy`, or None.
+        dataset_fn: `f(shard, batch_size)` -> a `tf.data.Dataset` of
+            batches of `batch_size`: shard `(index, count)` of the global
+            batches (every worker's share of each global batch), or all of
+            them for `shard=None`.
+        global_batch_size: the batch of one step over all devices.
+
+    Returns:
+        What `model.fit` takes: the dataset as is on one worker (a local
+        strategy splits each batch over its devices), or a distributed
+        dataset in which each worker decodes its own images only.
+    """
+    multi_worker = strategy is not None and (
+        strategy.extended._in_multi_worker_mode()
+    )
+    if not multi_worker:
+        return dataset_fn(None, global_batch_size)
+
+    import tensorflow as tf
+
+    def worker_dataset(context):
+        count = context.num_input_pipelines
+        per_worker = global_batch_size // count
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = (
+            tf.data.experimental.AutoShardPolicy.OFF
+        )
+        dataset = dataset_fn((context.input_pipeline_id, count), per_worker)
+        return dataset.with_options(options)
+
+    return strategy.distribute_datasets_from_function(worker_dataset)
+
+
+def patch_keras_multi_worker():
+    """Makes Keras 3's `fit` work under `MultiWorkerMirroredStrategy`.
+
+    Keras 3.15.1's TensorFlow trainer fails there for any model, in two
+    places (found by trying, tests/test_distribute.py):
+    `_maybe_symbolic_build` reduces the first data batch with
+    `strategy.reduce("MEAN", per_replica_batch)`, which the collective
+    strategy refuses for a `PerReplica` value (it only needs the batch's
+    shapes: this takes the first local replica's); and `reduce_per_replica`
+    averages each scalar metric with `strategy.reduce("MEAN", v, axis=0)`,
+    "Invalid reduction dimension 0 for input with 0 dimensions" (this
+    averages scalars over the replicas with `axis=None`). Idempotent; only
+    `make_strategy("multi_worker")` calls it.
+    """
+    from keras.src.backend.tensorflow import trainer
+
+    if getattr(trainer, "_moco_keras_patched", False):
+        return
+    if keras.version() not in MULTI_WORKER_TESTED_KERAS:
+        logging.warning(
+            "moco_keras patches Keras %s's TensorFlow trainer for "
+            "MultiWorkerMirroredStrategy; the patch was tested with Keras "
+            "%s only.",
+            keras.version(),
+            ", ".join(MULTI_WORKER_TESTED_KERAS),
+        )
+    import tensorflow as tf
+
+    original_reduce = trainer.reduce_per_replica
+    is_multi_worker = trainer._collective_all_reduce_multi_worker
+
+    def reduce_per_replica(values, strategy, reduction):
+        if reduction in ("auto", "mean") and is_multi_worker(strategy):
+
+            def mean(value):
+                local = strategy.experimental_local_results(value)[0]
+                axis = None if local.shape.rank == 0 else 0
+                return strategy.reduce("MEAN", value, axis=axis)
+
+            return tf.nest.map_structure(mean, values)
+        return original_reduce(values, strategy, reduction)
+
+    def maybe_symbolic_build(self, iterator=None, data_batch=None):
+        if self._distribute_strategy is None:
+            return
+        strategy = self.distribute_strategy
+        if iterator is not None:
+            for _, _, batches in iterator:
+                data_batch = tf.nest.map_structure(
+                    lambda v: strategy.experimental_local_results(v)[0],
+                    next(batches),
+                )
+                break
+        with strategy.scope():
+            self._symbolic_build(data_batch=data_batch)
+
+    trainer.reduce_per_replica = reduce_per_replica
+    trainer.TensorFlowTrainer._maybe_symbolic_build = maybe_symbolic_build
+    trainer._moco_keras_patched = True

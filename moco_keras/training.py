@@ -11,10 +11,13 @@ and the batches already done in that epoch are skipped, so a resumed run
 sees what the uninterrupted run would have seen.
 """
 
+import contextlib
 import csv
 import math
 import os
 import re
+import shutil
+import tempfile
 
 import keras
 from absl import logging
@@ -82,6 +85,11 @@ class Checkpointer(keras.callbacks.Callback):
         keep: how many of the newest checkpoints to keep.
         keep_every_epochs: also keep the end of every this-many-th epoch
             (0: none beyond `keep`).
+        chief: whether this process writes the checkpoints. Under a
+            multi-worker strategy every worker must save at the same steps
+            (saving reads variables that the workers reduce together), so
+            the others (`chief=False`) save into a temporary directory that
+            is deleted at once, as TensorFlow's multi-worker guide does.
     """
 
     def __init__(
@@ -91,6 +99,7 @@ class Checkpointer(keras.callbacks.Callback):
         every_steps=0,
         keep=3,
         keep_every_epochs=0,
+        chief=True,
     ):
         super().__init__()
         if keep < 1:
@@ -100,6 +109,9 @@ class Checkpointer(keras.callbacks.Callback):
         self.every_steps = every_steps
         self.keep = keep
         self.keep_every_epochs = keep_every_epochs
+        self.chief = chief
+        if not chief:
+            return
         os.makedirs(directory, exist_ok=True)
         for name in os.listdir(directory):
             if name.startswith(".tmp-"):  # left by a run killed mid-save
@@ -115,6 +127,13 @@ class Checkpointer(keras.callbacks.Callback):
         self.save(_global_step(self.model))
 
     def save(self, step):
+        if not self.chief:
+            scratch = tempfile.mkdtemp(prefix="moco-keras-worker-")
+            try:
+                self.model.save(checkpoint_path(scratch, step))
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+            return
         path = checkpoint_path(self.directory, step)
         if not os.path.exists(path):
             save_atomically(self.model, path)
@@ -281,9 +300,13 @@ def fit_resumable(
     """
     path, step = latest_checkpoint(directory)
     if path is not None:
-        if not model.optimizer.built:
-            model.optimizer.build(model.trainable_variables)
-        model.load_weights(path)
+        # The optimizer's slots are variables of the model's tf.distribute
+        # strategy, if any (only the TensorFlow trainer has one).
+        strategy = getattr(model, "distribute_strategy", None)
+        with strategy.scope() if strategy else contextlib.nullcontext():
+            if not model.optimizer.built:
+                model.optimizer.build(model.trainable_variables)
+            model.load_weights(path)
         logging.info("Resumed from %s (global step %d).", path, step)
         print(f"Resuming from {path} (global step {step})")
     start_epoch, skip = divmod(step, steps_per_epoch)

@@ -1,7 +1,9 @@
 """Shared helpers: tiny encoders and data so every test runs in seconds.
 
 The suite is backend-agnostic: run it with KERAS_BACKEND=tensorflow, jax or
-torch (`make test` runs all three).
+torch (`make test` runs all three). A test of one backend's own machinery
+(tf.distribute, JAX's data parallel) carries `@pytest.mark.backends(...)` and
+is deselected under the other backends: `make test` runs each under its own.
 """
 
 import keras
@@ -10,6 +12,20 @@ import pytest
 
 from moco_keras import MoCo
 from moco_keras import encoders
+
+
+def pytest_collection_modifyitems(config, items):
+    backend = keras.backend.backend()
+    selected, deselected = [], []
+    for item in items:
+        marker = item.get_closest_marker("backends")
+        if marker is None or backend in marker.args:
+            selected.append(item)
+        else:
+            deselected.append(item)
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = selected
 
 
 @pytest.fixture(autouse=True)

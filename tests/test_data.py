@@ -162,6 +162,34 @@ def test_same_seed_same_batches_new_epoch_new_views(tmp_path):
     assert not np.allclose(epoch1, epoch2)
 
 
+def test_worker_shards_split_every_global_batch(tmp_path):
+    """Under several workers each reads its share of every global batch:
+    the same images and views as the one-worker batch, none twice."""
+    fake_fashion_mnist(str(tmp_path), n_train=48, n_test=4)
+    source = data.fashion_mnist("train", str(tmp_path))
+
+    def batches(shard, batch_size):
+        pairs = data.two_view_dataset(
+            source,
+            SMALL,
+            batch_size,
+            seed=5,
+            epoch=1,
+            skip_batches=1,
+            shard=shard,
+        )
+        return [np.stack([q.numpy(), k.numpy()]) for q, k in pairs]
+
+    whole = batches(None, 8)
+    shards = [batches((index, 2), 8) for index in (0, 1)]
+    assert len(whole) == len(shards[0]) == len(shards[1]) == 5
+    for i, batch in enumerate(whole):  # 2 x 8 x 16 x 16 x 3
+        np.testing.assert_array_equal(shards[0][i], batch[:, 0::2])
+        np.testing.assert_array_equal(shards[1][i], batch[:, 1::2])
+    with pytest.raises(ValueError, match="does not split over 3 workers"):
+        batches((0, 3), 8)
+
+
 def test_fit_on_two_view_pipeline(tmp_path):
     fake_fashion_mnist(str(tmp_path), n_train=32, n_test=4)
     source = data.fashion_mnist("train", str(tmp_path))

@@ -1,15 +1,18 @@
-"""Shuffle BN across tf.distribute replicas equals split BN on one device.
+"""Many devices on one CPU: each strategy against split BN on one device.
 
-TensorFlow splits the CPU into logical devices only before its runtime
-starts, so the checks run in a fresh TensorFlow process (whatever backend
-runs the suite: the code under test is the TensorFlow backend's).
+TensorFlow splits the CPU into logical devices, and JAX into host devices,
+only before its runtime starts, so each check runs in a fresh process of
+its backend. Multi-worker runs two local worker processes on 127.0.0.1.
 """
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -21,13 +24,11 @@ MIRRORED = textwrap.dedent(
     import numpy as np
     import tensorflow as tf
 
-    (cpu,) = tf.config.list_physical_devices("CPU")
-    tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration()] * 4
-    )
     import keras
     from keras import ops
-    from moco_keras import MoCo, encoders, optimizers
+    from moco_keras import MoCo, distribute, encoders, optimizers
+
+    strategy = distribute.make_strategy("mirrored", cpu_devices=4)
 
     def build(bn_splits):
         keras.utils.set_random_seed(0)
@@ -46,7 +47,6 @@ MIRRORED = textwrap.dedent(
     rng = np.random.default_rng(0)
     views = rng.normal(size=(2, 3 * 16, 16, 16, 3)).astype("float32")
     single = build(bn_splits=4)
-    strategy = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(4)])
     with strategy.scope():
         mirrored = build(bn_splits=1)
     results = []
@@ -95,6 +95,7 @@ def mirrored():
 
 
 @pytest.mark.slow
+@pytest.mark.backends("tensorflow")
 def test_mirrored_step_equals_split_bn_on_one_device(mirrored):
     result = mirrored[0]
     assert result["replicas"] == 4
@@ -112,6 +113,7 @@ def test_mirrored_step_equals_split_bn_on_one_device(mirrored):
 
 
 @pytest.mark.slow
+@pytest.mark.backends("tensorflow")
 def test_mirrored_replicas_keep_one_queue(mirrored):
     result = mirrored[1]
     assert result["replica_queues"] == 0.0
@@ -120,3 +122,197 @@ def test_mirrored_replicas_keep_one_queue(mirrored):
     assert result["queue"] < 1e-4
     worst = max(result["weights"], key=result["weights"].get)
     assert result["weights"][worst] < 1e-4, worst
+
+
+DATA_PARALLEL = textwrap.dedent(
+    """
+    import json
+    import jax
+    import numpy as np
+    import keras
+    from keras import ops
+    from moco_keras import MoCo, distribute, encoders, optimizers
+
+    def build():
+        keras.utils.set_random_seed(0)
+        encoder = encoders.cifar_resnet18(
+            width=4, bn_splits=4, input_shape=(16, 16, 3)
+        )
+        model = MoCo(encoder, dim=8, queue_size=64, mlp=True, seed=1)
+        model.compile(optimizer=optimizers.SGD(0.03, momentum=0.9,
+                                               weight_decay=1e-4))
+        return model
+
+    def fit(model, views):
+        return model.fit(
+            views[0], views[1], batch_size=16, shuffle=False, verbose=0
+        ).history["loss"]
+
+    rng = np.random.default_rng(0)
+    views = rng.normal(size=(2, 48, 16, 16, 3)).astype("float32")
+    single = build()
+    single_losses = fit(single, views)
+    distribute.make_strategy("data_parallel")
+    parallel = build()
+    parallel_losses = fit(parallel, views)
+    queue = parallel.queue.value
+    print(json.dumps({
+        "devices": len(jax.devices()),
+        "mesh": distribute.device_count(),
+        "queue_devices": len(queue.sharding.device_set),
+        "loss": [single_losses, parallel_losses],
+        "ptr": [int(single.queue_ptr.numpy()), int(parallel.queue_ptr.numpy())],
+        "queue": float(np.max(np.abs(
+            ops.convert_to_numpy(single.queue) - ops.convert_to_numpy(queue)))),
+        "weights": {
+            w.path: float(np.max(np.abs(
+                ops.convert_to_numpy(w) - ops.convert_to_numpy(v))))
+            for w, v in zip(single.weights, parallel.weights, strict=True)
+        },
+    }))
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.backends("jax")
+def test_data_parallel_matches_split_bn_on_one_device():
+    """JAX over 4 devices: the split-BN groups are the device shards, so the
+    sharded program is shuffle BN, and equals the one-device computation."""
+    env = {
+        **os.environ,
+        "KERAS_BACKEND": "jax",
+        "PYTHONPATH": ROOT,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", DATA_PARALLEL],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["devices"] == result["mesh"] == 4
+    assert result["queue_devices"] == 4  # replicated on every device
+    single, parallel = result["loss"]  # the mean over the three steps
+    assert parallel == pytest.approx(single, abs=1e-5)
+    assert result["ptr"] == [48, 48]
+    assert result["queue"] < 1e-4
+    worst = max(result["weights"], key=result["weights"].get)
+    assert result["weights"][worst] < 1e-4, worst
+
+
+def _free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _start_worker(index, ports, workdir, log):
+    config = {
+        "cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
+        "task": {"type": "worker", "index": index},
+    }
+    env = {
+        **os.environ,
+        "KERAS_BACKEND": "tensorflow",
+        "PYTHONPATH": ROOT,
+        "TF_CONFIG": json.dumps(config),
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "moco_keras.recipes.pretrain",
+        f"--flagfile={ROOT}/recipes/smoke.flags",
+        f"--workdir={workdir}",
+        "--strategy=multi_worker",
+        "--train_limit=256",
+        "--batch_size=32",
+        "--moco_k=256",
+        "--knn_every=0",
+        "--checkpoint_steps=2",
+        "--epochs=2",
+    ]
+    return subprocess.Popen(
+        command,
+        env=env,
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def _wait(process, timeout):
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def _kill(process):
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.backends("tensorflow")
+def test_multi_worker_resumes_after_a_worker_dies(tmp_path):
+    """Two workers train; one is killed mid-epoch; the restarted job resumes
+    from the last checkpoint the chief wrote and finishes the run."""
+    workdir = tmp_path / "run"
+    checkpoints = workdir / "checkpoints"
+    logs = [open(tmp_path / f"worker{i}.log", "w") for i in range(4)]
+    processes = []
+    try:
+        ports = _free_ports(2)
+        processes = [_start_worker(i, ports, workdir, logs[i]) for i in (0, 1)]
+        deadline = time.time() + 240
+        # 16 steps in all (2 epochs of 8), a checkpoint every 2: kill worker 1
+        # once step 6 is saved, in the middle of the first epoch.
+        while not (checkpoints / "ckpt-000000006.keras").exists():
+            assert time.time() < deadline, "no checkpoint of step 6 in 240 s"
+            assert all(p.poll() is None for p in processes), (
+                tmp_path / "worker0.log"
+            ).read_text()[-3000:]
+            time.sleep(0.2)
+        os.killpg(processes[1].pid, signal.SIGKILL)
+        processes[1].wait()
+        # The survivor stops when its peer is gone (TF's coordination
+        # service); bounded, in case it would hang in a collective.
+        _wait(processes[0], 120)
+        _kill(processes[0])
+        first = sorted(p.name for p in checkpoints.glob("ckpt-*.keras"))
+        assert "ckpt-000000016.keras" not in first
+        # The job restarts (all workers, as a cluster manager would).
+        ports = _free_ports(2)
+        processes = [
+            _start_worker(i, ports, workdir, logs[2 + i]) for i in (0, 1)
+        ]
+        codes = [_wait(p, 240) for p in processes]
+        texts = [(tmp_path / f"worker{i}.log").read_text() for i in (2, 3)]
+        assert codes == [0, 0], texts[0][-3000:] + texts[1][-3000:]
+    finally:
+        for process in processes:
+            _kill(process)
+        for log in logs:
+            log.close()
+    results = json.loads((workdir / "results.json").read_text())
+    resumed = results["resumed_from_step"]
+    assert resumed >= 6 and resumed % 2 == 0
+    assert results["strategy"] == "multi_worker"
+    assert results["devices"] == 2
+    assert results["checkpoint"].endswith("ckpt-000000016.keras")
+    for text in texts:
+        assert f"Resuming from {checkpoints}/ckpt-{resumed:09d}.keras" in text
+    assert "this worker writes nothing" in texts[1]
+    rows = (workdir / "epochs.csv").read_text().strip().splitlines()
+    assert len(rows) == 3  # header and the two epochs

@@ -268,7 +268,8 @@ def defaults(**overrides):
     "overrides, message",
     [
         ({"moco_k": 1000}, "not divisible by the global --batch_size=256"),
-        ({"bn_splits": 3}, "does not divide the per-device batch"),
+        ({"bn_splits": 3}, "does not divide the global batch"),
+        ({"cpu_devices": -1}, "--cpu_devices must be >= 0"),
         ({"schedule": ["120", "250"]}, r"milestones \[250\]"),
         ({"dataset": "cifar10"}, "Unknown --dataset='cifar10'"),
         ({"data_dir": None}, "--dataset=folder needs --data_dir"),
@@ -280,6 +281,24 @@ def defaults(**overrides):
 def test_pretrain_flag_contradictions(overrides, message):
     with pytest.raises(app.UsageError, match=message):
         pretrain.check_flags(defaults(**overrides))
+
+
+def test_strategy_of_another_backend_is_refused():
+    backend = keras.backend.backend()
+    other = "data_parallel" if backend == "tensorflow" else "mirrored"
+    with pytest.raises(app.UsageError, match=f"this process runs {backend}"):
+        pretrain.check_flags(defaults(strategy=other))
+    with pytest.raises(app.UsageError, match="Unknown strategy 'horovod'"):
+        pretrain.check_flags(defaults(strategy="horovod"))
+
+
+def test_batch_and_bn_groups_must_split_over_the_devices():
+    common.check_devices(defaults(batch_size=256, bn_splits=8), 8)
+    common.check_devices(defaults(batch_size=256, bn_splits=8), 4)
+    with pytest.raises(app.UsageError, match="does not split over 3 devices"):
+        common.check_devices(defaults(batch_size=256, bn_splits=8), 3)
+    with pytest.raises(app.UsageError, match="must be a multiple of 16"):
+        common.check_devices(defaults(batch_size=256, bn_splits=8), 16)
 
 
 def test_valid_flags_pass_and_cos_ignores_the_schedule():

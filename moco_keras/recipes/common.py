@@ -65,6 +65,20 @@ flags.DEFINE_bool(
     "TensorFlow backend: deterministic kernels (bitwise-repeatable runs).",
 )
 flags.DEFINE_enum("verbose", "auto", ["auto", "0", "1", "2"], "fit verbosity.")
+flags.DEFINE_enum(
+    "strategy",
+    "none",
+    ["none", "mirrored", "multi_worker", "tpu", "data_parallel"],
+    "Devices: 'none' (one device), 'mirrored' (all GPUs of this machine), "
+    "'multi_worker' (several machines, TF_CONFIG), 'tpu' (TensorFlow "
+    "backend); 'data_parallel' (all devices, JAX backend). --batch_size and "
+    "--lr stay global.",
+)
+flags.DEFINE_integer(
+    "cpu_devices",
+    0,
+    "Split the CPU into this many devices (to try --strategy on a CPU).",
+)
 
 
 def check(condition, message):
@@ -117,6 +131,16 @@ def check_common(values):
             f"{values['epochs']} epochs: the lr step would never happen. "
             "Give epochs in (0, --epochs), or --cos.",
         )
+    from moco_keras import distribute
+
+    try:
+        distribute.check_strategy(values["strategy"])
+    except ValueError as error:
+        check(False, str(error))
+    check(
+        values["cpu_devices"] >= 0,
+        f"--cpu_devices must be >= 0: {values['cpu_devices']}",
+    )
     check(
         0 < values["crop_fraction"] <= 1,
         f"--crop_fraction must be in (0, 1]: {values['crop_fraction']}",
@@ -177,9 +201,22 @@ def write_json_atomically(path, payload):
 
 
 def set_up(values):
-    """Backend options from the flags; returns the workdir's subpaths."""
+    """Devices and backend options from the flags.
+
+    Returns:
+        `(paths, strategy)`: the workdir's subpaths, and the
+        `tf.distribute` strategy to build the model in (None: none).
+    """
     import keras
 
+    from moco_keras import distribute
+
+    try:
+        strategy = distribute.make_strategy(
+            values["strategy"], cpu_devices=values["cpu_devices"]
+        )
+    except ValueError as error:
+        check(False, str(error))
     if values["mixed_precision"]:
         keras.mixed_precision.set_dtype_policy(values["mixed_precision"])
     if values["deterministic"] and keras.backend.backend() == "tensorflow":
@@ -188,15 +225,22 @@ def set_up(values):
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(values["seed"])
     workdir = values["workdir"]
-    os.makedirs(workdir, exist_ok=True)
-    write_json_atomically(os.path.join(workdir, "flags.json"), values)
-    return {
+    chief = distribute.is_chief(strategy)
+    if chief:
+        os.makedirs(workdir, exist_ok=True)
+        write_json_atomically(os.path.join(workdir, "flags.json"), values)
+    paths = {
         "checkpoints": os.path.join(workdir, "checkpoints"),
         "csv": os.path.join(workdir, "epochs.csv"),
         "png": os.path.join(workdir, "curves.png"),
         "tensorboard": os.path.join(workdir, "tensorboard"),
         "results": os.path.join(workdir, "results.json"),
+        # Under several workers only the chief writes files; the workdir
+        # must be one storage that every worker reads (they all resume
+        # from its checkpoints).
+        "chief": chief,
     }
+    return paths, strategy
 
 
 def callbacks(paths, steps_per_epoch, values, title, extra=(), queue_size=None):
@@ -204,24 +248,31 @@ def callbacks(paths, steps_per_epoch, values, title, extra=(), queue_size=None):
 
     The order matters: the loss check runs first so nothing is saved after
     a NaN; the CSV row is written before the checkpoint that ends the epoch.
+    Workers other than the chief keep the loss check, `extra` and the
+    checkpointer (which they must run in step with the chief) and write
+    nothing.
     """
     import keras
 
     from moco_keras import training
 
+    checkpointer = training.Checkpointer(
+        paths["checkpoints"],
+        steps_per_epoch,
+        every_steps=values["checkpoint_steps"],
+        keep=values["keep_checkpoints"],
+        keep_every_epochs=values["keep_every_epochs"],
+        chief=paths["chief"],
+    )
+    if not paths["chief"]:
+        return [training.LossWatch(queue_size), *extra, checkpointer]
     return [
         training.LossWatch(queue_size),
         *extra,
         keras.callbacks.CSVLogger(paths["csv"], append=True),
         training.CurvePlot(paths["csv"], paths["png"], title),
         keras.callbacks.TensorBoard(paths["tensorboard"]),
-        training.Checkpointer(
-            paths["checkpoints"],
-            steps_per_epoch,
-            every_steps=values["checkpoint_steps"],
-            keep=values["keep_checkpoints"],
-            keep_every_epochs=values["keep_every_epochs"],
-        ),
+        checkpointer,
     ]
 
 
@@ -237,9 +288,29 @@ def fit(model, epoch_dataset, values, steps_per_epoch, paths, callbacks):
         steps_per_epoch,
         paths["checkpoints"],
         callbacks=callbacks,
-        csv_path=paths["csv"],
+        csv_path=paths["csv"] if paths["chief"] else None,
         verbose=verbose if verbose == "auto" else int(verbose),
     )
+
+
+def check_devices(values, devices):
+    """`--batch_size` and `--bn_splits` against the devices of the run."""
+    batch = values["batch_size"]
+    check(
+        batch % devices == 0,
+        f"--batch_size={batch} does not split over {devices} devices: the "
+        f"batch is global. Use a multiple of {devices}.",
+    )
+    splits = values.get("bn_splits")
+    if splits is not None:
+        check(
+            splits % devices == 0,
+            f"--bn_splits={splits} is the number of BN groups over the global "
+            f"batch (the official code's GPU count); over {devices} devices "
+            f"it must be a multiple of {devices} (each device takes "
+            f"bn_splits / devices groups). Use --bn_splits={devices} for one "
+            "group per device, as the official code on that many GPUs.",
+        )
 
 
 def recipe_values(module_name):

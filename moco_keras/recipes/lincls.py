@@ -162,15 +162,26 @@ def main(argv):
     values = common.recipe_values(__name__)
     milestones = check_flags(values)
     checkpoint = resolve_pretrained(values["pretrained"])
-    backbone = load_backbone(checkpoint)
 
+    from moco_keras import distribute
+
+    paths, strategy = common.set_up(values)
+    common.check_devices(values, distribute.device_count(strategy))
+    # Everything that makes variables (backbone, head, optimizer) belongs to
+    # the strategy, and fit may run in its scope too.
+    with distribute.scope(strategy):
+        train_and_evaluate(values, milestones, checkpoint, paths)
+
+
+def train_and_evaluate(values, milestones, checkpoint, paths):
+    """Trains the linear head on the frozen backbone; writes results.json."""
     import keras
     import numpy as np
     import tensorflow as tf
 
     from moco_keras import data
 
-    paths = common.set_up(values)
+    backbone = load_backbone(checkpoint)
     backbone.trainable = False  # inference mode: BN moving statistics
     before = [keras.ops.convert_to_numpy(v).copy() for v in backbone.weights]
     size = values["image_size"]
@@ -286,7 +297,8 @@ def main(argv):
         "seconds_this_session": round(time.time() - started, 1),
         "backend": keras.backend.backend(),
     }
-    common.write_json_atomically(paths["results"], results)
+    if paths["chief"]:
+        common.write_json_atomically(paths["results"], results)
     print(
         f"Validation top-1 {results['top1']:.2f} %, top-5 "
         f"{results['top5']:.2f} % ({val.num_examples} images); the backbone "

@@ -41,7 +41,9 @@ flags.DEFINE_bool(
 flags.DEFINE_integer(
     "bn_splits",
     8,
-    "Split BN groups on one device (shuffle BN as on 8 GPUs); 1: plain BN.",
+    "BN groups over the global batch: the official code's GPU count (8). "
+    "On one device split BN simulates them; over D devices (--strategy) "
+    "each device takes bn_splits / D groups. 1: plain BN on one device.",
 )
 flags.DEFINE_bool(
     "color_in_model",
@@ -74,8 +76,8 @@ def check_flags(values):
     splits = values["bn_splits"]
     check(
         splits >= 1 and batch % splits == 0,
-        f"--bn_splits={splits} does not divide the per-device batch of "
-        f"{batch}: split BN needs equal groups. Pick a divisor of {batch}.",
+        f"--bn_splits={splits} does not divide the global batch of {batch}: "
+        f"split BN needs equal groups. Pick a divisor of {batch}.",
     )
     check(
         0 <= values["moco_m"] <= 1,
@@ -90,8 +92,15 @@ def check_flags(values):
     return milestones
 
 
-def build(values, milestones, steps_per_epoch):
-    """The compiled MoCo model of the flags."""
+def build(values, milestones, steps_per_epoch, replicas=1):
+    """The compiled MoCo model of the flags.
+
+    Args:
+        replicas: `tf.distribute` replicas the model runs on; each normalizes
+            `bn_splits / replicas` groups of its slice. (JAX's data parallel
+            runs the global batch as one program: its split BN groups, all
+            `bn_splits`, line up with the device shards.)
+    """
     from moco_keras import MoCo
     from moco_keras import encoders
     from moco_keras import layers
@@ -100,7 +109,7 @@ def build(values, milestones, steps_per_epoch):
     encoder = encoders.get_encoder(
         values["arch"],
         width=values["width"],
-        bn_splits=values["bn_splits"],
+        bn_splits=values["bn_splits"] // replicas,
         input_shape=(size, size, 3),
     )
     augmentation = None
@@ -181,9 +190,12 @@ def main(argv):
     import keras
 
     from moco_keras import data
+    from moco_keras import distribute
     from moco_keras import training
 
-    paths = common.set_up(values)
+    paths, strategy = common.set_up(values)
+    devices = distribute.device_count(strategy)
+    common.check_devices(values, devices)
     source = common.load_source(
         values["dataset"],
         values["data_dir"],
@@ -196,18 +208,29 @@ def main(argv):
         f"{source.num_examples} training images make no full batch of "
         f"{values['batch_size']}; lower --batch_size.",
     )
-    model = build(values, milestones, steps_per_epoch)
+    with distribute.scope(strategy):
+        model = build(
+            values,
+            milestones,
+            steps_per_epoch,
+            replicas=devices if strategy is not None else 1,
+        )
     config = augmentation_config(values)
 
     def epoch_dataset(epoch, skip):
-        return data.two_view_dataset(
-            source,
-            config,
+        return distribute.distribute_dataset(
+            strategy,
+            lambda shard, batch_size: data.two_view_dataset(
+                source,
+                config,
+                batch_size,
+                seed=values["seed"],
+                color_in_model=values["color_in_model"],
+                epoch=epoch,
+                skip_batches=skip,
+                shard=shard,
+            ),
             values["batch_size"],
-            seed=values["seed"],
-            color_in_model=values["color_in_model"],
-            epoch=epoch,
-            skip_batches=skip,
         )
 
     extra = [knn_monitor(values)] if values["knn_every"] else []
@@ -222,12 +245,16 @@ def main(argv):
     print(
         f"MoCo pretraining: {source.num_examples} images, "
         f"{values['epochs']} epochs of {steps_per_epoch} steps, "
-        f"backend {keras.backend.backend()}, workdir {values['workdir']}"
+        f"backend {keras.backend.backend()}, strategy {values['strategy']} "
+        f"over {devices} device(s), workdir {values['workdir']}"
     )
     started = time.time()
     start_step = common.fit(
         model, epoch_dataset, values, steps_per_epoch, paths, callbacks
     )
+    if not paths["chief"]:
+        print("Done (this worker writes nothing; the chief has the results).")
+        return
     columns = training.read_csv_log(paths["csv"])
     results = {
         "final_loss": columns.get("loss", [None])[-1],
@@ -236,6 +263,8 @@ def main(argv):
         "resumed_from_step": start_step,
         "seconds_this_session": round(time.time() - started, 1),
         "backend": keras.backend.backend(),
+        "strategy": values["strategy"],
+        "devices": devices,
         "checkpoint": training.latest_checkpoint(paths["checkpoints"])[0],
     }
     if extra:
