@@ -1,25 +1,23 @@
-"""Many devices and machines: strategies, and shuffle BN across replicas.
+"""Many devices and machines: strategies, and shuffle BN across them.
 
 `make_strategy` gives what `--strategy` names: a `tf.distribute` strategy
-(TensorFlow backend: one replica per device, per-replica view) or a
-`keras.distribution.DataParallel` set for the process (JAX backend: one SPMD
-program over the global batch, sharded over the devices).
+(TensorFlow backend: one replica per device, each with its slice of the
+global batch) or a `keras.distribution.DataParallel` set for the process
+(JAX backend: one program over the global batch, sharded over the devices).
 
-Shuffle BN across `tf.distribute` replicas (TensorFlow backend).
+Under a `tf.distribute` strategy each replica runs ordinary BN on its slice.
+MoCo's key side then needs what the official code does with
+`torch.distributed` (`shuffled_keys`): gather the key images of all
+replicas, permute them with one permutation shared by every replica, encode
+this replica's slice of the permuted batch, gather the keys back and undo
+the permutation. Every replica then holds the keys of the whole global
+batch in the same order: its own rows go into the loss, all of them into the
+queue, so the queues of all replicas stay identical.
 
-Under a `tf.distribute` strategy each replica (one per GPU) runs the step on
-its slice of the global batch, with ordinary BN on that slice. MoCo's key
-side then needs what the official code does with `torch.distributed`: gather
-the key images of all replicas, permute them with one permutation shared by
-every replica, encode this replica's slice of the permuted batch, gather the
-keys back and undo the permutation. Every replica then holds the keys of the
-whole global batch in the same order: its own rows go into the loss, all of
-them into the queue, so the queues of all replicas stay identical.
-
-On one device none of this runs: split BN (`SplitBatchNormalization`) with a
-permuted key batch is the same computation, and the tests hold the two to
-each other.
-"""
+On one device, and under JAX's data parallel, none of this runs: split BN
+(`SplitBatchNormalization`) with a permuted key batch is the same
+computation (under JAX the groups are the device shards), and the tests hold
+each strategy to it."""
 
 import contextlib
 import json

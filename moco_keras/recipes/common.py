@@ -217,6 +217,12 @@ def set_up(values):
         )
     except ValueError as error:
         check(False, str(error))
+    if strategy is not None:
+        import logging
+
+        # tf.distribute logs every collective it builds at INFO: hundreds
+        # of lines per traced step, which would bury the progress bars.
+        logging.getLogger("tensorflow").setLevel(logging.WARNING)
     if values["mixed_precision"]:
         keras.mixed_precision.set_dtype_policy(values["mixed_precision"])
     if values["deterministic"] and keras.backend.backend() == "tensorflow":
