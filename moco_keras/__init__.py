@@ -1,6 +1,10 @@
 """MoCo v1 and v2 (Momentum Contrast) for Keras 3."""
 
 from moco_keras import encoders
+
+# Registers the optimizer and schedules that the recipes' checkpoints hold,
+# so that `keras.saving.load_model` reads them after `import moco_keras`.
+from moco_keras import optimizers
 from moco_keras.batch_norm import SplitBatchNormalization
 from moco_keras.moco import MoCo
 from moco_keras.presets import MOCOV1
@@ -16,4 +20,5 @@ __all__ = [
     "MoCo",
     "SplitBatchNormalization",
     "encoders",
+    "optimizers",
 ]

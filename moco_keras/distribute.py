@@ -244,19 +244,18 @@ def is_chief(strategy=None):
     return task.get("type") == "worker" and int(task.get("index", 0)) == 0
 
 
-def distribute_dataset(strategy, dataset_fn, global_batch_size):
+def distribute_dataset(strategy, dataset_fn):
     """The input of `fit` under `strategy`, each worker reading its share.
 
     Args:
         strategy: a `tf.distribute.Strategy`, or None.
-        dataset_fn: `f(shard, batch_size)` -> a `tf.data.Dataset` of
-            batches of `batch_size`: shard `(index, count)` of the global
-            batches (every worker's share of each global batch), or all of
-            them for `shard=None`.
-        global_batch_size: the batch of one step over all devices.
+        dataset_fn: `f(shard)` -> a `tf.data.Dataset`: the global batches
+            for `shard=None`; for `shard=(index, count)`, worker `index`'s
+            share of each global batch, one of `count` equal parts (as
+            `data.two_view_dataset(..., shard=shard)` gives).
 
     Returns:
-        What `model.fit` takes: the dataset as is on one worker (a local
+        What `model.fit` takes: the global batches on one worker (a local
         strategy splits each batch over its devices), or a distributed
         dataset in which each worker decodes its own images only.
     """
@@ -264,19 +263,18 @@ def distribute_dataset(strategy, dataset_fn, global_batch_size):
         strategy.extended._in_multi_worker_mode()
     )
     if not multi_worker:
-        return dataset_fn(None, global_batch_size)
+        return dataset_fn(None)
 
     import tensorflow as tf
 
     def worker_dataset(context):
-        count = context.num_input_pipelines
-        per_worker = global_batch_size // count
         options = tf.data.Options()
+        # Each worker's dataset is its share already: no sharding on top.
         options.experimental_distribute.auto_shard_policy = (
             tf.data.experimental.AutoShardPolicy.OFF
         )
-        dataset = dataset_fn((context.input_pipeline_id, count), per_worker)
-        return dataset.with_options(options)
+        shard = (context.input_pipeline_id, context.num_input_pipelines)
+        return dataset_fn(shard).with_options(options)
 
     return strategy.distribute_datasets_from_function(worker_dataset)
 

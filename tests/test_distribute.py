@@ -14,6 +14,7 @@ import sys
 import textwrap
 import time
 
+import keras
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -235,7 +236,7 @@ def _start_worker(index, ports, workdir, log):
         "--strategy=multi_worker",
         "--train_limit=256",
         "--batch_size=32",
-        "--moco_k=256",
+        "--moco_k=96",
         "--knn_every=0",
         "--checkpoint_steps=2",
         "--epochs=2",
@@ -316,3 +317,7 @@ def test_multi_worker_resumes_after_a_worker_dies(tmp_path):
     assert "this worker writes nothing" in texts[1]
     rows = (workdir / "epochs.csv").read_text().strip().splitlines()
     assert len(rows) == 3  # header and the two epochs
+    # Every step enqueued the keys of the whole global batch of 32 (the two
+    # workers' shares of 16): 16 steps x 32 keys, modulo K = 96.
+    model = keras.saving.load_model(results["checkpoint"])
+    assert int(keras.ops.convert_to_numpy(model.queue_ptr.value)) == 512 % 96

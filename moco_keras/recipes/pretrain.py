@@ -220,17 +220,16 @@ def main(argv):
     def epoch_dataset(epoch, skip):
         return distribute.distribute_dataset(
             strategy,
-            lambda shard, batch_size: data.two_view_dataset(
+            lambda shard: data.two_view_dataset(
                 source,
                 config,
-                batch_size,
+                values["batch_size"],
                 seed=values["seed"],
                 color_in_model=values["color_in_model"],
                 epoch=epoch,
                 skip_batches=skip,
                 shard=shard,
             ),
-            values["batch_size"],
         )
 
     extra = [knn_monitor(values)] if values["knn_every"] else []
