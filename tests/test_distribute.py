@@ -268,7 +268,8 @@ def _kill(process):
 @pytest.mark.backends("tensorflow")
 def test_multi_worker_resumes_after_a_worker_dies(tmp_path):
     """Two workers train; one is killed mid-epoch; the restarted job resumes
-    from the last checkpoint the chief wrote and finishes the run."""
+    from the last checkpoint the chief wrote and finishes the run. Then the
+    linear classification recipe runs on it under MirroredStrategy."""
     workdir = tmp_path / "run"
     checkpoints = workdir / "checkpoints"
     logs = [open(tmp_path / f"worker{i}.log", "w") for i in range(4)]
@@ -321,3 +322,31 @@ def test_multi_worker_resumes_after_a_worker_dies(tmp_path):
     # workers' shares of 16): 16 steps x 32 keys, modulo K = 96.
     model = keras.saving.load_model(results["checkpoint"])
     assert int(keras.ops.convert_to_numpy(model.queue_ptr.value)) == 512 % 96
+
+    # The linear classification recipe on that run, under MirroredStrategy
+    # over 2 CPU devices (the full image path: frozen backbone inside).
+    lincls = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moco_keras.recipes.lincls",
+            f"--flagfile={ROOT}/recipes/lincls_smoke.flags",
+            f"--pretrained={workdir}",
+            f"--workdir={tmp_path / 'lincls'}",
+            "--strategy=mirrored",
+            "--cpu_devices=2",
+            "--nocache_features",
+            "--train_limit=512",
+            "--epochs=1",
+            "--cos",
+        ],
+        env={**os.environ, "KERAS_BACKEND": "tensorflow", "PYTHONPATH": ROOT},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert lincls.returncode == 0, lincls.stderr[-4000:]
+    scores = json.loads((tmp_path / "lincls" / "results.json").read_text())
+    assert scores["backbone_unchanged"] and 0 <= scores["top1"] <= 100
