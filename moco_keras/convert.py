@@ -1,0 +1,466 @@
+"""Checkpoints of the official PyTorch code and of PaddleFleetX, in Keras.
+
+`convert(path)` reads a checkpoint, recognises what it holds and returns the
+Keras model with its weights:
+
+- official MoCo pretraining (`main_moco.py`'s `*.pth.tar`: `state_dict` with
+  `module.encoder_q.*`, `module.encoder_k.*`, `module.queue`,
+  `module.queue_ptr`; with or without `module.`; v1 head `fc`, v2 `fc.0` /
+  `fc.2`) and PaddleFleetX pretraining (`*.pdparams`: `base_encoder.*`,
+  `momentum_encoder.*`, `queue`, `queue_ptr`): a `MoCo` model, queue and
+  pointer included, ready to train on;
+- a linear-classification checkpoint (official `main_lincls.py`, or
+  PaddleFleetX's) or a bare torchvision ResNet state dict: the classifier,
+  a `keras.Model` from images to logits whose layer `fc` is the linear layer
+  and whose layer `backbone` is the encoder.
+
+Weights are laid out as Keras wants them (convolutions `[kh, kw, in, out]`,
+dense kernels `[in, out]`; PaddleFleetX's Linear weights already are), and
+BN statistics named as Keras names them. The architecture (ResNet-18, 34 or
+50 and its width) is read from the shapes. Nothing is assigned unless every
+variable of the model finds a tensor of its shape and every tensor a
+variable: otherwise `ValueError` names the missing, unexpected and
+mismatched entries.
+
+Each source normalized its inputs its own way (the official code with
+ImageNet's mean and std, PaddleFleetX with 0.5 and 0.5): `Converted`
+carries it, `save` writes it beside the model and the recipes read it.
+
+Reading `.pth.tar` needs torch (`pip install torch`); `.pdparams` files are
+pickles of numpy arrays, read without Paddle.
+"""
+
+import dataclasses
+import json
+import os
+import pickle
+import re
+
+import keras
+import numpy as np
+
+from moco_keras import encoders
+from moco_keras import layers as moco_layers
+from moco_keras.moco import MoCo
+
+# Input normalization of each source, (mean, std) on [0, 1] pixels.
+NORMALIZATION = {
+    "pytorch": (moco_layers.IMAGENET_MEAN, moco_layers.IMAGENET_STD),
+    "paddle": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+# What `save` writes beside the model.
+METADATA = "conversion.json"
+MODEL_FILE = "model.keras"
+
+_BN = {
+    "weight": "gamma",
+    "bias": "beta",
+    "running_mean": "moving_mean",
+    "running_var": "moving_variance",
+}
+_PADDLE_BN = {"_mean": "running_mean", "_variance": "running_var"}
+
+
+@dataclasses.dataclass
+class Converted:
+    """A converted checkpoint.
+
+    Attributes:
+        model: a `MoCo` model (`kind="moco"`) or a classifier
+            `keras.Model` (`kind="classifier"`).
+        kind: `"moco"` or `"classifier"`.
+        source: `"pytorch"` or `"paddle"`.
+        mean, std: the input normalization the weights were trained with.
+        info: what was read: architecture, width, head, queue size, classes.
+    """
+
+    model: keras.Model
+    kind: str
+    source: str
+    mean: tuple
+    std: tuple
+    info: dict
+
+    @property
+    def backbone(self):
+        """The encoder (pooled features), for `recipes/lincls`."""
+        if self.kind == "moco":
+            return self.model.encoder_q
+        return self.model.get_layer("backbone")
+
+    def save(self, directory):
+        """Writes `model.keras` and `conversion.json` into `directory`."""
+        os.makedirs(directory, exist_ok=True)
+        self.model.save(os.path.join(directory, MODEL_FILE))
+        metadata = {
+            "kind": self.kind,
+            "source": self.source,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "model": MODEL_FILE,
+            **self.info,
+        }
+        with open(os.path.join(directory, METADATA), "w") as f:
+            json.dump(metadata, f, indent=2, sort_keys=True)
+
+
+def read_checkpoint(path):
+    """`({name: numpy array}, source)` of a `.pth.tar` / `.pth` / `.pdparams`.
+
+    The official files hold `{"epoch", "arch", "state_dict", "optimizer"}`:
+    the `state_dict` is returned.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No checkpoint at {path!r}.")
+    if path.endswith(".pdparams"):
+        with open(path, "rb") as f:
+            state = pickle.load(f, encoding="latin1")
+        if not isinstance(state, dict):
+            raise ValueError(
+                f"{path} is not a PaddlePaddle state dict (a pickled dict of "
+                f"arrays); it holds a {type(state).__name__}."
+            )
+        state = {
+            name: np.asarray(value)
+            for name, value in state.items()
+            if name != "StructuredToParameterName@@"
+        }
+        return state, "paddle"
+    try:
+        import torch
+    except ImportError as error:
+        raise ImportError(
+            f"Reading the PyTorch checkpoint {path} needs torch, which is not "
+            "installed. Install the CPU build: pip install torch "
+            "--index-url https://download.pytorch.org/whl/cpu"
+        ) from error
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(checkpoint, dict) and "state_dict" in checkpoint:
+        checkpoint = checkpoint["state_dict"]
+    if not isinstance(checkpoint, dict):
+        raise ValueError(
+            f"{path} holds a {type(checkpoint).__name__}, not a state dict "
+            "or a {'state_dict': ...} checkpoint."
+        )
+    state = {}
+    for name, value in checkpoint.items():
+        if hasattr(value, "detach"):
+            state[name] = value.detach().cpu().numpy()
+    return state, "pytorch"
+
+
+def _strip_module(state):
+    if all(name.startswith("module.") for name in state):
+        return {name[len("module.") :]: value for name, value in state.items()}
+    return state
+
+
+def _paddle_backbone(state):
+    """PaddleFleetX ResNet names to torchvision's (BN `_mean`, `_variance`)."""
+    renamed = {}
+    for name, value in state.items():
+        prefix, _, last = name.rpartition(".")
+        renamed[f"{prefix}.{_PADDLE_BN.get(last, last)}"] = value
+    return renamed
+
+
+def _split(state, prefix):
+    return {
+        name[len(prefix) :]: value
+        for name, value in state.items()
+        if name.startswith(prefix)
+    }
+
+
+def _canonical(state, source):
+    """The checkpoint in torchvision's names and PyTorch's layouts.
+
+    Returns:
+        `(kind, parts, rest)`: `"moco"` with parts `q`, `k` (backbones),
+        `head_q`, `head_k` (`fc.*` / `fc.0.*` / `fc.2.*`), `queue`,
+        `queue_ptr`; or `"classifier"` with parts `backbone` and `fc`
+        (`fc.weight`, `fc.bias`); `rest`: the names that belong to neither.
+    """
+    state = {
+        name: value
+        for name, value in _strip_module(state).items()
+        if not name.endswith("num_batches_tracked")
+    }
+    if source == "pytorch" and any(n.startswith("encoder_q.") for n in state):
+        parts = {"queue": state.pop("queue", None)}
+        parts["queue_ptr"] = state.pop("queue_ptr", None)
+        for side in ("q", "k"):
+            encoder = _split(state, f"encoder_{side}.")
+            parts[f"head_{side}"] = {
+                n: v for n, v in encoder.items() if n.startswith("fc.")
+            }
+            parts[side] = {
+                n: v for n, v in encoder.items() if not n.startswith("fc.")
+            }
+        used = {f"encoder_{s}." for s in "qk"}
+        rest = [n for n in state if not any(n.startswith(u) for u in used)]
+        return "moco", parts, rest
+    if source == "paddle" and any(n.startswith("base_encoder.") for n in state):
+        parts = {"queue": state.pop("queue", None)}
+        parts["queue_ptr"] = state.pop("queue_ptr", None)
+        for side, prefix in (
+            ("q", "base_encoder."),
+            ("k", "momentum_encoder."),
+        ):
+            encoder = _split(state, prefix)
+            parts[side] = _paddle_backbone(_split(encoder, "0."))
+            projector = _split(encoder, "1.mlp.0.")
+            classifier = _split(encoder, "2.fc.")
+            layers = {"fc.2." if projector else "fc.": classifier}
+            if projector:
+                layers["fc.0."] = projector
+            head = {}
+            for prefix, weights in layers.items():
+                for name, value in weights.items():
+                    # Paddle's Linear weight is [in, out], PyTorch's [out, in].
+                    head[prefix + name] = value.T if name == "weight" else value
+            parts[f"head_{side}"] = head
+        known = ("base_encoder.", "momentum_encoder.")
+        rest = [n for n in state if not n.startswith(known)]
+        return "moco", parts, rest
+    fc = {n: v for n, v in state.items() if n.startswith("fc.")}
+    backbone = {n: v for n, v in state.items() if not n.startswith("fc.")}
+    if source == "paddle":
+        backbone = _paddle_backbone(backbone)
+        if "fc.weight" in fc:
+            fc["fc.weight"] = fc["fc.weight"].T
+    if "conv1.weight" not in backbone:
+        raise ValueError(
+            "The checkpoint is neither a MoCo pretraining checkpoint (no "
+            "encoder_q.* / base_encoder.* keys) nor a ResNet (no "
+            f"conv1.weight). Its first keys: {sorted(state)[:8]}."
+        )
+    return "classifier", {"backbone": backbone, "fc": fc}, []
+
+
+_BLOCK = re.compile(r"^layer([1-4])\.(\d+)\.")
+
+
+def infer_architecture(backbone):
+    """`(arch, width)` of a torchvision ResNet state dict, from its shapes."""
+    blocks = [0, 0, 0, 0]
+    for name in backbone:
+        match = _BLOCK.match(name)
+        if match:
+            stage, index = int(match.group(1)) - 1, int(match.group(2))
+            blocks[stage] = max(blocks[stage], index + 1)
+    bottleneck = any(".conv3." in name for name in backbone)
+    kernel = backbone["conv1.weight"]
+    width = int(kernel.shape[0])
+    cifar_stem = kernel.shape[-1] == 3
+    found = {
+        ((2, 2, 2, 2), False): "resnet18",
+        ((3, 4, 6, 3), False): "resnet34",
+        ((3, 4, 6, 3), True): "resnet50",
+    }.get((tuple(blocks), bottleneck))
+    if found is None:
+        raise ValueError(
+            f"Unsupported ResNet: blocks per stage {blocks}, "
+            f"{'bottleneck' if bottleneck else 'basic'} blocks. This library "
+            "builds ResNet-18, 34 and 50 (torchvision's layouts)."
+        )
+    if cifar_stem:
+        if found != "resnet18":
+            raise ValueError(f"A 3x3 stem on {found} is not supported.")
+        return "cifar_resnet18", width
+    return found, width
+
+
+class _Plan:
+    """Assignments gathered before any is made (all or nothing)."""
+
+    def __init__(self):
+        self.assignments, self.missing, self.mismatched = [], [], []
+        self.prefix = ""  # the checkpoint's name of the part being planned
+
+    def add(self, variable, name, tensors, transform=None):
+        if name not in tensors:
+            self.missing.append(f"{self.prefix}{name}")
+            return
+        original = tensors.pop(name)
+        value = original if transform is None else transform(original)
+        if tuple(value.shape) != tuple(variable.shape):
+            self.mismatched.append(
+                f"{self.prefix}{name}: {tuple(original.shape)} in the "
+                f"checkpoint, the Keras variable {variable.path} is "
+                f"{tuple(variable.shape)}"
+            )
+            return
+        self.assignments.append((variable, value))
+
+    def apply(self, unexpected, origin):
+        problems = []
+        for title, items in (
+            ("missing", self.missing),
+            ("unexpected", unexpected),
+            ("with mismatched shapes", self.mismatched),
+        ):
+            if items:
+                shown = "; ".join(items[:10])
+                more = f" and {len(items) - 10} more" if len(items) > 10 else ""
+                problems.append(f"{len(items)} {title}: {shown}{more}")
+        if problems:
+            raise ValueError(
+                f"{origin} does not fit the model it describes, so nothing "
+                "was loaded. Keys " + ". Keys ".join(problems) + ". Is it a "
+                "MoCo, linear-classification or torchvision ResNet "
+                "checkpoint, whole and unmodified?"
+            )
+        for variable, value in self.assignments:
+            variable.assign(value.astype(variable.dtype))
+
+
+def _plan_backbone(plan, encoder, backbone, prefix=""):
+    """Every weight of `encoder` from the torchvision-named `backbone`."""
+    plan.prefix = prefix
+    for layer in encoder.layers:
+        key = layer.name.replace("_", ".")
+        if isinstance(layer, keras.layers.Conv2D):
+            plan.add(
+                layer.kernel,
+                f"{key}.weight",
+                backbone,
+                lambda w: np.transpose(w, (2, 3, 1, 0)),
+            )
+        elif isinstance(layer, keras.layers.BatchNormalization):
+            for torch_name, keras_name in _BN.items():
+                plan.add(
+                    getattr(layer, keras_name), f"{key}.{torch_name}", backbone
+                )
+        elif layer.weights:
+            raise ValueError(f"No mapping for the layer {layer.name!r}.")
+    return [f"{prefix}{name}" for name in backbone]
+
+
+def _plan_dense(plan, dense, weights, prefix):
+    plan.add(dense.kernel, f"{prefix}weight", weights, np.transpose)
+    plan.add(dense.bias, f"{prefix}bias", weights)
+
+
+def convert(path, bn_splits=1, input_shape=(None, None, 3)):
+    """Reads a checkpoint of the official code or PaddleFleetX into Keras.
+
+    Args:
+        path: a `.pth.tar` / `.pth` (PyTorch) or `.pdparams` (PaddleFleetX)
+            file.
+        bn_splits: split BN groups of the built encoders (pretraining on one
+            device; 1 for evaluation or several devices).
+        input_shape: the encoders' image shape (any size by default).
+
+    Returns:
+        A `Converted`.
+
+    Example:
+
+    ```python
+    converted = convert("moco_v2_800ep_pretrain.pth.tar")
+    features = converted.backbone(images)  # images normalized as
+    # (x / 255 - converted.mean) / converted.std
+    converted.save("converted/mocov2_800ep")
+    ```
+    """
+    state, source = read_checkpoint(path)
+    kind, parts, unexpected = _canonical(state, source)
+    plan = _Plan()
+    if kind == "moco":
+        arch, width = infer_architecture(parts["q"])
+        head = parts["head_q"]
+        mlp = "fc.0.weight" in head
+        last = head.get("fc.2.weight" if mlp else "fc.weight")
+        queue = parts["queue"]
+        if last is None or queue is None:
+            missing = [
+                name
+                for name, value in (("fc head", last), ("queue", queue))
+                if value is None
+            ]
+            raise ValueError(
+                f"{path} is a MoCo checkpoint without its "
+                f"{' and '.join(missing)}; nothing was loaded."
+            )
+        dim, queue_size = int(last.shape[0]), int(queue.shape[1])
+        encoder = encoders.get_encoder(
+            arch, width=width, bn_splits=bn_splits, input_shape=input_shape
+        )
+        model = MoCo(
+            encoder,
+            dim=dim,
+            mlp=mlp,
+            queue_size=queue_size,
+            # Not in the checkpoints: the paper's values for v1 and v2.
+            temperature=0.2 if mlp else 0.07,
+        )
+        for side in ("q", "k"):
+            if source == "pytorch":
+                prefix = head_prefix = f"module.encoder_{side}."
+            else:
+                encoder_name = "base" if side == "q" else "momentum"
+                prefix = f"{encoder_name}_encoder.0."
+                head_prefix = f"{encoder_name}_encoder (head) "
+            unexpected += _plan_backbone(
+                plan, getattr(model, f"encoder_{side}"), parts[side], prefix
+            )
+            head_weights = parts[f"head_{side}"]
+            plan.prefix = head_prefix
+            for dense in getattr(model, f"head_{side}").layers:
+                key = dense.name.replace("_", ".") + "."
+                _plan_dense(plan, dense, head_weights, key)
+            unexpected += [f"{head_prefix}{n}" for n in head_weights]
+        plan.prefix = ""
+        plan.add(model.queue, "queue", {"queue": queue})
+        ptr = parts["queue_ptr"]
+        ptr = np.asarray(0 if ptr is None else ptr).reshape(())
+        plan.add(model.queue_ptr, "queue_ptr", {"queue_ptr": ptr})
+        info = {
+            "arch": arch,
+            "width": width,
+            "mlp": mlp,
+            "dim": dim,
+            "queue_size": queue_size,
+        }
+    else:
+        backbone = parts["backbone"]
+        arch, width = infer_architecture(backbone)
+        encoder = encoders.get_encoder(
+            arch,
+            width=width,
+            bn_splits=bn_splits,
+            input_shape=input_shape,
+            name="backbone",
+        )
+        fc = parts["fc"]
+        if "fc.weight" not in fc:
+            raise ValueError(
+                f"{path} has a ResNet without its `fc` layer; nothing was "
+                "loaded. (A MoCo checkpoint has encoder_q.* keys.)"
+            )
+        classes = int(fc["fc.weight"].shape[0])
+        inputs = keras.Input(input_shape)
+        dense = keras.layers.Dense(classes, name="fc")
+        model = keras.Model(
+            inputs, dense(encoder(inputs)), name="linear_classifier"
+        )
+        unexpected += _plan_backbone(plan, encoder, backbone)
+        plan.prefix = ""
+        _plan_dense(plan, dense, fc, "fc.")
+        unexpected += list(fc)
+        info = {"arch": arch, "width": width, "classes": classes}
+    plan.apply(unexpected, path)
+    mean, std = NORMALIZATION[source]
+    info["checkpoint"] = os.path.abspath(path)
+    return Converted(model, kind, source, tuple(mean), tuple(std), info)
+
+
+def load_converted(directory):
+    """`(model, metadata)` of a directory that `Converted.save` wrote."""
+    with open(os.path.join(directory, METADATA)) as f:
+        metadata = json.load(f)
+    model = keras.saving.load_model(
+        os.path.join(directory, metadata["model"]), compile=False
+    )
+    return model, metadata
