@@ -6,8 +6,10 @@ mapping matters), writes it in the source's own checkpoint format, converts
 it and compares the Keras outputs with PyTorch's on the same images.
 """
 
+import json
 import os
 import pickle
+import subprocess
 import sys
 
 import keras
@@ -290,3 +292,57 @@ def test_partial_or_mismatched_checkpoints_name_the_keys(tmp_path):
         convert.convert(str(tmp_path / "junk.pth"))
     with pytest.raises(FileNotFoundError):
         convert.convert(str(tmp_path / "missing.pth.tar"))
+
+
+def run_module(module, *args):
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
+
+
+@pytest.mark.slow
+def test_convert_command_then_linear_classification(tmp_path):
+    """The convert recipe's output is a `--pretrained` for recipes/lincls,
+    which then normalizes with the source's statistics."""
+    q = TorchResNet(18, 8, v2_head, seed=15)
+    k = TorchResNet(18, 8, v2_head, seed=16)
+    queue = np.random.default_rng(17).normal(size=(128, 16)).astype("float32")
+    source = str(tmp_path / "moco_v2_800ep_pretrain.pth.tar")
+    save_official(source, official_state(q, k, queue, 0), arch="resnet18")
+    output = str(tmp_path / "converted")
+    result = run_module(
+        "moco_keras.recipes.convert", f"--source={source}", f"--output={output}"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "MoCo v2 pretraining (K 16" in result.stdout
+    again = run_module(
+        "moco_keras.recipes.convert", f"--source={source}", f"--output={output}"
+    )
+    assert again.returncode != 0 and "--overwrite" in again.stderr
+    broken = run_module(
+        "moco_keras.recipes.convert",
+        f"--source={tmp_path / 'none.pth.tar'}",
+        f"--output={tmp_path / 'none'}",
+    )
+    assert broken.returncode != 0 and "No checkpoint at" in broken.stderr
+    workdir = tmp_path / "lincls"
+    result = run_module(
+        "moco_keras.recipes.lincls",
+        "--flagfile=recipes/lincls_smoke.flags",
+        f"--pretrained={output}",
+        f"--workdir={workdir}",
+        "--train_limit=512",
+        "--epochs=1",
+        "--cos",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    scores = json.loads((workdir / "results.json").read_text())
+    assert scores["backbone_unchanged"]
+    mean, std = convert.NORMALIZATION["pytorch"]
+    assert scores["normalization"] == {"mean": list(mean), "std": list(std)}

@@ -32,8 +32,9 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string(
     "pretrained",
     None,
-    "A pretraining workdir (its newest checkpoint is used) or a MoCo "
-    "checkpoint file (`.keras`).",
+    "A pretraining workdir (its newest checkpoint is used), a MoCo "
+    "checkpoint file (`.keras`), or a directory that recipes/convert wrote "
+    "(official PyTorch or PaddleFleetX weights, with their normalization).",
 )
 flags.DEFINE_bool(
     "train_augment",
@@ -61,10 +62,13 @@ DEFAULTS = {
 
 
 def resolve_pretrained(path):
-    """The checkpoint file that `--pretrained` names."""
+    """The checkpoint file (or converted directory) `--pretrained` names."""
+    from moco_keras import convert
     from moco_keras import training
 
     common.check(path, "--pretrained is required: a workdir or a checkpoint.")
+    if os.path.isfile(os.path.join(path, convert.METADATA)):
+        return path  # written by recipes/convert
     if os.path.isdir(path):
         directory = os.path.join(path, "checkpoints")
         found, _ = training.latest_checkpoint(directory)
@@ -85,10 +89,26 @@ def resolve_pretrained(path):
 
 
 def load_backbone(path):
-    """The query encoder of a MoCo checkpoint (`app.UsageError` if none)."""
+    """The query encoder of a MoCo checkpoint (`app.UsageError` if none).
+
+    Returns:
+        `(backbone, normalization)`: normalization is the `(mean, std)` of a
+        converted checkpoint (the input statistics its weights were trained
+        with), None for this library's checkpoints (the dataset's).
+    """
     import keras
 
     from moco_keras import MoCo
+    from moco_keras import convert
+
+    if os.path.isfile(os.path.join(path, convert.METADATA)):
+        model, metadata = convert.load_converted(path)
+        backbone = (
+            model.encoder_q
+            if isinstance(model, MoCo)
+            else model.get_layer("backbone")
+        )
+        return backbone, (tuple(metadata["mean"]), tuple(metadata["std"]))
 
     try:
         model = keras.saving.load_model(path, compile=False)
@@ -103,7 +123,7 @@ def load_backbone(path):
         f"--pretrained={path} holds a {type(model).__name__}, not a MoCo "
         "model; pass a checkpoint of moco_keras.recipes.pretrain.",
     )
-    return model.encoder_q
+    return model.encoder_q, None
 
 
 def check_flags(values):
@@ -181,11 +201,12 @@ def train_and_evaluate(values, milestones, checkpoint, paths):
 
     from moco_keras import data
 
-    backbone = load_backbone(checkpoint)
+    backbone, normalization = load_backbone(checkpoint)
     backbone.trainable = False  # inference mode: BN moving statistics
     before = [keras.ops.convert_to_numpy(v).copy() for v in backbone.weights]
     size = values["image_size"]
-    mean, std = common.dataset_stats(values["dataset"])
+    # A converted checkpoint expects the statistics its source trained with.
+    mean, std = normalization or common.dataset_stats(values["dataset"])
     train = common.load_source(
         values["dataset"],
         values["data_dir"],
@@ -294,6 +315,7 @@ def train_and_evaluate(values, milestones, checkpoint, paths):
         "pretrained": checkpoint,
         "backbone_unchanged": True,
         "cache_features": values["cache_features"],
+        "normalization": {"mean": list(mean), "std": list(std)},
         "seconds_this_session": round(time.time() - started, 1),
         "backend": keras.backend.backend(),
     }
