@@ -1,0 +1,60 @@
+r"""Exports a pretrained encoder as a SavedModel feature extractor.
+
+    KERAS_BACKEND=tensorflow python -m moco_keras.recipes.export \
+        --pretrained=runs/mocov2 --output=exported/mocov2
+
+`--pretrained` is what `recipes/lincls` takes: a pretraining workdir, a
+`.keras` checkpoint, or a directory of `recipes/convert`. The SavedModel's
+`serving_default` takes `images`, a uint8 `N x H x W x 3` batch of any size,
+and returns `features` (`N x 2048` for ResNet-50): the evaluation transform
+(short side to `--image_size / --crop_fraction`, center crop, normalization
+with the statistics the encoder was trained with) runs inside. Load it with
+`tf.saved_model.load(DIR)` in any TensorFlow process. Runs under the
+TensorFlow and JAX backends.
+"""
+
+from absl import flags
+
+from moco_keras.recipes import common
+from moco_keras.recipes import lincls
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("output", None, "The SavedModel directory to write.")
+
+
+def main(argv):
+    del argv
+    common.check(FLAGS.output, "--output=DIRECTORY is required.")
+    checkpoint = lincls.resolve_pretrained(FLAGS.pretrained)
+    backbone, normalization = lincls.load_backbone(checkpoint)
+    mean, std = normalization or common.dataset_stats(FLAGS.dataset)
+    from moco_keras import export
+
+    size = FLAGS.image_size
+    fixed = backbone.input_shape[1]
+    if fixed is not None and not FLAGS["image_size"].present:
+        size = fixed  # the encoder's own input size, unless told otherwise
+    try:
+        key = export.export_feature_extractor(
+            backbone,
+            FLAGS.output,
+            size=size,
+            mean=mean,
+            std=std,
+            crop_fraction=FLAGS.crop_fraction,
+        )
+    except ValueError as error:
+        common.check(False, str(error))
+    print(
+        f"Exported the encoder of {checkpoint} to {FLAGS.output}: "
+        f"signature serving_default, input `images` (uint8, any size), "
+        f"output `{key}` ({backbone.output_shape[-1]}-d); crop "
+        f"{size}, mean {tuple(mean)}, std {tuple(std)}."
+    )
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    app.run(main)

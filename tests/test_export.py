@@ -1,0 +1,129 @@
+"""The SavedModel feature extractor, loaded where moco_keras is not."""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from test_convert import TorchResNet
+from test_convert import classifier_head
+from test_convert import paddle_names
+from test_convert import save_pdparams
+
+from moco_keras import MoCo
+from moco_keras import convert
+from moco_keras import data
+from moco_keras import encoders
+from moco_keras import export
+from moco_keras import layers
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IMAGES = np.random.default_rng(0).integers(0, 256, (3, 45, 60, 3), "uint8")
+
+LOAD = """
+import json, sys
+import numpy as np
+import tensorflow as tf
+extractor = tf.saved_model.load(sys.argv[1])
+images = tf.constant(np.load(sys.argv[2]))
+features = extractor.signatures["serving_default"](images=images)["features"]
+np.save(sys.argv[3], features.numpy())
+print(json.dumps(sorted(m for m in sys.modules if m.startswith("moco_keras"))))
+"""
+
+
+def expected_features(backbone, size, mean, std, crop_fraction):
+    views = np.stack(
+        [
+            data.eval_view(tf.constant(i), size, mean, std, crop_fraction)
+            for i in IMAGES
+        ]
+    )
+    return keras.ops.convert_to_numpy(backbone(views, training=False))
+
+
+def export_and_load(tmp_path, pretrained, *flags):
+    output = tmp_path / "exported"
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moco_keras.recipes.export",
+            f"--pretrained={pretrained}",
+            f"--output={output}",
+            *flags,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    np.save(tmp_path / "images.npy", IMAGES)
+    loaded = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            LOAD,
+            str(output),
+            str(tmp_path / "images.npy"),
+            str(tmp_path / "features.npy"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    )
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    # The loading process never imported this package.
+    assert json.loads(loaded.stdout.strip().splitlines()[-1]) == []
+    return np.load(tmp_path / "features.npy")
+
+
+@pytest.mark.slow
+@pytest.mark.backends("tensorflow", "jax")
+def test_exported_moco_encoder_matches_keras(tmp_path):
+    encoder = encoders.resnet18(width=4, input_shape=(32, 32, 3))
+    model = MoCo(encoder, dim=8, queue_size=16, seed=0)
+    path = str(tmp_path / "ckpt.keras")
+    model.save(path)
+    features = export_and_load(tmp_path, path, "--crop_fraction=0.875")
+    assert features.shape == (3, 32)
+    expected = expected_features(
+        model.encoder_q, 32, layers.IMAGENET_MEAN, layers.IMAGENET_STD, 0.875
+    )
+    np.testing.assert_allclose(features, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.backends("tensorflow", "jax")
+def test_exported_converted_checkpoint_keeps_its_normalization(tmp_path):
+    """A PaddleFleetX classifier: the SavedModel normalizes with 0.5 / 0.5."""
+    net = TorchResNet(18, 8, classifier_head, seed=3)
+    state = paddle_names(net)
+    state["fc.weight"] = net.fc.weight.detach().numpy().T
+    state["fc.bias"] = net.fc.bias.detach().numpy()
+    source = str(tmp_path / "lincls.pdparams")
+    save_pdparams(source, state)
+    converted = convert.convert(source)
+    converted.save(str(tmp_path / "converted"))
+    features = export_and_load(
+        tmp_path, tmp_path / "converted", "--image_size=40", "--crop_fraction=1"
+    )
+    expected = expected_features(
+        converted.backbone, 40, (0.5,) * 3, (0.5,) * 3, 1.0
+    )
+    np.testing.assert_allclose(features, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.backends("torch")
+def test_torch_backend_cannot_export_and_says_what_to_do(tmp_path):
+    encoder = encoders.resnet18(width=4, input_shape=(32, 32, 3))
+    with pytest.raises(ValueError, match="KERAS_BACKEND=tensorflow"):
+        export.export_feature_extractor(encoder, str(tmp_path / "x"), size=32)
