@@ -222,6 +222,13 @@ def _canonical(state, source):
             parts[f"head_{side}"] = head
         known = ("base_encoder.", "momentum_encoder.")
         rest = [n for n in state if not n.startswith(known)]
+        read = ("0.", "1.mlp.0.", "2.fc.")
+        rest += [
+            name
+            for name in state
+            if name.startswith(known)
+            and not name.split(".", 1)[1].startswith(read)
+        ]
         return "moco", parts, rest
     fc = {n: v for n, v in state.items() if n.startswith("fc.")}
     backbone = {n: v for n, v in state.items() if not n.startswith("fc.")}
@@ -250,6 +257,11 @@ def infer_architecture(backbone):
             stage, index = int(match.group(1)) - 1, int(match.group(2))
             blocks[stage] = max(blocks[stage], index + 1)
     bottleneck = any(".conv3." in name for name in backbone)
+    if "conv1.weight" not in backbone:
+        raise ValueError(
+            "The encoder has no conv1.weight, so its architecture cannot be "
+            f"read; nothing was loaded. Its first keys: {sorted(backbone)[:8]}."
+        )
     kernel = backbone["conv1.weight"]
     width = int(kernel.shape[0])
     cifar_stem = kernel.shape[-1] == 3
