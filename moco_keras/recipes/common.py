@@ -74,6 +74,9 @@ flags.DEFINE_enum(
     "backend); 'data_parallel' (all devices, JAX backend). --batch_size and "
     "--lr stay global.",
 )
+flags.DEFINE_string(
+    "output", None, "recipes/convert, recipes/export: the directory to write."
+)
 flags.DEFINE_integer(
     "cpu_devices",
     0,

@@ -17,17 +17,16 @@ import os
 from absl import app
 from absl import flags
 
+# --output (shared with recipes/export) and --bn_splits (the split BN groups
+# of the converted encoders, as in recipes/pretrain: 8 to go on pretraining
+# on one device as the official code on 8 GPUs; it does not matter for
+# linear classification or export, which run BN in inference mode).
+from moco_keras.recipes import pretrain  # noqa: F401 - defines the flags
+
 FLAGS = flags.FLAGS
 
 flags.DEFINE_string(
     "source", None, "The checkpoint: .pth.tar / .pth (PyTorch) or .pdparams."
-)
-flags.DEFINE_string("output", None, "The directory to write.")
-flags.DEFINE_integer(
-    "bn_splits",
-    1,
-    "Split BN groups of the converted encoders (8 to go on pretraining on "
-    "one device as the official code on 8 GPUs).",
 )
 flags.DEFINE_bool(
     "overwrite", False, "Replace a conversion already in --output."

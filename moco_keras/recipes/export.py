@@ -20,8 +20,6 @@ from moco_keras.recipes import lincls
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_string("output", None, "The SavedModel directory to write.")
-
 
 def main(argv):
     del argv
