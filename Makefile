@@ -19,6 +19,12 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[cpu,jax,torch,test]"
+	# keras-hub (export --format=keras_hub) without its dependency chain
+	# tensorflow-text -> tensorflow, whose wheel clashes with tensorflow-cpu:
+	# the packages its import needs, pinned, with --no-deps.
+	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt \
+	  keras-hub tensorflow-text kagglehub kagglesdk tokenizers sentencepiece \
+	  huggingface_hub regex pyyaml
 	touch $@
 
 # The whole suite under every Keras backend; fails on any failure, including

@@ -123,3 +123,98 @@ def export_feature_extractor(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return "features"
+
+
+def _hub_source_name(hub_name):
+    """Our layer (torchvision's name) behind a keras-hub ResNet layer."""
+    if hub_name == "conv1_conv":
+        return "conv1"
+    if hub_name == "conv1_bn":
+        return "bn1"
+    stack, block, index, kind = hub_name.split("_")
+    stage = int(stack[len("stack") :]) + 1
+    prefix = f"layer{stage}_{int(block[len('block') :])}"
+    if index == "0":  # the projection shortcut
+        return f"{prefix}_downsample_{0 if kind == 'conv' else 1}"
+    return f"{prefix}_{'conv' if kind == 'conv' else 'bn'}{index}"
+
+
+def export_keras_hub_preset(backbone, directory, size=224, mean=None, std=None):
+    """Writes `backbone` as a keras-hub `ResNetBackbone` preset.
+
+    keras-hub's ResNet with bottleneck (or basic) blocks and no
+    pre-activation has torchvision's layout, so the weights copy one to one
+    (tested: equal features). The preset also holds a `ResNetImageConverter`
+    with the backbone's normalization, so that
+    `keras_hub.models.ResNetBackbone.from_preset(directory)` and
+    `keras_hub.layers.ResNetImageConverter.from_preset(directory)` give the
+    network and its preprocessing for fine-tuning or detection there.
+
+    Args:
+        backbone: one of `moco_keras.encoders`' ResNets with the ImageNet stem
+            (a MoCo model's `encoder_q`).
+        directory: the preset directory to write.
+        size: the image size of the converter.
+        mean, std: the backbone's input normalization (ImageNet's default).
+    """
+    try:
+        import keras_hub
+    except ImportError as error:
+        raise ImportError(
+            "Writing a keras-hub preset needs keras-hub (`make venv` installs "
+            "it; elsewhere see the Makefile's keras-hub line)."
+        ) from error
+    from moco_keras import layers
+
+    mean = tuple(layers.IMAGENET_MEAN if mean is None else mean)
+    std = tuple(layers.IMAGENET_STD if std is None else std)
+    names = {layer.name for layer in backbone.layers}
+    stem = backbone.get_layer("conv1").kernel.shape
+    if "maxpool" not in names or stem[0] != 7:
+        raise ValueError(
+            "keras-hub's ResNet has the ImageNet stem (7x7 convolution and "
+            f"max-pool); {backbone.name!r} has a {stem[0]}x{stem[1]} stem "
+            "without one. Export ResNet-18/34/50, not cifar_resnet18."
+        )
+    if stem[-1] != 64:
+        raise ValueError(
+            "keras-hub's ResNetBackbone has 64 channels in its first stage; "
+            f"{backbone.name!r} has {stem[-1]} (its `width`). Only full-width "
+            "ResNets (width 64, as torchvision's) export to keras-hub."
+        )
+    basic = "layer1_0_conv3" not in names
+    blocks = [
+        len({n.split("_")[1] for n in names if n.startswith(f"layer{s}_")})
+        for s in range(1, 5)
+    ]
+    width = int(stem[-1])
+    hub = keras_hub.models.ResNetBackbone(
+        input_conv_filters=[width],
+        input_conv_kernel_sizes=[7],
+        stackwise_num_filters=[width * 2**s for s in range(4)],
+        stackwise_num_blocks=blocks,
+        stackwise_num_strides=[1, 2, 2, 2],
+        block_type="basic_block" if basic else "bottleneck_block",
+        use_pre_activation=False,
+        image_shape=(None, None, 3),
+    )
+    for layer in hub.layers:
+        if not layer.weights:
+            continue
+        source = backbone.get_layer(_hub_source_name(layer.name))
+        for target, value in zip(layer.weights, source.weights, strict=True):
+            if tuple(target.shape) != tuple(value.shape):
+                raise ValueError(
+                    f"keras-hub's {target.path} is {tuple(target.shape)}, "
+                    f"{value.path} is {tuple(value.shape)}."
+                )
+            target.assign(value)
+    hub.save_to_preset(directory)
+    converter = keras_hub.layers.ResNetImageConverter(
+        image_size=(size, size),
+        scale=[1.0 / (255.0 * s) for s in std],
+        offset=[-m / s for m, s in zip(mean, std, strict=True)],
+        antialias=True,
+    )
+    converter.save_to_preset(directory)
+    return hub

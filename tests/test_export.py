@@ -127,3 +127,66 @@ def test_torch_backend_cannot_export_and_says_what_to_do(tmp_path):
     encoder = encoders.resnet18(width=4, input_shape=(32, 32, 3))
     with pytest.raises(ValueError, match="KERAS_BACKEND=tensorflow"):
         export.export_feature_extractor(encoder, str(tmp_path / "x"), size=32)
+
+
+@pytest.mark.slow
+def test_keras_hub_preset_gives_the_same_features(tmp_path):
+    """The recipe writes a keras-hub preset of a MoCo checkpoint's encoder:
+    `ResNetBackbone.from_preset` pooled equals our encoder; the preset's
+    image converter normalizes as the encoder was trained."""
+    import keras_hub
+
+    encoder = encoders.resnet18(input_shape=(None, None, 3))
+    rng = np.random.default_rng(1)
+    for variable in encoder.weights:  # BN statistics that matter
+        if "moving" in variable.path or "beta" in variable.path:
+            low = 0.5 if "variance" in variable.path else -0.1
+            variable.assign(rng.uniform(low, low + 1.0, variable.shape))
+    model = MoCo(encoder, dim=8, queue_size=16, seed=0)
+    path = str(tmp_path / "ckpt.keras")
+    model.save(path)
+    output = tmp_path / "preset"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moco_keras.recipes.export",
+            f"--pretrained={path}",
+            f"--output={output}",
+            "--format=keras_hub",
+            "--image_size=64",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    hub = keras_hub.models.ResNetBackbone.from_preset(str(output))
+    images = rng.normal(size=(2, 64, 64, 3)).astype("float32")
+    pooled = keras.ops.mean(hub(images, training=False), axis=(1, 2))
+    expected = model.encoder_q(images, training=False)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(pooled),
+        keras.ops.convert_to_numpy(expected),
+        rtol=1e-4,
+        atol=1e-4,
+    )
+    converter = keras_hub.layers.ResNetImageConverter.from_preset(str(output))
+    pixels = np.full((1, 64, 64, 3), 255.0, "float32")
+    mean, std = np.array(layers.IMAGENET_MEAN), np.array(layers.IMAGENET_STD)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(converter(pixels))[0, 0, 0],
+        (1.0 - mean) / std,
+        rtol=1e-5,
+    )
+
+
+def test_keras_hub_preset_refuses_what_keras_hub_cannot_hold(tmp_path):
+    narrow = encoders.resnet18(width=8, input_shape=(None, None, 3))
+    with pytest.raises(ValueError, match="width 64"):
+        export.export_keras_hub_preset(narrow, str(tmp_path / "a"))
+    cifar = encoders.cifar_resnet18(width=64, input_shape=(32, 32, 3))
+    with pytest.raises(ValueError, match="not cifar_resnet18"):
+        export.export_keras_hub_preset(cifar, str(tmp_path / "b"))

@@ -10,7 +10,8 @@ and returns `features` (`N x 2048` for ResNet-50): the evaluation transform
 (short side to `--image_size / --crop_fraction`, center crop, normalization
 with the statistics the encoder was trained with) runs inside. Load it with
 `tf.saved_model.load(DIR)` in any TensorFlow process. Runs under the
-TensorFlow and JAX backends.
+TensorFlow and JAX backends. `--format=keras_hub` writes a keras-hub preset
+of the backbone instead (any backend).
 """
 
 from absl import flags
@@ -19,6 +20,15 @@ from moco_keras.recipes import common
 from moco_keras.recipes import lincls
 
 FLAGS = flags.FLAGS
+
+flags.DEFINE_enum(
+    "format",
+    "saved_model",
+    ["saved_model", "keras_hub"],
+    "saved_model: a TensorFlow SavedModel feature extractor (uint8 images "
+    "of any size in, features out); keras_hub: a keras-hub ResNetBackbone "
+    "preset with its image converter (ResNet-18/34/50 of width 64).",
+)
 
 
 def main(argv):
@@ -33,6 +43,20 @@ def main(argv):
     fixed = backbone.input_shape[1]
     if fixed is not None and not FLAGS["image_size"].present:
         size = fixed  # the encoder's own input size, unless told otherwise
+    if FLAGS.format == "keras_hub":
+        try:
+            export.export_keras_hub_preset(
+                backbone, FLAGS.output, size=size, mean=mean, std=std
+            )
+        except (ImportError, ValueError) as error:
+            common.check(False, str(error))
+        print(
+            f"Wrote the keras-hub preset of {checkpoint} to {FLAGS.output}: "
+            "keras_hub.models.ResNetBackbone.from_preset(DIR) and "
+            "keras_hub.layers.ResNetImageConverter.from_preset(DIR) (crop "
+            f"{size}, mean {tuple(mean)}, std {tuple(std)})."
+        )
+        return
     try:
         key = export.export_feature_extractor(
             backbone,
