@@ -79,13 +79,11 @@ MIRRORED = textwrap.dedent(
 )
 
 
-@pytest.fixture(scope="module")
-def mirrored():
-    """[after one step, after three]: single device against 4 replicas."""
-    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "PYTHONPATH": ROOT}
+def run_script(script, **env):
+    """Runs `script` in a fresh Python; the JSON of its last output line."""
     out = subprocess.run(
-        [sys.executable, "-c", MIRRORED],
-        env=env,
+        [sys.executable, "-c", script],
+        env={**os.environ, "PYTHONPATH": ROOT, **env},
         capture_output=True,
         text=True,
         timeout=300,
@@ -93,6 +91,12 @@ def mirrored():
     )
     assert out.returncode == 0, out.stderr[-4000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def mirrored():
+    """[after one step, after three]: single device against 4 replicas."""
+    return run_script(MIRRORED, KERAS_BACKEND="tensorflow")
 
 
 @pytest.mark.slow
@@ -180,22 +184,11 @@ DATA_PARALLEL = textwrap.dedent(
 def test_data_parallel_matches_split_bn_on_one_device():
     """JAX over 4 devices: the split-BN groups are the device shards, so the
     sharded program is shuffle BN, and equals the one-device computation."""
-    env = {
-        **os.environ,
-        "KERAS_BACKEND": "jax",
-        "PYTHONPATH": ROOT,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-    }
-    out = subprocess.run(
-        [sys.executable, "-c", DATA_PARALLEL],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+    result = run_script(
+        DATA_PARALLEL,
+        KERAS_BACKEND="jax",
+        XLA_FLAGS="--xla_force_host_platform_device_count=4",
     )
-    assert out.returncode == 0, out.stderr[-4000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["devices"] == result["mesh"] == 4
     assert result["queue_devices"] == 4  # replicated on every device
     single, parallel = result["loss"]  # the mean over the three steps
