@@ -1,4 +1,4 @@
-"""The trained encoder as a TensorFlow SavedModel feature extractor.
+"""The trained encoder out: a SavedModel feature extractor, a keras-hub preset.
 
 `export_feature_extractor` writes a SavedModel whose `serving_default`
 signature takes a batch of uint8 RGB images of any size and returns their
@@ -9,6 +9,9 @@ converters) needs neither this package nor Keras.
 
 It works from the TensorFlow and the JAX backends (Keras exports the encoder
 through `jax2tf` there); the torch backend cannot write a SavedModel.
+
+`export_keras_hub_preset` writes the encoder as a keras-hub
+`ResNetBackbone` preset with its image converter (any backend).
 """
 
 import os
