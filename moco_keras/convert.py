@@ -84,9 +84,7 @@ class Converted:
     @property
     def backbone(self):
         """The encoder (pooled features), for `recipes/lincls`."""
-        if self.kind == "moco":
-            return self.model.encoder_q
-        return self.model.get_layer("backbone")
+        return backbone_of(self.model)
 
     def save(self, directory):
         """Writes `model.keras` and `conversion.json` into `directory`."""
@@ -466,6 +464,14 @@ def convert(path, bn_splits=1, input_shape=(None, None, 3)):
     mean, std = NORMALIZATION[source]
     info["checkpoint"] = os.path.abspath(path)
     return Converted(model, kind, source, tuple(mean), tuple(std), info)
+
+
+def backbone_of(model):
+    """The encoder of a converted model: a MoCo's query encoder, or the
+    classifier's `backbone` layer."""
+    if isinstance(model, MoCo):
+        return model.encoder_q
+    return model.get_layer("backbone")
 
 
 def load_converted(directory):

@@ -12,6 +12,7 @@ import tensorflow as tf
 from test_convert import TorchResNet
 from test_convert import classifier_head
 from test_convert import paddle_names
+from test_convert import run_module
 from test_convert import save_pdparams
 
 from moco_keras import MoCo
@@ -48,21 +49,11 @@ def expected_features(backbone, size, mean, std, crop_fraction):
 
 def export_and_load(tmp_path, pretrained, *flags):
     output = tmp_path / "exported"
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "moco_keras.recipes.export",
-            f"--pretrained={pretrained}",
-            f"--output={output}",
-            *flags,
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
+    result = run_module(
+        "moco_keras.recipes.export",
+        f"--pretrained={pretrained}",
+        f"--output={output}",
+        *flags,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     np.save(tmp_path / "images.npy", IMAGES)
@@ -146,21 +137,12 @@ def test_keras_hub_preset_gives_the_same_features(tmp_path):
     path = str(tmp_path / "ckpt.keras")
     model.save(path)
     output = tmp_path / "preset"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "moco_keras.recipes.export",
-            f"--pretrained={path}",
-            f"--output={output}",
-            "--format=keras_hub",
-            "--image_size=64",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "PYTHONPATH": ROOT},
+    result = run_module(
+        "moco_keras.recipes.export",
+        f"--pretrained={path}",
+        f"--output={output}",
+        "--format=keras_hub",
+        "--image_size=64",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     hub = keras_hub.models.ResNetBackbone.from_preset(str(output))

@@ -103,12 +103,8 @@ def load_backbone(path):
 
     if os.path.isfile(os.path.join(path, convert.METADATA)):
         model, metadata = convert.load_converted(path)
-        backbone = (
-            model.encoder_q
-            if isinstance(model, MoCo)
-            else model.get_layer("backbone")
-        )
-        return backbone, (tuple(metadata["mean"]), tuple(metadata["std"]))
+        normalization = (tuple(metadata["mean"]), tuple(metadata["std"]))
+        return convert.backbone_of(model), normalization
 
     try:
         model = keras.saving.load_model(path, compile=False)
