@@ -67,9 +67,6 @@ def load(protocol):
     from moco_keras import augment
     from moco_keras import data
 
-    # Padded, normalized, 3 channels: the quick start's evaluation images.
-    from moco_keras.recipes.quickstart import _eval_images as eval_images
-
     train_images, train_labels = data.load_fashion_mnist("train")
     test_images, test_labels = data.load_fashion_mnist("test")
     limit = protocol["train_images"]
@@ -97,9 +94,9 @@ def load(protocol):
     return {
         "pairs": pairs,
         "steps_per_epoch": source.num_examples // protocol["batch_size"],
-        "bank": eval_images(train_images[bank]),
+        "bank": data.fashion_mnist_eval_images(train_images[bank]),
         "bank_labels": train_labels[bank],
-        "test": eval_images(test_images[test]),
+        "test": data.fashion_mnist_eval_images(test_images[test]),
         "test_labels": test_labels[test],
     }
 

@@ -284,6 +284,19 @@ def image_array_source(images, labels, class_names, pad=0):
     return Source(dataset, False, len(images), tuple(class_names))
 
 
+def fashion_mnist_eval_images(images, pad=2):
+    """Fashion-MNIST as the quick start's encoder sees it at evaluation.
+
+    uint8 `N x 28 x 28` -> float32 `N x 32 x 32 x 3`: zero-padded by `pad`
+    on each side (as `fashion_mnist` pads the training images), scaled to
+    [0, 1], normalized with the Fashion-MNIST mean and std, the gray channel
+    repeated three times.
+    """
+    x = np.pad(images, ((0, 0), (pad, pad), (pad, pad))).astype("float32")
+    x = (x / 255.0 - FASHION_MNIST_MEAN[0]) / FASHION_MNIST_STD[0]
+    return np.repeat(x[..., None], 3, axis=-1)
+
+
 def fashion_mnist(split="train", data_dir=None, pad=2, limit=None):
     """Fashion-MNIST as a `Source` of 32 x 32 x 1 uint8 images.
 

@@ -43,6 +43,29 @@ def embed(encoder, images, batch_size=512):
     return features / np.maximum(norms, 1e-12)
 
 
+def nearest_neighbors(features, bank, k=5, exclude_self=False):
+    """Indices of the `k` most similar bank rows of each feature row.
+
+    Args:
+        features: `N x D` L2-normalized features (the queries).
+        bank: `M x D` L2-normalized features to search.
+        k: number of neighbours.
+        exclude_self: the queries are the first `N` rows of the bank (or
+            the bank itself): leave each one out of its own neighbours.
+
+    Returns:
+        `N x k` int numpy indices into `bank`, most similar first.
+    """
+    similarity = ops.matmul(
+        ops.convert_to_tensor(features), ops.transpose(bank)
+    )  # N x M
+    if exclude_self:
+        n, m = ops.shape(similarity)
+        similarity = similarity - 3.0 * ops.eye(n, m)  # below any cosine
+    _, indices = ops.top_k(similarity, k=k)  # N x k
+    return ops.convert_to_numpy(indices)
+
+
 def knn_accuracy(
     bank,
     bank_labels,

@@ -1,5 +1,6 @@
 import keras
 import numpy as np
+import pytest
 from conftest import make_moco
 from conftest import random_images
 from conftest import tiny_resnet
@@ -70,3 +71,37 @@ def test_monitor_logs_knn_accuracy_every_n_epochs():
     assert [epoch for epoch, _ in monitor.accuracies] == [1, 3]
     assert all(0.0 <= a <= 1.0 for _, a in monitor.accuracies)
     assert "knn_top1" in history.history
+
+
+def test_nearest_neighbors_are_the_most_similar_rows():
+    rng = np.random.default_rng(3)
+    bank = unit(rng.normal(size=(30, 5))).astype("float32")
+    queries = unit(rng.normal(size=(4, 5))).astype("float32")
+    expected = np.argsort(-(queries @ bank.T), axis=1)[:, :3]
+    np.testing.assert_array_equal(
+        knn.nearest_neighbors(queries, bank, k=3), expected
+    )
+    # Searching a set in itself: each row is its own nearest unless excluded.
+    own = knn.nearest_neighbors(bank, bank, k=2)
+    np.testing.assert_array_equal(own[:, 0], np.arange(30))
+    others = knn.nearest_neighbors(bank, bank, k=2, exclude_self=True)
+    np.testing.assert_array_equal(others[:, 0], own[:, 1])
+    assert not np.any(others == np.arange(30)[:, None])
+
+
+def test_neighbor_grid_draws_queries_and_neighbours():
+    from moco_keras import visualize
+
+    images = np.random.default_rng(0).integers(0, 255, (6, 8, 8), np.uint8)
+    indices = np.array([[1, 2, 3], [0, 4, 5]])
+    figure = visualize.neighbor_grid(
+        images[:2], images, indices, [0, 1], [0, 1, 0, 0, 1, 0], ("a", "b")
+    )
+    assert len(figure.axes) == 2 * 4
+    # Row titles count the neighbours of the query's class.
+    assert [figure.axes[0].get_ylabel(), figure.axes[4].get_ylabel()] == [
+        "2/3",
+        "1/3",
+    ]
+    with pytest.raises(ValueError, match="one row per query"):
+        visualize.neighbor_grid(images[:3], images, indices)

@@ -47,17 +47,6 @@ flags.DEFINE_integer(
 flags.DEFINE_integer("monitor_test", 1000, "Test images of the kNN monitor.")
 
 
-def _eval_images(images):
-    """uint8 N x 28 x 28 -> normalized float32 N x 32 x 32 x 3."""
-    import numpy as np
-
-    from moco_keras import data
-
-    x = np.pad(images, ((0, 0), (2, 2), (2, 2))).astype("float32") / 255.0
-    x = (x - data.FASHION_MNIST_MEAN[0]) / data.FASHION_MNIST_STD[0]
-    return np.repeat(x[..., None], 3, axis=-1)
-
-
 def _plot(path, history, knn_curves):
     import matplotlib
 
@@ -109,7 +98,8 @@ def main(argv):
         "train", FLAGS.data_dir
     )
     test_images, test_labels = data.load_fashion_mnist("test", FLAGS.data_dir)
-    bank, test = _eval_images(train_images), _eval_images(test_images)
+    bank = data.fashion_mnist_eval_images(train_images)
+    test = data.fashion_mnist_eval_images(test_images)
     source = data.image_array_source(
         train_images[: FLAGS.train_limit],
         train_labels[: FLAGS.train_limit],
