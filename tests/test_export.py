@@ -21,6 +21,7 @@ from moco_keras import data
 from moco_keras import encoders
 from moco_keras import export
 from moco_keras import layers
+from moco_keras import training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGES = np.random.default_rng(0).integers(0, 256, (3, 45, 60, 3), "uint8")
@@ -80,14 +81,22 @@ def export_and_load(tmp_path, pretrained, *flags):
 @pytest.mark.slow
 @pytest.mark.backends("tensorflow", "jax")
 def test_exported_moco_encoder_matches_keras(tmp_path):
+    """A pretraining workdir: its run's normalization and crop are used."""
     encoder = encoders.resnet18(width=4, input_shape=(32, 32, 3))
     model = MoCo(encoder, dim=8, queue_size=16, seed=0)
-    path = str(tmp_path / "ckpt.keras")
-    model.save(path)
-    features = export_and_load(tmp_path, path, "--crop_fraction=0.875")
+    run = tmp_path / "run"
+    os.makedirs(run / "checkpoints")
+    model.save(training.checkpoint_path(str(run / "checkpoints"), 7))
+    with open(run / "flags.json", "w") as f:
+        json.dump({"dataset": "fashion_mnist", "crop_fraction": 1.0}, f)
+    features = export_and_load(tmp_path, run)
     assert features.shape == (3, 32)
     expected = expected_features(
-        model.encoder_q, 32, layers.IMAGENET_MEAN, layers.IMAGENET_STD, 0.875
+        model.encoder_q,
+        32,
+        data.FASHION_MNIST_MEAN,
+        data.FASHION_MNIST_STD,
+        1.0,
     )
     np.testing.assert_allclose(features, expected, rtol=1e-4, atol=1e-4)
 

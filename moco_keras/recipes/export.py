@@ -9,10 +9,16 @@ r"""Exports a pretrained encoder as a SavedModel feature extractor.
 and returns `features` (`N x 2048` for ResNet-50): the evaluation transform
 (short side to `--image_size / --crop_fraction`, center crop, normalization
 with the statistics the encoder was trained with) runs inside. Load it with
-`tf.saved_model.load(DIR)` in any TensorFlow process. Runs under the
+`tf.saved_model.load(DIR)` in any TensorFlow process. For a run of
+`recipes/pretrain`, `--dataset`, `--image_size` and `--crop_fraction`
+default to the run's own (its `flags.json`), so the export preprocesses as
+the run did; given on the command line, they win. Runs under the
 TensorFlow and JAX backends. `--format=keras_hub` writes a keras-hub preset
 of the backbone instead (any backend).
 """
+
+import json
+import os
 
 from absl import flags
 
@@ -31,15 +37,39 @@ flags.DEFINE_enum(
 )
 
 
+RUN_FLAGS = ("dataset", "image_size", "crop_fraction")
+
+
+def preprocessing_flags(pretrained, checkpoint):
+    """`--dataset`, `--image_size`, `--crop_fraction`: the command line's,
+    else those of the pretraining run that wrote `checkpoint`, else the
+    defaults."""
+    run = {}
+    # A workdir, or a checkpoint in its checkpoints/ folder.
+    for directory in (pretrained, os.path.dirname(os.path.dirname(checkpoint))):
+        path = os.path.join(directory, "flags.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                run = json.load(f)
+            break
+    return {
+        name: FLAGS[name].value
+        if FLAGS[name].present
+        else run.get(name, FLAGS[name].value)
+        for name in RUN_FLAGS
+    }
+
+
 def main(argv):
     del argv
     common.check(FLAGS.output, "--output=DIRECTORY is required.")
     checkpoint = lincls.resolve_pretrained(FLAGS.pretrained)
     backbone, normalization = lincls.load_backbone(checkpoint)
-    mean, std = normalization or common.dataset_stats(FLAGS.dataset)
+    values = preprocessing_flags(FLAGS.pretrained, checkpoint)
+    mean, std = normalization or common.dataset_stats(values["dataset"])
     from moco_keras import export
 
-    size = FLAGS.image_size
+    size = values["image_size"]
     fixed = backbone.input_shape[1]
     if fixed is not None and not FLAGS["image_size"].present:
         size = fixed  # the encoder's own input size, unless told otherwise
@@ -64,7 +94,7 @@ def main(argv):
             size=size,
             mean=mean,
             std=std,
-            crop_fraction=FLAGS.crop_fraction,
+            crop_fraction=values["crop_fraction"],
         )
     except ValueError as error:
         common.check(False, str(error))
@@ -72,7 +102,8 @@ def main(argv):
         f"Exported the encoder of {checkpoint} to {FLAGS.output}: "
         f"signature serving_default, input `images` (uint8, any size), "
         f"output `{key}` ({backbone.output_shape[-1]}-d); crop "
-        f"{size}, mean {tuple(mean)}, std {tuple(std)}."
+        f"{size} (crop fraction {values['crop_fraction']}), mean "
+        f"{tuple(mean)}, std {tuple(std)}."
     )
 
 
