@@ -1,8 +1,9 @@
 """Pictures of what an encoder learned: nearest-neighbour grids.
 
 The figures are `matplotlib.figure.Figure` objects made without pyplot, so
-they leave the caller's matplotlib state alone: a notebook shows one when
-it is a cell's value, a script saves it with `figure.savefig(path)`.
+they leave the caller's matplotlib state alone: a script saves one with
+`figure.savefig(path)`, a notebook shows it with `display(figure)` once
+`%matplotlib inline` has registered the image formatter.
 """
 
 import numpy as np
@@ -32,7 +33,8 @@ def neighbor_grid(
     """A figure of query images (first column) and their neighbours.
 
     With labels, each neighbour's frame is green when its label is the
-    query's and red when not, and the row's title counts the matches.
+    query's and red when not, and the label left of the query counts the
+    matches ("3/5").
 
     Args:
         query_images: `Q` images (uint8 or float, `H x W`, `H x W x 1` or
