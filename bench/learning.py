@@ -87,7 +87,6 @@ def load(protocol):
         augmentation,
         protocol["batch_size"],
         seed=protocol["seed"],
-        shuffle_buffer=source.num_examples,  # a full shuffle every epoch
     )
     bank = slice(0, protocol["bank"])
     test = slice(0, protocol["test"])

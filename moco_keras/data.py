@@ -1,13 +1,14 @@
 """Image sources as `tf.data`: ImageNet-style folders, tfds, Fashion-MNIST.
 
-Every source yields `(image, label)` elements, where `image` is either the
-encoded file (`Source.encoded`, decoded once by the augmentation for both
-views) or a decoded uint8 `H x W x C` array. `two_view_dataset` turns a
-source into the `(view_q, view_k)` batches that `MoCo.fit` trains on, on
-every backend.
+A source gives `(image, label)` pairs, where `image` is either the encoded
+file (`Source.encoded`, decoded once by the augmentation for both views) or
+a decoded uint8 `H x W x C` array. A pipeline first draws the order of a
+pass over all images, as the official code's sampler does, and reads each
+image when its turn comes. `two_view_dataset` turns a source into the
+`(view_q, view_k)` batches that `MoCo.fit` trains on, on every backend;
+`labelled_dataset` into `(image, label)` batches for evaluation.
 """
 
-import collections
 import concurrent.futures
 import gzip
 import logging
@@ -45,18 +46,133 @@ Expected an ImageNet-style folder, one sub-folder per class:
   ROOT/val/n01440764/ILSVRC2012_val_00000293.JPEG
 Pass ROOT/train (or ROOT/val) as the folder, or ROOT with split='train'."""
 
-Source = collections.namedtuple(
-    "Source", ["dataset", "encoded", "num_examples", "class_names"]
-)
-Source.__doc__ = """A dataset of `(image, label)` and what it holds.
 
-Fields:
-    dataset: `tf.data.Dataset` of `(image, label)`.
-    encoded: True if `image` is encoded file contents, False if it is a
-        decoded uint8 `H x W x C` tensor.
-    num_examples: number of elements.
-    class_names: the class names, index = label.
-"""
+class Source:
+    """Images and labels that a pipeline reads in any order it draws.
+
+    The images stay where they are (files on disk, or one array in memory);
+    a pipeline draws an order of indices (`order`), which costs 8 bytes an
+    image, and reads each image by its index (`read`) only when it needs it:
+    the 1.28M paths of ImageNet are permuted in well under a second, every
+    epoch, without a shuffle buffer of decoded images.
+
+    Args:
+        items: what `read` turns into an image, one row per example: file
+            paths (encoded files) or a uint8 `N x H x W x C` array.
+        labels: `N` int labels.
+        class_names: the class names, index = label.
+        encoded: True if an image is encoded file contents (read from a
+            path), False if it is a decoded uint8 `H x W x C` array.
+
+    Attributes:
+        items: the `items` as one tensor (`tf.string` paths, or uint8).
+        encoded, class_names, labels (numpy int32), num_examples.
+    """
+
+    def __init__(self, items, labels, class_names, encoded):
+        labels = np.asarray(labels, np.int32)
+        if len(items) != len(labels):
+            raise ValueError(
+                f"{len(items)} images but {len(labels)} labels: a Source "
+                "needs one label per image."
+            )
+        self.labels = labels
+        self.class_names = tuple(class_names)
+        self.encoded = encoded
+        self.num_examples = len(labels)
+        # Built outside any tf.function, so that every pipeline (and every
+        # epoch's) captures the same tensors instead of a copy of them.
+        with tf.init_scope():
+            self.items = tf.convert_to_tensor(
+                list(items) if encoded else np.asarray(items)
+            )
+            self._labels = tf.convert_to_tensor(labels)
+
+    def order(self, seed=0, epoch=None, shuffle=True):
+        """The indices of one pass over the images, as a `tf.data.Dataset`.
+
+        With `epoch`: `permutation(num_examples, seed, epoch)`, uniform over
+        all images and a function of `(seed, epoch)`, so a resumed run reads
+        what the uninterrupted run read. Without: a new uniform permutation
+        on each iteration (`model.fit(..., epochs=n)` on one dataset), drawn
+        by a shuffle whose buffer holds every index. `shuffle=False`: the
+        stored order.
+        """
+        n = self.num_examples
+        if not shuffle:
+            return tf.data.Dataset.range(n)
+        if epoch is None:
+            return tf.data.Dataset.range(n).shuffle(
+                n, seed=seed, reshuffle_each_iteration=True
+            )
+        return tf.data.Dataset.from_tensor_slices(permutation(n, seed, epoch))
+
+    def read(self, index):
+        """`(image, label)` of one index: the file's bytes, or the array."""
+        item = tf.gather(self.items, index)
+        if self.encoded:
+            item = tf.io.read_file(item)
+        return item, tf.gather(self._labels, index)
+
+    @property
+    def dataset(self):
+        """Every `(image, label)`, in the stored order."""
+        return self.order(shuffle=False).map(
+            self.read, num_parallel_calls=tf.data.AUTOTUNE
+        )
+
+    def subset(self, count, seed=0):
+        """`count` images drawn at random, each class in proportion to its
+        size (`stratified_indices`); the whole source if it has no more."""
+        if count >= self.num_examples:
+            return self
+        indices = stratified_indices(self.labels, count, seed)
+        return Source(
+            tf.gather(self.items, indices).numpy(),
+            self.labels[indices],
+            self.class_names,
+            self.encoded,
+        )
+
+
+def permutation(num_examples, seed, epoch):
+    """Epoch `epoch`'s order of `num_examples` images: uniform, a function
+    of `(seed, epoch)` (the official code's `DistributedSampler.set_epoch`
+    draws a new permutation of all images each epoch too)."""
+    return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+def stratified_indices(labels, count, seed=0):
+    """`count` indices drawn at random, each class in proportion to its size.
+
+    Every class gets the floor of its share of `count`; the rest go one
+    each to the classes with the largest remainders (ties at random), so a
+    subset smaller than the number of classes holds `count` classes. The
+    indices come back sorted; within a class they are a uniform draw.
+
+    Example:
+
+    >>> labels = np.repeat(np.arange(4), 25)  # sorted by class, as a folder
+    >>> picks = stratified_indices(labels, 8, seed=0)
+    >>> np.bincount(labels[picks]).tolist()
+    [2, 2, 2, 2]
+    """
+    labels = np.asarray(labels)
+    if count >= len(labels):
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    _, sizes = np.unique(labels, return_counts=True)
+    quota = sizes * count / len(labels)
+    take = np.floor(quota).astype(np.int64)
+    remainder = quota - take
+    by_remainder = np.lexsort((rng.random(len(sizes)), -remainder))
+    take[by_remainder[: count - take.sum()]] += 1
+    members = np.split(np.argsort(labels, kind="stable"), np.cumsum(sizes)[:-1])
+    picks = [
+        rng.choice(indices, size, replace=False)
+        for indices, size in zip(members, take, strict=True)
+    ]
+    return np.sort(np.concatenate(picks))
 
 
 def list_image_folder(root):
@@ -123,12 +239,53 @@ _MAGIC = {
 _TRAILERS = {"jpeg": (b"\xff\xd9",), "png": (b"IEND\xaeB`\x82",)}
 
 
+def _jpeg_end(data):
+    """Offset just past the JPEG's end-of-image marker, or None if absent.
+
+    Walks the marker segments from the start and, after each start of scan,
+    the entropy-coded data up to the next marker (there, 0xFF is followed
+    by 0x00 stuffing, a restart marker or fill bytes), so an end marker
+    inside a segment (an EXIF thumbnail's) does not count: it is the
+    decoder's own way through the file.
+    """
+    position, size = 2, len(data)
+    while position + 1 < size:
+        if data[position] != 0xFF:
+            return None
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+        elif marker == 0xD9:
+            return position + 2
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD7:  # no length
+            position += 2
+        else:
+            if position + 4 > size:
+                return None
+            position += 2 + int.from_bytes(data[position + 2 : position + 4])
+            if marker == 0xDA:  # start of scan: skip the coded data
+                while True:
+                    position = data.find(b"\xff", position)
+                    if position < 0 or position + 1 >= size:
+                        return None
+                    follower = data[position + 1]
+                    if follower == 0x00 or 0xD0 <= follower <= 0xD7:
+                        position += 2
+                    elif follower == 0xFF:
+                        position += 1
+                    else:
+                        break
+    return None
+
+
 def check_image_file(path):
     """Why `path` cannot be a whole image, or None if it looks like one.
 
-    Reads the first and last bytes only: empty files, files of no image
-    format TensorFlow decodes, and JPEG / PNG files cut short (no end
-    marker) are caught; corruption inside a file is left to the decoder.
+    Reads the first and last bytes: empty files, files of no image format
+    TensorFlow decodes, and JPEG / PNG files cut short (no end marker) are
+    caught; corruption inside a file is left to the decoder. A JPEG that
+    does not end with its end marker is read whole to find it: phones and
+    some cameras write data after it, which decoders ignore.
     """
     try:
         size = os.path.getsize(path)
@@ -147,6 +304,13 @@ def check_image_file(path):
         return "not an image TensorFlow decodes (unknown header)"
     trailers = _TRAILERS.get(kind)
     if trailers and not any(tail.rstrip(b"\x00").endswith(t) for t in trailers):
+        if kind == "jpeg":
+            try:
+                with open(path, "rb") as f:
+                    if _jpeg_end(f.read()) is not None:
+                        return None  # bytes after the end marker
+            except OSError as error:
+                return f"unreadable: {error.strerror or error}"
         return f"truncated {kind.upper()} (no end marker)"
     return None
 
@@ -192,13 +356,7 @@ def image_folder(root, split=None, check_files=True):
             labels = [labels[i] for i in kept]
             if not paths:
                 raise ValueError(f"No decodable image in {root!r}.")
-    dataset = tf.data.Dataset.from_tensor_slices(
-        (tf.constant(paths), tf.constant(labels, tf.int32))
-    ).map(
-        lambda path, label: (tf.io.read_file(path), label),
-        num_parallel_calls=tf.data.AUTOTUNE,
-    )
-    return Source(dataset, True, len(paths), class_names)
+    return Source(paths, labels, class_names, encoded=True)
 
 
 def _read_idx(path):
@@ -279,9 +437,7 @@ def image_array_source(images, labels, class_names, pad=0):
         images = images[..., None]
     if pad:
         images = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    labels = np.asarray(labels, np.int32)
-    dataset = tf.data.Dataset.from_tensor_slices((images, labels))
-    return Source(dataset, False, len(images), tuple(class_names))
+    return Source(images, labels, class_names, encoded=False)
 
 
 def fashion_mnist_eval_images(images, pad=2):
@@ -297,7 +453,7 @@ def fashion_mnist_eval_images(images, pad=2):
     return np.repeat(x[..., None], 3, axis=-1)
 
 
-def fashion_mnist(split="train", data_dir=None, pad=2, limit=None):
+def fashion_mnist(split="train", data_dir=None, pad=2, limit=None, seed=0):
     """Fashion-MNIST as a `Source` of 32 x 32 x 1 uint8 images.
 
     Args:
@@ -305,12 +461,101 @@ def fashion_mnist(split="train", data_dir=None, pad=2, limit=None):
         data_dir: optional folder with the IDX files (see
             `load_fashion_mnist`).
         pad: zero padding on each side (2 gives 32 x 32, the CIFAR size).
-        limit: keep the first `limit` images (file order).
+        limit: keep `limit` images drawn at random, class-stratified
+            (`Source.subset` with `seed`); None: all.
     """
     images, labels = load_fashion_mnist(split, data_dir)
-    return image_array_source(
-        images[:limit], labels[:limit], FASHION_MNIST_CLASSES, pad
-    )
+    source = image_array_source(images, labels, FASHION_MNIST_CLASSES, pad)
+    return source.subset(limit, seed) if limit else source
+
+
+class TfdsSource:
+    """A tensorflow-datasets split, read as the stream of records tfds has.
+
+    tfds keeps a split in TFRecord shards, readable in file order only, not
+    by index, so no exact permutation of all images exists without reading
+    them all. What it allows, and `order` does: tfds writes every split with
+    its examples shuffled over all shards (by a hash of their keys, at
+    `download_and_prepare`), so a shard is a random sample of the classes
+    even where the source files were sorted by class; each epoch reads the
+    shards in an order of its own (`shuffle_files`, seeded), interleaved one
+    record at a time, through a `shuffle_buffer` that moves each record
+    within the epoch. The order is a function of `(seed, epoch)`.
+
+    It has the interface of `Source`, `labels` excepted (None: unknown
+    until read); `order` yields whole records, which `read` unpacks into
+    `(encoded image, label)` (`SkipDecoding`).
+    """
+
+    def __init__(self, builder, split, image_key, label_key, shuffle_buffer):
+        self._builder = builder
+        self._split = split
+        self._keys = image_key, label_key
+        self.shuffle_buffer = shuffle_buffer
+        info = builder.info
+        self.num_examples = info.splits[split].num_examples
+        self.class_names = tuple(info.features[label_key].names)
+        self.encoded = True
+        self.labels = None
+
+    def _records(self, shuffle_files, read_config=None):
+        import tensorflow_datasets as tfds
+
+        image_key, label_key = self._keys
+        records = self._builder.as_dataset(
+            split=self._split,
+            decoders={image_key: tfds.decode.SkipDecoding()},
+            shuffle_files=shuffle_files,
+            read_config=read_config,
+        )
+        # One dict a record (tf.data would unpack a tuple into arguments).
+        return records.map(
+            lambda example: {
+                "image": example[image_key],
+                "label": tf.cast(example[label_key], tf.int32),
+            }
+        )
+
+    def order(self, seed=0, epoch=None, shuffle=True):
+        """The records of one pass: see the class docstring."""
+        import tensorflow_datasets as tfds
+
+        if not shuffle:
+            return self._records(shuffle_files=False)
+        per_run = epoch is None
+        if not per_run:
+            seed = epoch_seed(seed, epoch)
+        config = tfds.ReadConfig(
+            shuffle_seed=seed,
+            shuffle_reshuffle_each_iteration=per_run,
+            # One record from each file in turn (tfds reads 16 by default).
+            interleave_block_length=1,
+        )
+        return self._records(shuffle_files=True, read_config=config).shuffle(
+            min(self.shuffle_buffer, self.num_examples),
+            seed=seed,
+            reshuffle_each_iteration=per_run,
+        )
+
+    def read(self, record):
+        return record["image"], record["label"]
+
+    @property
+    def dataset(self):
+        return self.order(shuffle=False).map(self.read)
+
+    def subset(self, count, seed=0):
+        """The split's first `count` records: tfds stored them shuffled, so
+        they are a random draw (not class-stratified; `seed` is unused)."""
+        del seed
+        if count >= self.num_examples:
+            return self
+        return TfdsSource(
+            self._builder,
+            f"{self._split}[:{count}]",
+            *self._keys,
+            self.shuffle_buffer,
+        )
 
 
 def tfds_source(
@@ -320,8 +565,9 @@ def tfds_source(
     download=True,
     image_key="image",
     label_key="label",
+    shuffle_buffer=10_000,
 ):
-    """A tensorflow-datasets image dataset as a `Source`.
+    """A tensorflow-datasets image dataset as a `TfdsSource`.
 
     Images stay encoded (`SkipDecoding`) until the augmentation decodes
     them. `imagenet2012` needs its manual download (the ILSVRC2012 tars) in
@@ -333,6 +579,8 @@ def tfds_source(
         data_dir: where tfds keeps (or builds) its datasets.
         download: build the dataset first if it is not there yet.
         image_key, label_key: the feature names of the image and the label.
+        shuffle_buffer: records in the shuffle that follows the shuffled
+            files (encoded images: about 110 kB each on ImageNet).
     """
     import tensorflow_datasets as tfds
 
@@ -346,22 +594,7 @@ def tfds_source(
             f"expected {image_key!r} and {label_key!r}. Pass "
             "`image_key`/`label_key` with the names this dataset uses."
         )
-    dataset = builder.as_dataset(
-        split=split,
-        decoders={image_key: tfds.decode.SkipDecoding()},
-        shuffle_files=False,
-    ).map(
-        lambda example: (
-            example[image_key],
-            tf.cast(example[label_key], tf.int32),
-        )
-    )
-    return Source(
-        dataset,
-        True,
-        info.splits[split].num_examples,
-        tuple(info.features[label_key].names),
-    )
+    return TfdsSource(builder, split, image_key, label_key, shuffle_buffer)
 
 
 def epoch_seed(seed, epoch):
@@ -375,7 +608,6 @@ def two_view_dataset(
     batch_size,
     seed=0,
     shuffle=True,
-    shuffle_buffer=10_000,
     drop_remainder=True,
     color_in_model=False,
     epoch=None,
@@ -384,9 +616,10 @@ def two_view_dataset(
 ):
     """Batches of `(view_q, view_k)`: two augmentations of each image.
 
-    Every image draws its own crop, jitter, grayscale, blur and flip
+    Each pass reads the images in a uniform random order (`Source.order`)
+    and every image draws its own crop, jitter, grayscale, blur and flip
     parameters from stateless seeds derived from `seed`, so the same seed
-    gives the same batches; a new epoch draws new views.
+    gives the same batches; a new epoch draws a new order and new views.
 
     Two modes: with `epoch=None`, one dataset for the whole run, reshuffled
     and redrawn on each iteration (`model.fit(..., epochs=n)`); with an
@@ -395,12 +628,12 @@ def two_view_dataset(
     resumes mid-epoch needs (`training.fit_resumable`).
 
     Args:
-        source: a `Source`.
+        source: a `Source` (or `TfdsSource`).
         augmentation: an `augment.AUGMENTATIONS` dict (see
             `augment.get_augmentation`).
         batch_size: the global batch size.
-        seed: int, fixes the shuffle and every augmentation draw.
-        shuffle: shuffle the images (with a buffer of `shuffle_buffer`).
+        seed: int, fixes the order and every augmentation draw.
+        shuffle: False reads the images in their stored order.
         drop_remainder: drop the last partial batch (MoCo's queue and split
             BN want full batches).
         color_in_model: stop each view after crop and flip, as uint8, for a
@@ -408,11 +641,11 @@ def two_view_dataset(
             the colour ops, blur and normalization on the accelerator.
         epoch: build this one epoch only (see above).
         skip_batches: with `epoch`, start after this many batches; the
-            skipped images are not decoded.
+            skipped images are not read.
         shard: `(index, count)`: this worker's share of every batch, for
             `count` workers that each read their own images
             (`distribute.distribute_dataset`): images `index`, `index +
-            count`, ... of the shuffled order, in batches of
+            count`, ... of the epoch's order, in batches of
             `batch_size // count`. `batch_size` and `skip_batches` stay
             global. None: all of them.
 
@@ -421,24 +654,17 @@ def two_view_dataset(
         `batch x size x size x 3` float32, normalized (uint8 crops with
         `color_in_model`).
     """
-    dataset = source.dataset
     per_run = epoch is None
+    if skip_batches and per_run:
+        raise ValueError("`skip_batches` needs an `epoch`.")
+    keys = source.order(seed, epoch, shuffle=shuffle)
     if not per_run:
         seed = epoch_seed(seed, epoch)
-    if shuffle:
-        dataset = dataset.shuffle(
-            min(shuffle_buffer, source.num_examples),
-            seed=seed,
-            reshuffle_each_iteration=per_run,
-        )
     seeds = tf.data.Dataset.random(
         seed=seed, rerandomize_each_iteration=per_run
     )
-    dataset = tf.data.Dataset.zip((dataset, seeds.batch(2)))
-    if skip_batches:
-        if per_run:
-            raise ValueError("`skip_batches` needs an `epoch`.")
-        dataset = dataset.skip(skip_batches * batch_size)
+    dataset = tf.data.Dataset.zip((keys, seeds.batch(2)))
+    dataset = dataset.skip(skip_batches * batch_size)
     if shard is not None:
         index, count = shard
         if batch_size % count:
@@ -446,13 +672,13 @@ def two_view_dataset(
                 f"The global batch of {batch_size} does not split over "
                 f"{count} workers. Use a multiple of {count}."
             )
-        # After the shuffle, which is the same on every worker (same seed),
-        # and before any decoding: each image is decoded by one worker.
+        # The order is the same on every worker (same seed and epoch), and
+        # nothing is read yet: each image is read and decoded by one worker.
         dataset = dataset.shard(count, index)
         batch_size //= count
     dataset = dataset.map(
-        lambda element, pair_seed: augment.two_crops(
-            element[0],
+        lambda key, pair_seed: augment.two_crops(
+            source.read(key)[0],
             pair_seed,
             augmentation,
             source.encoded,
@@ -515,45 +741,46 @@ def labelled_dataset(
     seed=0,
     epoch=None,
     skip_batches=0,
-    shuffle_buffer=10_000,
 ):
     """Batches of `(image, label)` for linear classification and kNN.
 
-    Without `train_augmentation`: `eval_view` of every image, in the source's
-    order, the last batch kept. With it (an `augment` dict, e.g. the
-    official RandomResizedCrop(scale 0.08-1) + flip): a shuffled epoch,
-    its order and crops a function of `(seed, epoch)`, last partial batch
-    dropped, from batch `skip_batches` on.
+    Without `train_augmentation` and `epoch`: `eval_view` of every image, in
+    the source's order, the last batch kept. With `epoch`: one training
+    epoch in a uniform random order (`Source.order`, the same order for
+    the same `(seed, epoch)` as `two_view_dataset`'s), from batch
+    `skip_batches` on, the last partial batch dropped; its views are
+    `train_augmentation` (an `augment` dict, e.g. the official
+    RandomResizedCrop(scale 0.08-1) + flip) drawn from `(seed, epoch)`, or
+    `eval_view` without one.
 
     Returns:
         A `tf.data.Dataset` of float32 `N x size x size x 3`, int32 `N`.
     """
 
-    def evaluate(element, label):
+    def evaluate(key):
+        element, label = source.read(key)
         image = _decoded(element, source.encoded)
         view = eval_view(image, size, mean, std, crop_fraction)
         return tf.ensure_shape(view, [size, size, 3]), label
 
-    dataset = source.dataset
     if train_augmentation is None and epoch is None:
-        dataset = dataset.map(evaluate, num_parallel_calls=tf.data.AUTOTUNE)
+        dataset = source.order(shuffle=False).map(
+            evaluate, num_parallel_calls=tf.data.AUTOTUNE
+        )
         return _batched(dataset, source, batch_size, drop_remainder=False)
-    seed = epoch_seed(seed, epoch or 0)
-    dataset = dataset.shuffle(
-        min(shuffle_buffer, source.num_examples),
-        seed=seed,
-        reshuffle_each_iteration=False,
-    )
+    epoch = epoch or 0
+    keys = source.order(seed, epoch)
     if train_augmentation is None:
-        dataset = dataset.skip(skip_batches * batch_size)
-        dataset = dataset.map(evaluate, num_parallel_calls=tf.data.AUTOTUNE)
+        dataset = keys.skip(skip_batches * batch_size).map(
+            evaluate, num_parallel_calls=tf.data.AUTOTUNE
+        )
     else:
-        seeds = tf.data.Dataset.random(seed=seed).batch(2)
-        dataset = tf.data.Dataset.zip((dataset, seeds))
+        seeds = tf.data.Dataset.random(seed=epoch_seed(seed, epoch)).batch(2)
+        dataset = tf.data.Dataset.zip((keys, seeds))
         dataset = dataset.skip(skip_batches * batch_size)
 
-        def train_view(element_label, image_seed):
-            element, label = element_label
+        def train_view(key, image_seed):
+            element, label = source.read(key)
             image = _decoded(element, source.encoded)
             crop_seed, augment_seed = tf.unstack(
                 tf.random.experimental.stateless_split(image_seed, 2)

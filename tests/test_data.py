@@ -60,7 +60,7 @@ def test_image_folder_lists_classes_like_torchvision(messy_folder, caplog):
     root, good = messy_folder
     with caplog.at_level(logging.WARNING, logger="moco_keras"):
         source = data.image_folder(str(root.parent), split="train")
-    assert source.class_names == ["n01", "n02", "n03", "n04_empty"]
+    assert source.class_names == ("n01", "n02", "n03", "n04_empty")
     assert source.num_examples == len(good)
     assert source.encoded
     assert "n04_empty" in caplog.text
@@ -95,6 +95,34 @@ def test_files_failing_to_decode_are_skipped_not_fatal(tmp_path):
     assert source.num_examples == 2
     pairs = data.two_view_dataset(source, SMALL, batch_size=1, shuffle=False)
     assert len(list(pairs)) == 1
+
+
+def test_a_jpeg_with_bytes_after_its_end_marker_is_read(tmp_path):
+    """Phones and some cameras write data after the end marker; decoders
+    ignore it. A truncated JPEG stays skipped, even one whose EXIF thumbnail
+    holds an end marker of its own."""
+    rng = np.random.default_rng(2)
+    jpeg = save(
+        str(tmp_path / "c/whole.jpg"),
+        rng.integers(0, 255, (24, 32, 3), np.uint8),
+    )
+    trailer = b"\x00\x00SEFH\x01 written by a phone \xff\xd8\x00 " * 20
+    (tmp_path / "c/phone.jpg").write_bytes(jpeg + trailer)
+    thumbnail = b"Exif\x00\x00" + jpeg[:20] + b"\xff\xd9"
+    app1 = b"\xff\xe1" + (len(thumbnail) + 2).to_bytes(2, "big") + thumbnail
+    with_thumbnail = jpeg[:2] + app1 + jpeg[2:]
+    (tmp_path / "c/thumbnail.jpg").write_bytes(with_thumbnail)
+    cut = with_thumbnail[: len(with_thumbnail) - 40]
+    (tmp_path / "c/cut.jpg").write_bytes(cut)
+    assert data.check_image_file(str(tmp_path / "c/phone.jpg")) is None
+    assert data.check_image_file(str(tmp_path / "c/thumbnail.jpg")) is None
+    reason = data.check_image_file(str(tmp_path / "c/cut.jpg"))
+    assert reason == "truncated JPEG (no end marker)"
+    source = data.image_folder(str(tmp_path))
+    assert source.num_examples == 3  # whole, phone, thumbnail
+    pairs = data.two_view_dataset(source, SMALL, batch_size=1, shuffle=False)
+    views = [q.numpy() for q, _ in pairs]
+    assert len(views) == 3 and all(np.isfinite(v).all() for v in views)
 
 
 def test_missing_or_empty_folders_say_what_is_expected(tmp_path):

@@ -21,7 +21,10 @@ flags.DEFINE_string(
 flags.DEFINE_string("data_dir", None, "The dataset's folder.")
 flags.DEFINE_integer("image_size", 224, "Crop size of the views.")
 flags.DEFINE_integer(
-    "train_limit", 0, "Train on the first N training images (0: all)."
+    "train_limit",
+    0,
+    "Train on N training images drawn at random, each class in proportion "
+    "(0: all).",
 )
 flags.DEFINE_integer("epochs", 200, "Total epochs.")
 flags.DEFINE_integer("batch_size", 256, "Global batch size.")
@@ -167,33 +170,34 @@ def dataset_stats(dataset):
     return layers.IMAGENET_MEAN, layers.IMAGENET_STD
 
 
-def load_source(dataset, data_dir, split, limit=0, val_split="validation"):
-    """A `data.Source` by recipe name; `split` is "train" or "val"."""
+def load_source(
+    dataset, data_dir, split, limit=0, val_split="validation", seed=0
+):
+    """A `data.Source` by recipe name; `split` is "train" or "val".
+
+    `limit` keeps that many images drawn at random (class-stratified where
+    the labels are known: `Source.subset`, with `seed`). A folder or files
+    that cannot be read end the recipe with their message
+    (`app.UsageError`), not a traceback.
+    """
     from moco_keras import data
 
-    if dataset == "fashion_mnist":
-        source = data.fashion_mnist(
-            "train" if split == "train" else "test",
-            data_dir,
-            limit=limit or None,
-        )
-        return source
-    if dataset == "folder":
-        source = data.image_folder(data_dir, split=split)
-    else:
-        source = data.tfds_source(
-            dataset[len("tfds/") :],
-            split="train" if split == "train" else val_split,
-            data_dir=data_dir,
-        )
-    if limit:
-        source = data.Source(
-            source.dataset.take(limit),
-            source.encoded,
-            min(limit, source.num_examples),
-            source.class_names,
-        )
-    return source
+    try:
+        if dataset == "fashion_mnist":
+            source = data.fashion_mnist(
+                "train" if split == "train" else "test", data_dir
+            )
+        elif dataset == "folder":
+            source = data.image_folder(data_dir, split=split)
+        else:
+            source = data.tfds_source(
+                dataset[len("tfds/") :],
+                split="train" if split == "train" else val_split,
+                data_dir=data_dir,
+            )
+    except (OSError, ValueError) as error:
+        check(False, f"--dataset={dataset} --data_dir={data_dir}: {error}")
+    return source.subset(limit, seed) if limit else source
 
 
 def write_json_atomically(path, payload):
@@ -285,7 +289,15 @@ def callbacks(paths, steps_per_epoch, values, title, extra=(), queue_size=None):
     ]
 
 
-def fit(model, epoch_dataset, values, steps_per_epoch, paths, callbacks):
+def fit(
+    model,
+    epoch_dataset,
+    values,
+    steps_per_epoch,
+    paths,
+    callbacks,
+    validation_data=None,
+):
     """`training.fit_resumable` in the workdir; the start step back."""
     from moco_keras import training
 
@@ -299,6 +311,7 @@ def fit(model, epoch_dataset, values, steps_per_epoch, paths, callbacks):
         callbacks=callbacks,
         csv_path=paths["csv"] if paths["chief"] else None,
         verbose=verbose if verbose == "auto" else int(verbose),
+        validation_data=validation_data,
     )
 
 

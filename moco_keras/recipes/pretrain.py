@@ -52,8 +52,15 @@ flags.DEFINE_bool(
     "model (for accelerators); the CPU only decodes, crops and flips.",
 )
 flags.DEFINE_integer("knn_every", 0, "kNN monitor every N epochs (0: off).")
-flags.DEFINE_integer("knn_bank", 5000, "Training images in the kNN bank.")
-flags.DEFINE_integer("knn_test", 1000, "Validation images the kNN classifies.")
+flags.DEFINE_integer(
+    "knn_bank",
+    5000,
+    "Training images in the kNN bank (drawn at random, each class in "
+    "proportion).",
+)
+flags.DEFINE_integer(
+    "knn_test", 1000, "Validation images the kNN classifies (drawn so too)."
+)
 
 DEFAULTS = {"lr": 0.03, "epochs": 200, "wd": 1e-4, "schedule": ["120", "160"]}
 
@@ -156,7 +163,11 @@ def knn_monitor(values):
 
     def arrays(split, count):
         source = common.load_source(
-            values["dataset"], values["data_dir"], split, limit=count
+            values["dataset"],
+            values["data_dir"],
+            split,
+            limit=count,
+            seed=values["seed"],
         )
         images, labels = [], []
         for x, y in data.labelled_dataset(
@@ -201,6 +212,7 @@ def main(argv):
         values["data_dir"],
         "train",
         limit=values["train_limit"],
+        seed=values["seed"],
     )
     steps_per_epoch = source.num_examples // values["batch_size"]
     common.check(

@@ -3,12 +3,12 @@ r"""Quick start: MoCo v2 on Fashion-MNIST on a CPU, then kNN accuracy.
     python -m moco_keras.recipes.quickstart --workdir=runs/quickstart
 
 Pretrains a width-16 CIFAR-style ResNet-18 with MoCo v2 (split BN with 8
-groups, K 4096, m 0.99, T 0.1, cosine lr) on the first `--train_limit`
-Fashion-MNIST training images, then prints the kNN top-1 (k 200, t 0.1,
-weighted voting, all 60k training images as the bank, the 10k test images)
-of the trained encoder, of the same encoder at random initialisation, and
-of raw pixels. The workdir gets the resolved flags, a CSV of the epochs and
-a PNG of the loss and kNN curves.
+groups, K 4096, m 0.99, T 0.1, cosine lr) on `--train_limit` Fashion-MNIST
+training images (drawn at random, each class in proportion), then prints
+the kNN top-1 (k 200, t 0.1, weighted voting, all 60k training images as
+the bank, the 10k test images) of the trained encoder, of the same encoder
+at random initialisation, and of raw pixels. The workdir gets the resolved
+flags, a CSV of the epochs and a PNG of the loss and kNN curves.
 """
 
 import csv
@@ -71,7 +71,6 @@ def _plot(path, history, knn_curves):
 def main(argv):
     del argv
     import keras
-    import numpy as np
 
     from moco_keras import MoCo
     from moco_keras import augment
@@ -101,11 +100,8 @@ def main(argv):
     bank = data.fashion_mnist_eval_images(train_images)
     test = data.fashion_mnist_eval_images(test_images)
     source = data.image_array_source(
-        train_images[: FLAGS.train_limit],
-        train_labels[: FLAGS.train_limit],
-        data.FASHION_MNIST_CLASSES,
-        pad=2,
-    )
+        train_images, train_labels, data.FASHION_MNIST_CLASSES, pad=2
+    ).subset(FLAGS.train_limit, FLAGS.seed)
     augmentation = augment.get_augmentation(
         "cifar",
         scale=(0.2, 1.0),
@@ -176,9 +172,12 @@ def main(argv):
         keras.callbacks.CSVLogger(os.path.join(FLAGS.workdir, "epochs.csv"))
     ]
     if FLAGS.monitor_bank:
-        rng = np.random.default_rng(FLAGS.seed)
-        bank_ids = rng.permutation(len(bank))[: FLAGS.monitor_bank]
-        test_ids = rng.permutation(len(test))[: FLAGS.monitor_test]
+        bank_ids = data.stratified_indices(
+            train_labels, FLAGS.monitor_bank, FLAGS.seed
+        )
+        test_ids = data.stratified_indices(
+            test_labels, FLAGS.monitor_test, FLAGS.seed
+        )
         callbacks.insert(
             0,
             knn.KNNMonitor(
