@@ -198,6 +198,26 @@ class LossWatch(keras.callbacks.Callback):
             )
 
 
+class ScoreLog(keras.callbacks.Callback):
+    """Prints the validation top-1 / top-5 of each epoch, as main_lincls.py.
+
+    ` * Epoch 3: Acc@1 61.234 Acc@5 83.456` (percent) on stdout and in the
+    absl log, from the epoch's `val_acc1` / `val_acc5`; an epoch without
+    them prints nothing.
+    """
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        if "val_acc1" not in logs:
+            return
+        line = (
+            f" * Epoch {epoch + 1}: Acc@1 {100 * logs['val_acc1']:.3f} "
+            f"Acc@5 {100 * logs.get('val_acc5', float('nan')):.3f}"
+        )
+        print(line)
+        logging.info(line)
+
+
 class CurvePlot(keras.callbacks.Callback):
     """Redraws a PNG of every metric in a CSV log at each epoch end.
 
@@ -280,6 +300,7 @@ def fit_resumable(
     callbacks=(),
     csv_path=None,
     verbose="auto",
+    validation_data=None,
 ):
     """Trains to `epochs`, resuming from the newest checkpoint in `directory`.
 
@@ -294,6 +315,8 @@ def fit_resumable(
         callbacks: Keras callbacks, given to every `fit` call.
         csv_path: a CSVLogger file to cut back to the resumed epoch.
         verbose: `fit`'s verbosity.
+        validation_data: evaluated after every epoch (`fit`'s argument):
+            `val_*` metrics in the logs.
 
     Returns:
         The global step the run started from (0 for a fresh run).
@@ -331,6 +354,7 @@ def fit_resumable(
             callbacks=[*callbacks, stopper],
             verbose=verbose,
             shuffle=False,  # each epoch's dataset is already shuffled
+            validation_data=validation_data,
         )
         skip = 0
         if stopper.asked_by_others:

@@ -189,17 +189,68 @@ def main(argv):
         train_and_evaluate(values, milestones, checkpoint, paths)
 
 
+def check_backbone_unchanged(backbone, checkpoint):
+    """Raises unless `backbone` equals the one in `checkpoint`, read again.
+
+    `main_lincls.py`'s `sanity_check`: the frozen weights after training
+    are compared with the checkpoint on disk, not with a copy taken after
+    loading, so a backbone that training changed and one that was loaded
+    wrong (the wrong encoder, weights left at their initialisation) both
+    fail.
+    """
+    import keras
+    import numpy as np
+
+    reference, _ = load_backbone(checkpoint)
+    pairs = list(zip(backbone.weights, reference.weights, strict=True))
+    changed = [
+        variable.path
+        for variable, stored in pairs
+        if not np.array_equal(
+            keras.ops.convert_to_numpy(variable),
+            keras.ops.convert_to_numpy(stored),
+        )
+    ]
+    if changed:
+        raise RuntimeError(
+            f"The backbone differs from {checkpoint} in {len(changed)} of "
+            f"{len(pairs)} variables ({', '.join(changed[:5])}): it was "
+            "loaded wrong or changed during linear classification. This is "
+            "a bug; please report it."
+        )
+
+
+def epoch_scores(columns):
+    """`[{"epoch", "top1", "top5", "loss"}]` of the evaluated epochs of a
+    CSV log (`training.read_csv_log`), top-1 / top-5 in percent."""
+    scores = []
+    for epoch, acc1, acc5, loss in zip(
+        columns.get("epoch", []),
+        columns.get("val_acc1", []),
+        columns.get("val_acc5", []),
+        columns.get("val_loss", []),
+        strict=False,
+    ):
+        scores.append(
+            {
+                "epoch": int(epoch) + 1,
+                "top1": round(100 * acc1, 2),
+                "top5": round(100 * acc5, 2),
+                "loss": loss,
+            }
+        )
+    return scores
+
+
 def train_and_evaluate(values, milestones, checkpoint, paths):
     """Trains the linear head on the frozen backbone; writes results.json."""
     import keras
-    import numpy as np
-    import tensorflow as tf
 
     from moco_keras import data
+    from moco_keras import training
 
     backbone, normalization = load_backbone(checkpoint)
     backbone.trainable = False  # inference mode: BN moving statistics
-    before = [keras.ops.convert_to_numpy(v).copy() for v in backbone.weights]
     size = values["image_size"]
     # A converted checkpoint expects the statistics its source trained with.
     mean, std = normalization or common.dataset_stats(values["dataset"])
@@ -209,6 +260,7 @@ def train_and_evaluate(values, milestones, checkpoint, paths):
         "train",
         limit=values["train_limit"],
         val_split=values["val_split"],
+        seed=values["seed"],
     )
     val = common.load_source(
         values["dataset"],
@@ -248,25 +300,15 @@ def train_and_evaluate(values, milestones, checkpoint, paths):
         val_x, val_y = _features(backbone, labelled(val))
         inputs = keras.Input((feature_dim,))
         model = keras.Model(inputs, head(inputs), name="linear_head")
-        cached = data.Source(
-            tf.data.Dataset.from_tensor_slices((train_x, train_y)),
-            False,
-            len(train_x),
-            train.class_names,
-        )
+        # In the order of `train`: the image path's order for each epoch.
+        cached = data.Source(train_x, train_y, train.class_names, False)
 
         def epoch_dataset(epoch, skip):
-            # The same shuffle as the image path: same seed, same order.
-            dataset = cached.dataset.shuffle(
-                min(10_000, cached.num_examples),
-                seed=data.epoch_seed(values["seed"], epoch),
-                reshuffle_each_iteration=False,
-            ).skip(skip * batch_size)
-            return dataset.batch(batch_size, drop_remainder=True)
+            keys = cached.order(values["seed"], epoch).skip(skip * batch_size)
+            return keys.map(cached.read).batch(batch_size, drop_remainder=True)
 
-        val_data = tf.data.Dataset.from_tensor_slices((val_x, val_y)).batch(
-            batch_size
-        )
+        val_data = data.Source(val_x, val_y, val.class_names, False)
+        val_data = val_data.dataset.batch(batch_size)
     else:
         inputs = keras.Input((size, size, 3))
         features = backbone(inputs, training=False)
@@ -283,30 +325,39 @@ def train_and_evaluate(values, milestones, checkpoint, paths):
         val_data = labelled(val)
     compile_classifier(model, values, milestones, steps_per_epoch, classes)
     callbacks = common.callbacks(
-        paths, steps_per_epoch, values, "Linear classification"
+        paths,
+        steps_per_epoch,
+        values,
+        "Linear classification",
+        extra=[training.ScoreLog()],
     )
     print(
         f"Linear classification on {checkpoint}: {train.num_examples} "
-        f"training images, {classes} classes, {values['epochs']} epochs"
+        f"training images, {classes} classes, {values['epochs']} epochs, "
+        f"validation on {val.num_examples} images after each"
     )
     started = time.time()
-    common.fit(model, epoch_dataset, values, steps_per_epoch, paths, callbacks)
-    scores = model.evaluate(val_data, verbose=0, return_dict=True)
-    after = [keras.ops.convert_to_numpy(v) for v in backbone.weights]
-    changed = [
-        v.path
-        for v, a, b in zip(backbone.weights, before, after, strict=True)
-        if not np.array_equal(a, b)
-    ]
-    if changed:
-        raise RuntimeError(
-            f"The frozen backbone changed during linear classification: "
-            f"{changed[:5]}. This is a bug; please report it."
-        )
+    common.fit(
+        model,
+        epoch_dataset,
+        values,
+        steps_per_epoch,
+        paths,
+        callbacks,
+        validation_data=val_data,
+    )
+    check_backbone_unchanged(backbone, checkpoint)
+    if not paths["chief"]:
+        print("Done (this worker writes nothing; the chief has the results).")
+        return
+    epochs = epoch_scores(training.read_csv_log(paths["csv"]))
+    best = max(epochs, key=lambda score: score["top1"])
     results = {
-        "top1": round(100 * float(scores["acc1"]), 2),
-        "top5": round(100 * float(scores["acc5"]), 2),
-        "val_loss": float(scores["loss"]),
+        "top1": epochs[-1]["top1"],
+        "top5": epochs[-1]["top5"],
+        "val_loss": epochs[-1]["loss"],
+        "best": best,
+        "epochs": epochs,
         "val_images": val.num_examples,
         "pretrained": checkpoint,
         "backbone_unchanged": True,
@@ -315,12 +366,13 @@ def train_and_evaluate(values, milestones, checkpoint, paths):
         "seconds_this_session": round(time.time() - started, 1),
         "backend": keras.backend.backend(),
     }
-    if paths["chief"]:
-        common.write_json_atomically(paths["results"], results)
+    common.write_json_atomically(paths["results"], results)
     print(
         f"Validation top-1 {results['top1']:.2f} %, top-5 "
-        f"{results['top5']:.2f} % ({val.num_examples} images); the backbone "
-        "is unchanged."
+        f"{results['top5']:.2f} % after epoch {epochs[-1]['epoch']} "
+        f"({val.num_examples} images); best top-1 {best['top1']:.2f} % "
+        f"(top-5 {best['top5']:.2f} %) at epoch {best['epoch']}. The "
+        "backbone is unchanged (checked against the checkpoint on disk)."
     )
 
 
