@@ -18,6 +18,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from moco_keras import distribute
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # ITU-R 601-2 luma, as PIL's convert("L") and torchvision's rgb_to_grayscale.
@@ -243,7 +245,25 @@ class ColorAugmentation(keras.layers.Layer):
         )
 
     def sample_parameters(self, batch_size):
-        """Per-image draws, a dict of N-vectors (`order`: N x 4)."""
+        """Per-image draws, a dict of N-vectors (`order`: N x 4).
+
+        Under a `tf.distribute` strategy every replica holds the same seed
+        state, so each draws the parameters of the whole global batch and
+        keeps its own rows: every image of the global batch gets its own,
+        the same as on one device. (JAX's data parallel runs the layer on
+        the global batch already.)
+        """
+        context = distribute.replica_context()
+        if context is None:
+            return self._draw(batch_size)
+        parameters = self._draw(batch_size * context.num_replicas_in_sync)
+        start = context.replica_id_in_sync_group * batch_size
+        return {
+            name: value[start : start + batch_size]
+            for name, value in parameters.items()
+        }
+
+    def _draw(self, batch_size):
         b, c, s, h = self.jitter
         factors = ops.stack(
             [
