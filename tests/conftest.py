@@ -74,3 +74,20 @@ def to_numpy(variable):
 
 def snapshot(variables):
     return [to_numpy(v).copy() for v in variables]
+
+
+def recipe_defaults(**overrides):
+    """The pretrain and lincls recipes' flag values: defaults, overridden."""
+    from moco_keras.recipes import common
+    from moco_keras.recipes import lincls
+    from moco_keras.recipes import pretrain
+
+    modules = (common.__name__, pretrain.__name__, lincls.__name__)
+    values = {
+        flag.name: flag.default
+        for module in modules
+        for flag in common.FLAGS.get_flags_for_module(module)
+    }
+    values.update(workdir="/tmp/unused", data_dir="/data")
+    values.update(overrides)
+    return values

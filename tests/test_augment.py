@@ -148,21 +148,59 @@ def test_jitter_factors_are_drawn_in_torchvision_ranges():
     assert 0.6 <= min(factors) < 0.65 and 1.35 < max(factors) <= 1.4
 
 
+def _one_op(image, op, factor):
+    """The module's op `op` alone: the other three at their identity."""
+    factors = [1.0, 1.0, 1.0, 0.0]
+    factors[op] = float(factor)
+    return augment.apply_color_jitter(image, factors, [0, 1, 2, 3])
+
+
 def test_jitter_applies_its_ops_in_a_random_order():
-    # Brightness then contrast differs from contrast then brightness when
-    # clipping is involved; both orders must show up.
     image = tf.constant(np.linspace(0, 1, 48).reshape(4, 4, 3), tf.float32)
     outs = {
         augment.color_jitter(image, s, 0.0, 0.0, 0.0, 0.0).numpy().tobytes()
         for s in seeds(5)
     }
     assert len(outs) == 1  # zero factors: every order gives the input
-    order_seen = set()
+    orders, order_mattered = set(), 0
     for s in seeds(60):
-        split = tf.random.experimental.stateless_split(s, 5)
-        order = tf.argsort(tf.random.stateless_uniform([4], seed=split[4]))
-        order_seen.add(tuple(order.numpy()))
-    assert len(order_seen) > 12
+        factors, order = augment.jitter_parameters(s, 0.4, 0.4, 0.4, 0.1)
+        out = augment.color_jitter(image, s, 0.4, 0.4, 0.4, 0.1).numpy()
+        # The output is the four ops one after the other in the drawn order.
+        expected = image
+        for op in order.numpy():
+            expected = _one_op(expected, op, factors[op])
+        np.testing.assert_allclose(out, expected.numpy(), atol=1e-5)
+        fixed = augment.apply_color_jitter(image, factors, [0, 1, 2, 3])
+        order_mattered += not np.allclose(out, fixed.numpy(), atol=1e-3)
+        orders.add(tuple(order.numpy()))
+    assert len(orders) > 12  # of the 24
+    # Clipping makes the order matter for most draws on this image.
+    assert order_mattered > 20
+
+
+def test_v1_grays_before_its_jitter_and_v2_after():
+    # Pure red has luma 0.299. Gray first, a brightness factor b > 1 scales
+    # the luma to 0.299 b; jitter first clips red at 1, then the gray is
+    # 0.299 at most.
+    red = tf.constant(np.broadcast_to([1.0, 0.0, 0.0], (4, 4, 3)), tf.float32)
+    brightest = {}
+    for name in ("mocov1", "mocov2"):
+        config = augment.get_augmentation(
+            name,
+            jitter=(0.4, 0.0, 0.0, 0.0),
+            jitter_p=1.0,
+            grayscale_p=1.0,
+            blur_p=0.0,
+            mean=(0.0, 0.0, 0.0),
+            std=(1.0, 1.0, 1.0),
+        )
+        views = [
+            augment.augment_crop(red, s, config).numpy() for s in seeds(40)
+        ]
+        brightest[name] = max(float(view.max()) for view in views)
+    assert brightest["mocov1"] > 0.299 * 1.2
+    assert brightest["mocov2"] == pytest.approx(0.299, abs=1e-3)
 
 
 def _blur_width(sigma):

@@ -74,6 +74,56 @@ MIRRORED = textwrap.dedent(
                 int(p.numpy()) for p in mirrored.queue_ptr.value.values
             }),
         })
+
+    # Colour ops in the model: every image of the global batch draws its
+    # own, as on one device, though every replica holds the same seed state.
+    from moco_keras import layers
+
+    def colour_layer():
+        return layers.ColorAugmentation(
+            jitter_p=1.0, grayscale_p=0.0, blur_p=0.0, seed=5
+        )
+
+    with strategy.scope():
+        colour = colour_layer()
+    image = rng.integers(0, 256, (8, 8, 3)).astype("uint8")
+    same = np.broadcast_to(image, (16, 8, 8, 3)).copy()  # 4 per replica
+
+    def per_replica(function, array):
+        batches = strategy.experimental_distribute_dataset(
+            tf.data.Dataset.from_tensor_slices(array).batch(16)
+        )
+        out = strategy.run(tf.function(function), args=(next(iter(batches)),))
+        return [
+            np.concatenate([t.numpy() for t in
+                            strategy.experimental_local_results(part)])
+            for part in (out if isinstance(out, tuple) else (out,))
+        ]
+
+    (views,) = per_replica(lambda x: colour(x, training=True), same)
+    alone = ops.convert_to_numpy(colour_layer()(same, training=True))
+    # The key shuffle: one permutation for all replicas. Keys = the images'
+    # row numbers; each replica gets back its own rows and the global
+    # batch's, in order, only if every replica drew the same permutation.
+    with strategy.scope():
+        generator = keras.random.SeedGenerator(7)
+    rows = np.broadcast_to(
+        np.arange(16, dtype="float32")[:, None, None, None], (16, 2, 2, 3)
+    ).copy()
+
+    def keys(x):
+        context = tf.distribute.get_replica_context()
+        return distribute.shuffled_keys(
+            context, x, lambda v: tf.reshape(v, (-1, 12))[:, :1], generator
+        )
+
+    local_keys, global_keys = per_replica(keys, rows)
+    results.append({
+        "distinct_views": len({v.round(4).tobytes() for v in views}),
+        "views_vs_one_device": float(np.max(np.abs(views - alone))),
+        "local_keys": local_keys[:, 0].tolist(),
+        "global_keys": global_keys[:, 0].tolist(),
+    })
     print(json.dumps(results))
     """
 )
@@ -115,6 +165,21 @@ def test_mirrored_step_equals_split_bn_on_one_device(mirrored):
     worst = max(result["weights"], key=result["weights"].get)
     assert result["weights"][worst] < 1e-5, worst
     assert any("moving_mean" in path for path in result["weights"])
+
+
+@pytest.mark.slow
+@pytest.mark.backends("tensorflow")
+def test_mirrored_replicas_draw_their_own_colours_and_one_permutation(
+    mirrored,
+):
+    result = mirrored[2]
+    # 16 copies of one image over 4 replicas: 16 different views (with a
+    # mirrored seed state, replica r's i-th view would repeat replica 0's).
+    assert result["distinct_views"] == 16
+    assert result["views_vs_one_device"] < 1e-5
+    assert result["local_keys"] == list(range(16))
+    # 4 replicas x 16 global keys, each replica's in the global order.
+    assert result["global_keys"] == list(range(16)) * 4
 
 
 @pytest.mark.slow
@@ -161,7 +226,55 @@ DATA_PARALLEL = textwrap.dedent(
     parallel = build()
     parallel_losses = fit(parallel, views)
     queue = parallel.queue.value
+
+    # The BN groups are the device shards: the global batch lies on the 4
+    # devices in 4 blocks of rows, and split BN's 4 groups are those blocks.
+    # Rows of device d hold values around 10 * d: normalized per shard,
+    # each shard has mean 0; with one BN group over the global batch, or
+    # groups across the shards, they would not.
+    from moco_keras import SplitBatchNormalization, layers
+    distribution = keras.distribution.distribution()
+    offsets = np.repeat(10.0 * np.arange(4), 4)[:, None, None, None]
+    x = (rng.normal(size=(16, 4, 4, 2)) + offsets).astype("float32")
+    x = keras.distribution.distribute_tensor(
+        x, distribution.get_data_layout(x.shape)
+    )
+    bn = SplitBatchNormalization(num_splits=4, center=False, scale=False)
+    normalized = bn(x, training=True)
+    shards = {
+        shard.device.id: (shard.index[0].start, shard.index[0].stop,
+                          float(np.abs(np.asarray(shard.data).mean()).max()))
+        for shard in normalized.addressable_shards
+    }
+
+    # Colour ops in the model: the step runs on the global batch, every
+    # image draws its own (16 copies of one image give 16 views).
+    class Record(keras.layers.Layer):
+        def build(self, shape):
+            self.seen = self.add_weight(
+                shape=(16, *shape[1:]), initializer="zeros", trainable=False
+            )
+
+        def call(self, inputs, training=False):
+            if training:
+                self.seen.assign(inputs)
+            return inputs
+
+    inputs = keras.Input((8, 8, 3))
+    recorded = keras.layers.Flatten()(Record(name="record")(inputs))
+    encoder = keras.Model(inputs, keras.layers.Dense(4)(recorded))
+    colour = layers.ColorAugmentation(jitter_p=1.0, grayscale_p=0.0,
+                                      blur_p=0.0, seed=5)
+    model = MoCo(encoder, dim=4, queue_size=16, augmentation=colour, seed=1)
+    model.compile(optimizer=optimizers.SGD(0.03, momentum=0.9))
+    same = np.broadcast_to(rng.integers(0, 256, (8, 8, 3)), (16, 8, 8, 3))
+    same = same.astype("uint8")
+    model.fit(same, same, batch_size=16, shuffle=False, verbose=0)
+    seen = ops.convert_to_numpy(model.encoder_q.get_layer("record").seen)
+
     print(json.dumps({
+        "shards": shards,
+        "distinct_views": len({v.round(4).tobytes() for v in seen}),
         "devices": len(jax.devices()),
         "mesh": distribute.device_count(),
         "queue_devices": len(queue.sharding.device_set),
@@ -190,6 +303,17 @@ def test_data_parallel_matches_split_bn_on_one_device():
         XLA_FLAGS="--xla_force_host_platform_device_count=4",
     )
     assert result["devices"] == result["mesh"] == 4
+    # Each device holds 4 rows of the global batch of 16, normalized among
+    # themselves: device shards and BN groups coincide.
+    shards = sorted(result["shards"].values())
+    assert [(start, stop) for start, stop, _ in shards] == [
+        (0, 4),
+        (4, 8),
+        (8, 12),
+        (12, 16),
+    ]
+    assert max(mean for _, _, mean in shards) < 1e-4
+    assert result["distinct_views"] == 16
     assert result["queue_devices"] == 4  # replicated on every device
     single, parallel = result["loss"]  # the mean over the three steps
     assert parallel == pytest.approx(single, abs=1e-5)

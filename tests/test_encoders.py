@@ -118,3 +118,32 @@ def test_bad_arguments():
         encoders.resnet(101)
     with pytest.raises(ValueError, match="not both"):
         encoders.resnet18(bn_splits=2, norm_layer=keras.layers.Identity)
+
+
+def test_initialisation_is_torchvisions():
+    """Convolutions kaiming_normal_(mode="fan_out", nonlinearity="relu"):
+    N(0, 2 / (k * k * out_channels)), not truncated; BN weight 1, bias 0."""
+    model = encoders.resnet18(width=64, input_shape=(32, 32, 3))
+    checked = 0
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Conv2D):
+            kernel = keras.ops.convert_to_numpy(layer.kernel)
+            kh, kw, _, out = kernel.shape
+            if kernel.size < 30_000:
+                continue
+            std = np.sqrt(2.0 / (kh * kw * out))
+            assert kernel.std() == pytest.approx(std, rel=0.03), layer.name
+            assert abs(kernel.mean()) < 0.03 * std, layer.name
+            # A truncated normal would stop at 2 std.
+            assert np.abs(kernel).max() > 3.5 * std, layer.name
+            checked += 1
+        if isinstance(layer, keras.layers.BatchNormalization):
+            for name, value in (
+                ("gamma", 1.0),
+                ("beta", 0.0),
+                ("moving_mean", 0.0),
+                ("moving_variance", 1.0),
+            ):
+                array = keras.ops.convert_to_numpy(getattr(layer, name))
+                np.testing.assert_array_equal(array, value, layer.name)
+    assert checked >= 15

@@ -52,6 +52,23 @@ def test_presets_follow_the_papers():
         MoCo.from_preset("mocov3", dense_encoder())
 
 
+def test_heads_have_torchs_linear_initialisation():
+    """torch.nn.Linear: weight and bias ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
+    as the official heads are left."""
+    model = MoCo(dense_encoder(features=256), dim=128, mlp=True, queue_size=8)
+    for layer in model.head_q.layers:
+        bound = 1.0 / math.sqrt(256)  # the fan-in of both layers
+        kernel = keras.ops.convert_to_numpy(layer.kernel)
+        bias = keras.ops.convert_to_numpy(layer.bias)
+        assert np.abs(kernel).max() <= bound
+        assert np.abs(kernel).max() > 0.99 * bound
+        assert kernel.std() == pytest.approx(bound / math.sqrt(3), rel=0.03)
+        assert np.abs(bias).max() <= bound
+        assert bias.std() > 0.4 * bound  # drawn, not zeros
+    for q_var, k_var in zip(query_side(model), key_side(model), strict=True):
+        np.testing.assert_array_equal(to_numpy(q_var), to_numpy(k_var))
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -260,13 +277,24 @@ def test_key_batch_is_shuffled_and_keys_are_put_back_in_order():
 
 
 def test_shuffle_bn_groups_differ_between_queries_and_keys():
-    # With split BN and the same images in both views, unshuffled keys
-    # would equal the queries exactly; shuffled, the group statistics differ.
-    model = make_moco(tiny_resnet(bn_splits=4), queue_size=16, momentum=0.0)
+    # The same images in both views and momentum 0, so that the key
+    # encoder is the query encoder of this step: unshuffled, every key would
+    # be its query from the same train-mode forward. Shuffled, split BN
+    # normalizes each key among other images than its query, and the two
+    # differ; with one BN group the shuffle changes nothing (BN does not
+    # depend on the order), so the difference is the groups' doing.
     x = random_images(16, (8, 8, 3), seed=7)
-    model.train_on_batch(x, x)
-    q = keras.ops.convert_to_numpy(model(x, training=False))
-    assert not np.allclose(to_numpy(model.queue).T, q, atol=1e-3)
+    for bn_splits in (1, 4):
+        model = make_moco(
+            tiny_resnet(bn_splits=bn_splits), queue_size=16, momentum=0.0
+        )
+        q = keras.ops.convert_to_numpy(model(x, training=True))  # 16 x 4
+        model.train_on_batch(x, x)
+        keys = to_numpy(model.queue).T  # 16 x 4, the step's keys in order
+        if bn_splits == 1:
+            np.testing.assert_allclose(keys, q, atol=1e-4)
+        else:
+            assert np.abs(keys - q).max() > 1e-2
 
 
 def test_evaluate_leaves_the_state_alone():

@@ -19,6 +19,7 @@ import keras
 import numpy as np
 import pytest
 from absl import app
+from conftest import recipe_defaults as defaults
 from PIL import Image
 
 from moco_keras import data
@@ -180,6 +181,15 @@ def test_lincls_fast_path_agrees_with_the_full_path(smoke_run, tmp_path):
     assert results[0]["backbone_unchanged"] and results[1]["backbone_unchanged"]
     assert np.isfinite(results[0]["val_loss"])
     assert abs(results[0]["top1"] - results[1]["top1"]) <= 0.2
+    # Every epoch evaluated, as main_lincls.py does, and the best kept.
+    for fast_epoch, full_epoch in zip(
+        results[0]["epochs"], results[1]["epochs"], strict=True
+    ):
+        assert abs(fast_epoch["top1"] - full_epoch["top1"]) <= 0.2
+    assert [score["epoch"] for score in results[0]["epochs"]] == [1, 2]
+    assert results[0]["epochs"][-1]["top1"] == results[0]["top1"]
+    best = max(results[0]["epochs"], key=lambda score: score["top1"])
+    assert results[0]["best"] == best
     heads = []
     for workdir in (fast, full):
         path, _ = training.latest_checkpoint(f"{workdir}/checkpoints")
@@ -242,26 +252,25 @@ def test_pretrain_then_lincls_on_an_image_folder(tmp_path):
         f"--pretrained={run}",
         f"--workdir={evaluation}",
     )
-    assert "the backbone is unchanged" in out.stdout
+    assert "The backbone is unchanged (checked against the checkpoint" in (
+        out.stdout
+    )
+    assert " * Epoch 1: Acc@1 " in out.stdout  # main_lincls.py's line
     results = json.load(open(os.path.join(evaluation, "results.json")))
     assert results["val_images"] == 24
     assert 0.0 <= results["top1"] <= results["top5"] <= 100.0
+    assert results["epochs"] == [
+        {
+            "epoch": 1,
+            **{k: results[k] for k in ("top1", "top5")},
+            "loss": (results["val_loss"]),
+        }
+    ]
+    assert results["best"] == results["epochs"][0]
     assert results["pretrained"].endswith("ckpt-000000003.keras")
 
 
 # --- Flags: contradictions are refused before any data is read. -----------
-
-
-def defaults(**overrides):
-    modules = (common.__name__, pretrain.__name__, lincls.__name__)
-    values = {
-        flag.name: flag.default
-        for module in modules
-        for flag in common.FLAGS.get_flags_for_module(module)
-    }
-    values.update(workdir="/tmp/unused", data_dir="/data")
-    values.update(overrides)
-    return values
 
 
 @pytest.mark.parametrize(
@@ -325,6 +334,184 @@ def test_bad_flags_exit_before_reading_data(tmp_path):
     assert not workdir.exists()
     result = run_recipe("pretrain", "--arch=vgg16", check=False)
     assert result.returncode != 0 and "arch" in result.stderr
+
+
+def test_importing_the_package_turns_tensorflows_onednn_on():
+    # TensorFlow reads TF_ENABLE_ONEDNN_OPTS when it is imported; the
+    # recipes import moco_keras first. A value the user set is kept.
+    code = (
+        "import os, moco_keras, tensorflow; "
+        "print(os.environ['TF_ENABLE_ONEDNN_OPTS'])"
+    )
+    env = {k: v for k, v in ENV.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={**env, "KERAS_BACKEND": "torch"},
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=True,
+    )
+    assert result.stdout.split() == ["1"]
+    assert "oneDNN custom operations are on" in result.stderr
+
+
+def test_a_missing_or_empty_data_dir_ends_with_its_message(tmp_path):
+    result = run_recipe(
+        "pretrain",
+        "--dataset=folder",
+        f"--data_dir={tmp_path / 'nowhere'}",
+        f"--workdir={tmp_path / 'run'}",
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "No data directory at" in result.stderr
+    assert "ROOT/train/n01440764/" in result.stderr  # the expected layout
+    assert "Traceback" not in result.stderr + result.stdout
+    os.makedirs(tmp_path / "empty" / "train")
+    for path, message in (
+        (tmp_path / "empty", "has no class sub-folders"),
+        (tmp_path / "nowhere", "No data directory at"),
+    ):
+        with pytest.raises(app.UsageError, match=message):
+            common.load_source("folder", str(path), "train")
+
+
+def flagfile_values(recipe, flagfile):
+    """What `--flagfile=recipes/<flagfile>` resolves to in `recipe`: the
+    flag defaults, the recipe's own defaults, then the file (includes
+    expanded by absl), without touching the process's parsed flags."""
+    values = defaults(**recipe.DEFAULTS)
+    args = common.FLAGS.read_flags_from_files(
+        [f"--flagfile={ROOT}/recipes/{flagfile}"], force_gnu=True
+    )
+    for arg in args:
+        name, _, text = arg[2:].partition("=")
+        if not text and name not in common.FLAGS:
+            name, text = name[2:], "false"  # --noNAME
+        parser = common.FLAGS[name]
+        values[name] = parser.parser.parse(text or "true")
+    return values
+
+
+# The ImageNet recipes against DESIGN.md (the papers and the official code).
+MOCOV1 = {
+    "arch": "resnet50",
+    "dataset": "folder",
+    "image_size": 224,
+    "epochs": 200,
+    "batch_size": 256,
+    "lr": 0.03,
+    "lr_batch_size": 0,
+    "schedule": ["120", "160"],
+    "cos": False,
+    "momentum": 0.9,
+    "wd": 1e-4,
+    "moco_dim": 128,
+    "moco_k": 65536,
+    "moco_m": 0.999,
+    "moco_t": 0.07,
+    "mlp": False,
+    "aug_plus": False,
+    "blur": True,
+    "bn_splits": 8,
+    "width": 64,
+    "train_limit": 0,
+    "color_in_model": False,
+    "crop_fraction": 0.875,
+}
+MOCOV2 = {**MOCOV1, "mlp": True, "aug_plus": True, "cos": True, "moco_t": 0.2}
+LINCLS = {
+    "dataset": "folder",
+    "image_size": 224,
+    "epochs": 100,
+    "batch_size": 256,
+    "lr": 30.0,
+    "lr_batch_size": 0,
+    "schedule": ["60", "80"],
+    "cos": False,
+    "momentum": 0.9,
+    "wd": 0.0,
+    "train_augment": True,
+    "cache_features": False,
+    "train_limit": 0,
+    "crop_fraction": 0.875,
+}
+
+
+@pytest.mark.parametrize(
+    "recipe, flagfile, expected",
+    [
+        (pretrain, "mocov1.flags", MOCOV1),
+        (pretrain, "mocov2.flags", MOCOV2),
+        (lincls, "lincls.flags", LINCLS),
+    ],
+)
+def test_imagenet_flagfiles_hold_the_papers_values(recipe, flagfile, expected):
+    values = flagfile_values(recipe, flagfile)
+    assert {name: values[name] for name in expected} == expected
+    text = open(os.path.join(ROOT, "recipes", flagfile)).read()
+    # Each opens with the command, the hardware, the time and the target.
+    assert text.startswith("# ") and "python -m moco_keras.recipes." in text
+    for word in ("Hardware", "Time", "Expected"):
+        assert word in text.split("\n--")[0], (flagfile, word)
+    if recipe is lincls:
+        augmentation = data.linear_augmentation(224, (0,) * 3, (1,) * 3)
+        assert augmentation["scale"] == (0.08, 1.0)
+        return
+    augmentation = pretrain.augmentation_config(values)
+    assert augmentation["size"] == 224
+    assert augmentation["scale"] == (0.2, 1.0)
+    assert augmentation["mean"] == (0.485, 0.456, 0.406)
+    assert augmentation["std"] == (0.229, 0.224, 0.225)
+    assert augmentation["grayscale_p"] == 0.2 and augmentation["flip"]
+    if values["aug_plus"]:
+        assert augmentation["jitter"] == (0.4, 0.4, 0.4, 0.1)
+        assert augmentation["jitter_p"] == 0.8
+        assert not augmentation["grayscale_first"]
+        assert augmentation["blur_p"] == 0.5
+        assert augmentation["blur_sigma"] == (0.1, 2.0)
+    else:
+        assert augmentation["jitter"] == (0.4, 0.4, 0.4, 0.4)
+        assert augmentation["jitter_p"] == 1.0
+        assert augmentation["grayscale_first"]
+        assert augmentation["blur_p"] == 0.0
+
+
+def test_linear_classifier_starts_as_main_lincls():
+    """fc.weight ~ N(0, 0.01), fc.bias = 0 (main_lincls.py)."""
+    head = lincls.linear_head(2048, 1000)
+    head.build((None, 2048))
+    kernel = keras.ops.convert_to_numpy(head.kernel)
+    assert kernel.std() == pytest.approx(0.01, rel=0.01)
+    assert abs(kernel.mean()) < 1e-4
+    assert np.abs(kernel).max() > 0.045  # normal, not truncated at 2 std
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(head.bias), 0.0)
+
+
+def test_backbone_check_reads_the_checkpoint_back(tmp_path):
+    from conftest import make_moco
+    from conftest import tiny_resnet
+
+    path = str(tmp_path / "ckpt-000000001.keras")
+    make_moco(tiny_resnet(bn_splits=2)).save(path)
+    backbone, normalization = lincls.load_backbone(path)
+    assert normalization is None
+    lincls.check_backbone_unchanged(backbone, path)
+    # Changed after loading: found.
+    variable = backbone.weights[3]
+    variable.assign(variable.value + 1.0)
+    with pytest.raises(RuntimeError, match="differs from .* in 1 of"):
+        lincls.check_backbone_unchanged(backbone, path)
+    # Loaded wrong (another model's weights): found too, which a copy taken
+    # after loading would not see.
+    other = str(tmp_path / "other.keras")
+    keras.utils.set_random_seed(1)
+    make_moco(tiny_resnet(bn_splits=2)).save(other)
+    wrong, _ = lincls.load_backbone(other)
+    with pytest.raises(RuntimeError, match="loaded wrong or changed"):
+        lincls.check_backbone_unchanged(wrong, path)
 
 
 def test_pretrained_must_be_a_moco_checkpoint(tmp_path):
