@@ -10,6 +10,11 @@ DEMO_BACKEND ?= tensorflow
 DEMO_ARGS ?=
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+# TensorFlow's oneDNN kernels, which it turns on by itself only on CPUs
+# with AVX-512: about 2x faster steps on an AVX2-only AMD EPYC. Exported to
+# every command here (the suite imports TensorFlow before moco_keras could
+# set it); a value in the environment wins.
+export TF_ENABLE_ONEDNN_OPTS ?= 1
 
 .PHONY: venv test lint demo fashion-mnist bench clean
 

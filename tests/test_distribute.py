@@ -300,7 +300,8 @@ def test_data_parallel_matches_split_bn_on_one_device():
     result = run_script(
         DATA_PARALLEL,
         KERAS_BACKEND="jax",
-        XLA_FLAGS="--xla_force_host_platform_device_count=4",
+        XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
+        "--xla_force_host_platform_device_count=4",
     )
     assert result["devices"] == result["mesh"] == 4
     # Each device holds 4 rows of the global batch of 16, normalized among
