@@ -250,3 +250,66 @@ def test_a_permutation_of_imagenets_1_28m_paths(capsys):
             f"an epoch's order in {order_cost[0]:.3f} s, peak RSS "
             f"+{order_cost[1]:.0f} MiB"
         )
+
+
+def test_a_class_sorted_tfds_dataset_is_read_in_a_uniform_order(tmp_path):
+    """tfds shuffles a split over its shards when it writes it; each epoch
+    then reads its shards in a seeded order through a buffer."""
+    import tensorflow_datasets as tfds
+
+    classes, per_class, batch = 50, 24, 128
+    encoded = []
+    for colour in PALETTE[:classes].astype(np.uint8):
+        buffer = io.BytesIO()
+        Image.fromarray(np.broadcast_to(colour, (8, 10, 3)).copy()).save(
+            buffer, "JPEG", quality=95
+        )
+        encoded.append(buffer.getvalue())
+
+    class MocoSortedImages(tfds.core.GeneratorBasedBuilder):
+        """Tiny one-colour JPEGs, generated in class order."""
+
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(
+                builder=self,
+                features=tfds.features.FeaturesDict(
+                    {
+                        "image": tfds.features.Image(encoding_format="jpeg"),
+                        "label": tfds.features.ClassLabel(num_classes=classes),
+                    }
+                ),
+            )
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for label in range(classes):
+                for index in range(per_class):
+                    yield (
+                        label * per_class + index,
+                        {
+                            "image": io.BytesIO(encoded[label]),
+                            "label": label,
+                        },
+                    )
+
+    source = data.tfds_source("moco_sorted_images", data_dir=str(tmp_path))
+    assert source.num_examples == classes * per_class
+    epochs = []
+    for epoch in (0, 1):
+        pairs = data.two_view_dataset(
+            source, PLAIN, batch, seed=0, epoch=epoch
+        ).take(classes * per_class // batch)
+        epochs.append([classes_of_views(q.numpy()) for q, _ in pairs])
+        assert_uniform(epochs[-1], [per_class] * classes)
+    assert not np.array_equal(epochs[0][0], epochs[1][0])
+    # Every record once an epoch.
+    counts = np.bincount(np.concatenate(epochs[0]), minlength=classes)
+    assert counts.max() <= per_class and counts.sum() == 9 * batch
+    subset = source.subset(300)
+    labels = [int(label) for _, label in subset.dataset]
+    assert subset.num_examples == len(labels) == 300
+    assert len(set(labels)) > 40  # a random draw of the classes
