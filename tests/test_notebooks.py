@@ -88,12 +88,16 @@ def test_committed_notebooks_are_stripped_and_open_as_colab_asks():
 
 
 @pytest.mark.slow
-# The learning check is made on TensorFlow: at this size (64 steps) a gain
-# depends on the seed, and with seed 0 the JAX and torch backends (their
-# own random streams) had not yet moved the kNN past the random encoder's
-# (2026-11-28: TF 60.1 -> 65.6 %, JAX 57.6 -> 57.1 %, torch 59.4 -> 58.8 %;
-# from equal weights and batches the backends' losses agree, README).
-# Notebooks 02 and 03 run on the other backends.
+# At this size (64 steps) the kNN of the trained encoder against the random
+# one is within seed noise: measured 2026-12-01 (TF, lr 0.12), seeds 0, 1,
+# 2 gave +5.5, -9.8, -8.9 points with the first 8192 training images and
+# -0.9, -4.8, -11.3 with a stratified draw (lr 0.03: +1.0, -7.3, -13.4),
+# so a "trained beats random" check passed by the seed's luck. (Part of it
+# is not learning at all: at lr 1e-9 the kNN fell from 62.6 to 50.6 %, the
+# BN moving statistics having left their initial 0 / 1.) What 64 steps do
+# learn is MoCo's pretext task: seeds 0, 1, 2 ended at loss 5.66, 5.58,
+# 5.72 and acc1 8.4, 14.6, 23.1 %, against 6.70 and 1.9 % at lr 1e-9. That
+# is checked, and that the kNN evaluation and the neighbour grids ran.
 @pytest.mark.backends("tensorflow")
 def test_quickstart_notebook_learns(tmp_path):
     notebook, printed = run_notebook(
@@ -103,20 +107,30 @@ def test_quickstart_notebook_learns(tmp_path):
         TRAIN_LIMIT=8192,
         WIDTH=8,
         BATCH_SIZE=128,
-        # A higher rate than the default: 64 steps must move the encoder
-        # past its (good) random initialisation.
         LEARNING_RATE=0.12,
         QUEUE_SIZE=1024,
         KNN_BANK=5000,
         KNN_TEST=1000,
     )
+    loss, chance_loss, acc1, chance = map(
+        float,
+        number(
+            r"MoCo loss ([\d.]+) \(ln\(K\+1\) = ([\d.]+) before learning\), "
+            r"acc1 ([\d.]+) % \(chance ([\d.]+) %\)",
+            printed,
+        ),
+    )
+    assert chance_loss == pytest.approx(np.log(1025), abs=1e-3)
+    assert loss < chance_loss - 0.7, printed[-3000:]
+    assert acc1 > 50 * chance, printed[-3000:]
     trained, random = map(
         float,
         number(
             r"kNN top-1: trained ([\d.]+) % \| random init ([\d.]+)", printed
         ),
     )
-    assert trained > random, printed[-3000:]
+    # Far above chance (10 %): the bank, labels and features line up.
+    assert trained > 40 and random > 40, printed[-3000:]
     # The curves and the two neighbour grids, shown and saved.
     assert images_shown(notebook) == 3
     for name in ("moco.keras", "curves.png", "neighbours_trained.png"):
