@@ -455,6 +455,7 @@ def test_multi_worker_resumes_after_a_worker_dies(tmp_path):
             "--cpu_devices=2",
             "--nocache_features",
             "--train_limit=512",
+            "--val_limit=1000",
             "--epochs=1",
             "--cos",
         ],
@@ -468,3 +469,4 @@ def test_multi_worker_resumes_after_a_worker_dies(tmp_path):
     assert lincls.returncode == 0, lincls.stderr[-4000:]
     scores = json.loads((tmp_path / "lincls" / "results.json").read_text())
     assert scores["backbone_unchanged"] and 0 <= scores["top1"] <= 100
+    assert scores["val_images"] == 1000

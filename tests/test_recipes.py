@@ -164,6 +164,7 @@ def test_lincls_fast_path_agrees_with_the_full_path(smoke_run, tmp_path):
         "--flagfile=recipes/lincls_smoke.flags",
         f"--pretrained={smoke_run}",
         "--train_limit=512",
+        "--val_limit=2000",
         "--epochs=2",
         "--schedule=1",
         "--lr=0.5",
@@ -180,6 +181,7 @@ def test_lincls_fast_path_agrees_with_the_full_path(smoke_run, tmp_path):
     ]
     assert results[0]["backbone_unchanged"] and results[1]["backbone_unchanged"]
     assert np.isfinite(results[0]["val_loss"])
+    assert results[0]["val_images"] == results[1]["val_images"] == 2000
     assert abs(results[0]["top1"] - results[1]["top1"]) <= 0.2
     # Every epoch evaluated, as main_lincls.py does, and the best kept.
     for fast_epoch, full_epoch in zip(

@@ -51,6 +51,12 @@ flags.DEFINE_bool(
 flags.DEFINE_string(
     "val_split", "validation", "The tfds split used for validation."
 )
+flags.DEFINE_integer(
+    "val_limit",
+    0,
+    "Validate on N validation images drawn at random, each class in "
+    "proportion (0: all, as the papers report).",
+)
 
 DEFAULTS = {
     "lr": 30.0,
@@ -266,7 +272,9 @@ def train_and_evaluate(values, milestones, checkpoint, paths):
         values["dataset"],
         values["data_dir"],
         "val",
+        limit=values["val_limit"],
         val_split=values["val_split"],
+        seed=values["seed"],
     )
     classes = len(train.class_names)
     batch_size = values["batch_size"]
