@@ -6,6 +6,7 @@ mapping matters), writes it in the source's own checkpoint format, converts
 it and compares the Keras outputs with PyTorch's on the same images.
 """
 
+import contextlib
 import json
 import os
 import pickle
@@ -16,9 +17,12 @@ import keras
 import numpy as np
 import pytest
 import torch
+from absl import app
+from absl import flags
 from torch import nn
 
 from moco_keras import convert
+from moco_keras.recipes import convert as convert_recipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
@@ -294,6 +298,16 @@ def test_partial_or_mismatched_checkpoints_name_the_keys(tmp_path):
         convert.convert(str(tmp_path / "missing.pth.tar"))
 
 
+@contextlib.contextmanager
+def parsed_flags(*args):
+    """The recipes' absl flags parsed from `args`, reset afterwards."""
+    flags.FLAGS(["recipe", *args])
+    try:
+        yield
+    finally:
+        flags.FLAGS.unparse_flags()
+
+
 def run_module(module, *args):
     return subprocess.run(
         [sys.executable, "-m", module, *args],
@@ -321,16 +335,20 @@ def test_convert_command_then_linear_classification(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "MoCo v2 pretraining (K 16" in result.stdout
-    again = run_module(
-        "moco_keras.recipes.convert", f"--source={source}", f"--output={output}"
-    )
-    assert again.returncode != 0 and "--overwrite" in again.stderr
-    broken = run_module(
-        "moco_keras.recipes.convert",
-        f"--source={tmp_path / 'none.pth.tar'}",
-        f"--output={tmp_path / 'none'}",
-    )
-    assert broken.returncode != 0 and "No checkpoint at" in broken.stderr
+    # The refusals, in this process (a usage error is absl's clean exit, as
+    # test_recipes checks in a subprocess).
+    for args, message in (
+        ((f"--source={source}", f"--output={output}"), "--overwrite"),
+        (
+            (
+                f"--source={tmp_path / 'none.pth.tar'}",
+                f"--output={tmp_path / 'none'}",
+            ),
+            "No checkpoint at",
+        ),
+    ):
+        with parsed_flags(*args), pytest.raises(app.UsageError, match=message):
+            convert_recipe.main([])
     workdir = tmp_path / "lincls"
     result = run_module(
         "moco_keras.recipes.lincls",
