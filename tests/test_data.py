@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import make_moco
+from conftest import register_tfds_dataset
 from conftest import tiny_resnet
 from PIL import Image
 
@@ -261,34 +262,13 @@ def test_quickstart_runs_end_to_end(tmp_path):
 
 
 def test_tfds_source_reads_a_locally_built_dataset(tmp_path):
-    import tensorflow_datasets as tfds
-
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, (6, 20, 24, 3), dtype=np.uint8)
-
-    class MocoTestImages(tfds.core.GeneratorBasedBuilder):
-        """Six JPEG photos in two classes, built offline in the test."""
-
-        VERSION = tfds.core.Version("1.0.0")
-
-        def _info(self):
-            return tfds.core.DatasetInfo(
-                builder=self,
-                features=tfds.features.FeaturesDict(
-                    {
-                        "image": tfds.features.Image(encoding_format="jpeg"),
-                        "label": tfds.features.ClassLabel(names=["a", "b"]),
-                    }
-                ),
-            )
-
-        def _split_generators(self, dl_manager):
-            return {"train": self._generate_examples()}
-
-        def _generate_examples(self):
-            for i, image in enumerate(images):
-                yield i, {"image": image, "label": i % 2}
-
+    register_tfds_dataset(
+        "MocoTestImages",
+        [(image, i % 2) for i, image in enumerate(images)],
+        ["a", "b"],
+    )
     source = data.tfds_source("moco_test_images", data_dir=str(tmp_path))
     assert source.encoded and source.num_examples == 6
     assert source.class_names == ("a", "b")

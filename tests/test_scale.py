@@ -16,6 +16,7 @@ import time
 import numpy as np
 import pytest
 from conftest import recipe_defaults
+from conftest import register_tfds_dataset
 from PIL import Image
 
 from moco_keras import augment
@@ -255,8 +256,6 @@ def test_a_permutation_of_imagenets_1_28m_paths(capsys):
 def test_a_class_sorted_tfds_dataset_is_read_in_a_uniform_order(tmp_path):
     """tfds shuffles a split over its shards when it writes it; each epoch
     then reads its shards in a seeded order through a buffer."""
-    import tensorflow_datasets as tfds
-
     classes, per_class, batch = 50, 24, 128
     encoded = []
     for colour in PALETTE[:classes].astype(np.uint8):
@@ -266,36 +265,15 @@ def test_a_class_sorted_tfds_dataset_is_read_in_a_uniform_order(tmp_path):
         )
         encoded.append(buffer.getvalue())
 
-    class MocoSortedImages(tfds.core.GeneratorBasedBuilder):
-        """Tiny one-colour JPEGs, generated in class order."""
-
-        VERSION = tfds.core.Version("1.0.0")
-
-        def _info(self):
-            return tfds.core.DatasetInfo(
-                builder=self,
-                features=tfds.features.FeaturesDict(
-                    {
-                        "image": tfds.features.Image(encoding_format="jpeg"),
-                        "label": tfds.features.ClassLabel(num_classes=classes),
-                    }
-                ),
-            )
-
-        def _split_generators(self, dl_manager):
-            return {"train": self._generate_examples()}
-
-        def _generate_examples(self):
-            for label in range(classes):
-                for index in range(per_class):
-                    yield (
-                        label * per_class + index,
-                        {
-                            "image": io.BytesIO(encoded[label]),
-                            "label": label,
-                        },
-                    )
-
+    register_tfds_dataset(
+        "MocoSortedImages",
+        [
+            (encoded[label], label)
+            for label in range(classes)
+            for _ in range(per_class)
+        ],
+        [f"c{label}" for label in range(classes)],
+    )
     source = data.tfds_source("moco_sorted_images", data_dir=str(tmp_path))
     assert source.num_examples == classes * per_class
     epochs = []
