@@ -12,7 +12,7 @@ run in this process, alternately, on the same files; (a) is measured with
 tf.data confined to one thread (per core) and with all cores. Then the two
 halves of the split pipeline: (c) the tf.data part alone
 (`color_in_model=True`: decode, crop, resize, flip, uint8 out) on one
-thread, and (d) `layers.ColorAugmentation`, the part that runs in the model
+thread, and (d) `color.ColorAugmentation`, the part that runs in the model
 on an accelerator, here on the CPU.
 """
 
@@ -158,7 +158,7 @@ def run_ours(root, seconds, threads, batch_size=32, color_in_model=False):
 
 
 def run_color_layer(seconds, batch_size=32):
-    """Pairs/s of `layers.ColorAugmentation` alone on 224 px uint8 crops.
+    """Pairs/s of `color.ColorAugmentation` alone on 224 px uint8 crops.
 
     The colour half of the split pipeline, here on the CPU (all cores, the
     backend's own threads); on a GPU it runs inside the training step.
@@ -166,9 +166,9 @@ def run_color_layer(seconds, batch_size=32):
     import keras
 
     from moco_keras import augment
-    from moco_keras import layers
+    from moco_keras import color
 
-    layer = layers.ColorAugmentation.from_augmentation(
+    layer = color.ColorAugmentation.from_augmentation(
         augment.get_augmentation("mocov2"), seed=0
     )
     crops = np.random.default_rng(0).integers(

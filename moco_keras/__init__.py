@@ -10,6 +10,7 @@ import os
 # notebooks, the benchmarks). TF_ENABLE_ONEDNN_OPTS=0 turns them off.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
+from moco_keras import color  # noqa: E402
 from moco_keras import encoders  # noqa: E402
 
 # Registers the optimizer and schedules that the recipes' checkpoints hold,
@@ -29,6 +30,7 @@ __all__ = [
     "PRESETS",
     "MoCo",
     "SplitBatchNormalization",
+    "color",
     "encoders",
     "optimizers",
 ]

@@ -1,4 +1,4 @@
-"""MoCo v1 / v2 two-crop augmentation for tf.data, as torchvision defines it.
+"""MoCo v1 / v2 two-crop augmentation: presets and the crop half, tf.data.
 
 The official code augments PIL images with torchvision transforms
 (`main_moco.py`):
@@ -11,25 +11,24 @@ The official code augments PIL images with torchvision transforms
   RandomGrayscale(p=0.2), RandomApply([GaussianBlur([0.1, 2.0])], p=0.5),
   RandomHorizontalFlip, Normalize(ImageNet).
 
-Keras' own preprocessing layers do not have these semantics (one crop offset
-and one blur sigma per batch, a fixed jitter order, no RandomResizedCrop), so
-each op is written here with `tf.image` and stateless random ops, applied per
-image inside `tf.data`: every image draws its own parameters, and a seed fixes
-every draw. This module is TensorFlow because `tf.data` is; the pipeline feeds
-`model.fit` on every Keras backend.
-
-On an accelerator the views can stop after the crop (`crop_view`, uint8) and
-take their colour ops in the model (`layers.ColorAugmentation`, batched).
+A view is made in two halves. The crop half is here, per image in
+tf.data (images differ in size): decode, RandomResizedCrop, resize,
+horizontal flip, rounded to uint8 as the official code's PIL images are.
+The colour half (jitter, grayscale, blur, normalization) is
+`moco_keras.color`, batched: in tf.data after `.batch()`, or in the model
+on an accelerator (`color.ColorAugmentation`). Keras' own preprocessing
+layers do not have these semantics (one crop offset and one blur sigma per
+batch, a fixed jitter order, no RandomResizedCrop). Every image draws its
+own parameters from stateless seeds, so a seed fixes every draw.
 """
 
 import math
 
 import tensorflow as tf
 
-from moco_keras.layers import BLUR_KERNEL_SIZE
-from moco_keras.layers import IMAGENET_MEAN
-from moco_keras.layers import IMAGENET_STD
-from moco_keras.layers import LUMA as _LUMA
+from moco_keras import color
+from moco_keras.color import IMAGENET_MEAN
+from moco_keras.color import IMAGENET_STD
 
 
 def _preset(**overrides):
@@ -85,7 +84,9 @@ def get_augmentation(name, **overrides):
             f"Unknown augmentation arguments {sorted(unknown)}; expected some "
             f"of {sorted(AUGMENTATIONS[name])}."
         )
-    return {**AUGMENTATIONS[name], **overrides}
+    config = {**AUGMENTATIONS[name], **overrides}
+    color.validate(config)
+    return config
 
 
 def _uniform(seed, low, high, shape=()):
@@ -144,147 +145,6 @@ def random_resized_crop_window(image_shape, seed, scale, ratio):
     return tf.cast(tf.stack([top, left, h, w]), tf.int32)
 
 
-def _grayscale(image):
-    gray = tf.reduce_sum(image * tf.constant(_LUMA), axis=-1, keepdims=True)
-    return tf.broadcast_to(gray, tf.shape(image))
-
-
-def jitter_parameters(seed, brightness, contrast, saturation, hue):
-    """torchvision's ColorJitter draws for one image.
-
-    Brightness, contrast and saturation factors ~ U(max(0, 1 - x), 1 + x),
-    the hue delta ~ U(-x, x), and a random order of the four ops.
-
-    Returns:
-        `(factors, order)`: float32 `[4]` (b, c, s, h) and int32 `[4]`, the
-        op (0 brightness, 1 contrast, 2 saturation, 3 hue) at each position.
-    """
-    seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 5))
-    factors = tf.stack(
-        [
-            _uniform(seeds[0], max(0.0, 1 - brightness), 1 + brightness),
-            _uniform(seeds[1], max(0.0, 1 - contrast), 1 + contrast),
-            _uniform(seeds[2], max(0.0, 1 - saturation), 1 + saturation),
-            _uniform(seeds[3], -hue, hue),
-        ]
-    )
-    order = tf.argsort(_uniform(seeds[4], 0.0, 1.0, [4]))
-    return factors, tf.cast(order, tf.int32)
-
-
-def apply_color_jitter(image, factors, order):
-    """ColorJitter with given `jitter_parameters` on a float image in [0, 1].
-
-    Brightness scales, contrast blends with the mean of the grayscale
-    image, saturation blends with the grayscale image, hue rotates in HSV;
-    each result is clipped to [0, 1].
-    """
-    b, c, s, h = tf.unstack(tf.convert_to_tensor(factors, tf.float32))
-    order = tf.convert_to_tensor(order, tf.int32)
-
-    def _brightness(x):
-        return tf.clip_by_value(x * b, 0.0, 1.0)
-
-    def _contrast(x):
-        # The mean of the grayscale image, from the three channel means.
-        mean = tf.tensordot(tf.reduce_mean(x, axis=[0, 1]), _LUMA, 1)
-        return tf.clip_by_value(c * x + (1 - c) * mean, 0.0, 1.0)
-
-    def _saturation(x):
-        return tf.clip_by_value(s * x + (1 - s) * _grayscale(x), 0.0, 1.0)
-
-    def _hue(x):
-        return tf.clip_by_value(tf.image.adjust_hue(x, h), 0.0, 1.0)
-
-    branches = [_brightness, _contrast, _saturation, _hue]
-    for position in range(4):
-        image = tf.switch_case(
-            order[position], [lambda f=f, x=image: f(x) for f in branches]
-        )
-    return image
-
-
-def color_jitter(image, seed, brightness, contrast, saturation, hue):
-    """torchvision's ColorJitter on a float image in [0, 1].
-
-    The draws of `jitter_parameters`, applied by `apply_color_jitter`.
-    """
-    factors, order = jitter_parameters(
-        seed, brightness, contrast, saturation, hue
-    )
-    return apply_color_jitter(image, factors, order)
-
-
-def gaussian_blur(image, sigma):
-    """Separable Gaussian blur of an H x W x 3 image, edges mirrored."""
-    radius = BLUR_KERNEL_SIZE // 2
-    x = tf.range(-radius, radius + 1, dtype=tf.float32)
-    kernel = tf.exp(-0.5 * tf.square(x / sigma))
-    kernel = kernel / tf.reduce_sum(kernel)
-    padded = tf.pad(
-        image[None],
-        [[0, 0], [radius, radius], [radius, radius], [0, 0]],
-        "SYMMETRIC",
-    )
-    channels = 3
-    vertical = tf.tile(kernel[:, None, None, None], [1, 1, channels, 1])
-    horizontal = tf.tile(kernel[None, :, None, None], [1, 1, channels, 1])
-    blurred = tf.nn.depthwise_conv2d(padded, vertical, [1, 1, 1, 1], "VALID")
-    blurred = tf.nn.depthwise_conv2d(blurred, horizontal, [1, 1, 1, 1], "VALID")
-    return blurred[0]
-
-
-def augment_crop(image, seed, config):
-    """Everything after the crop: colour, grayscale, blur, flip, normalize.
-
-    Args:
-        image: float32 `size x size x 3` in [0, 1].
-        seed: int32 shape `[2]` stateless seed.
-        config: an `AUGMENTATIONS` dict.
-
-    Returns:
-        The normalized float32 view.
-    """
-    seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 7))
-    gray_p, jitter_p = config["grayscale_p"], config["jitter_p"]
-
-    def maybe_gray(x, s):
-        if gray_p <= 0:
-            return x
-        return tf.cond(_coin(s, gray_p), lambda: _grayscale(x), lambda: x)
-
-    def maybe_jitter(x):
-        def jitter():
-            return color_jitter(x, seeds[2], *config["jitter"])
-
-        if jitter_p >= 1:
-            return jitter()
-        if jitter_p <= 0:
-            return x
-        return tf.cond(_coin(seeds[1], jitter_p), jitter, lambda: x)
-
-    if config["grayscale_first"]:
-        image = maybe_jitter(maybe_gray(image, seeds[0]))
-    else:
-        image = maybe_gray(maybe_jitter(image), seeds[0])
-    if config["blur_p"] > 0:
-        sigma = _uniform(seeds[3], *config["blur_sigma"])
-        image = tf.cond(
-            _coin(seeds[4], config["blur_p"]),
-            lambda: gaussian_blur(image, sigma),
-            lambda: image,
-        )
-    if config["flip"]:
-        image = tf.cond(
-            _coin(seeds[5], 0.5),
-            lambda: tf.image.flip_left_right(image),
-            lambda: image,
-        )
-    mean = tf.constant(config["mean"], tf.float32)
-    std = tf.constant(config["std"], tf.float32)
-    return (image - mean) / std
-
-
 def _resize(crop, size):
     """Bilinear resize to `size x size`, float [0, 255] in and out.
 
@@ -324,7 +184,7 @@ def crop_view(image, seed, config):
 
     Random-resized crop and horizontal flip, rounded to uint8 (as the
     official code's PIL images are after their resize). The rest of the
-    view is `layers.ColorAugmentation`.
+    view is `color.augment_crops` (or `color.ColorAugmentation`).
 
     Returns:
         uint8 `size x size x 3`.
@@ -346,9 +206,10 @@ def crop_view(image, seed, config):
 def two_crops(image_or_contents, seed, config, encoded, color_in_model=False):
     """Two independent views `(view_q, view_k)` of one image.
 
-    Each view: random-resized crop, then `augment_crop`; or, with
-    `color_in_model`, `crop_view` alone (uint8 crops for a model that holds
-    a `layers.ColorAugmentation`).
+    Each view: `crop_view` (uint8), then unless `color_in_model` the colour
+    half, `color.augment_crops`, with parameters drawn from the view's own
+    stateless seed; with `color_in_model` the crops alone, for a model that
+    holds a `color.ColorAugmentation`.
 
     Args:
         image_or_contents: encoded image bytes (`encoded=True`) or a decoded
@@ -357,6 +218,9 @@ def two_crops(image_or_contents, seed, config, encoded, color_in_model=False):
         config: an `AUGMENTATIONS` dict.
         encoded: whether the first argument is encoded bytes.
         color_in_model: stop after crop and flip.
+
+    Returns:
+        Two normalized float32 `size x size x 3` views, or two uint8 crops.
     """
     seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 4))
     image = image_or_contents
@@ -368,13 +232,20 @@ def two_crops(image_or_contents, seed, config, encoded, color_in_model=False):
         image = tf.io.decode_image(
             image_or_contents, channels=3, expand_animations=False
         )
-    if color_in_model:
-        return crop_view(image, seeds[0], config), crop_view(
-            image, seeds[2], config
-        )
     views = []
-    for crop_seed, augment_seed in ((seeds[0], seeds[1]), (seeds[2], seeds[3])):
-        crop = crop_image(image, crop_seed, config)
-        crop = tf.ensure_shape(crop, [config["size"], config["size"], 3])
-        views.append(augment_crop(crop, augment_seed, config))
+    for crop_seed, color_seed in ((seeds[0], seeds[1]), (seeds[2], seeds[3])):
+        crop = crop_view(image, crop_seed, config)
+        if not color_in_model:
+            parameters = color.sample_parameters(
+                config, color.stateless_uniform(color_seed), color.TF_OPS
+            )
+            # A batch of one: the colour half skips what this view does not
+            # take (`color.augment`).
+            crop = color.augment_crops(
+                crop[None],
+                {name: value[None] for name, value in parameters.items()},
+                config,
+                color.TF_OPS,
+            )[0]
+        views.append(crop)
     return tuple(views)

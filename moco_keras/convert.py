@@ -39,13 +39,13 @@ import re
 import keras
 import numpy as np
 
+from moco_keras import color
 from moco_keras import encoders
-from moco_keras import layers as moco_layers
 from moco_keras.moco import MoCo
 
 # Input normalization of each source, (mean, std) on [0, 1] pixels.
 NORMALIZATION = {
-    "pytorch": (moco_layers.IMAGENET_MEAN, moco_layers.IMAGENET_STD),
+    "pytorch": (color.IMAGENET_MEAN, color.IMAGENET_STD),
     "paddle": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
 }
 # What `save` writes beside the model.

@@ -18,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from moco_keras import augment
+from moco_keras import color
 
 logger = logging.getLogger("moco_keras")
 
@@ -637,7 +638,7 @@ def two_view_dataset(
         drop_remainder: drop the last partial batch (MoCo's queue and split
             BN want full batches).
         color_in_model: stop each view after crop and flip, as uint8, for a
-            `MoCo(..., augmentation=layers.ColorAugmentation(...))` that runs
+            `MoCo(..., augmentation=color.ColorAugmentation(...))` that runs
             the colour ops, blur and normalization on the accelerator.
         epoch: build this one epoch only (see above).
         skip_batches: with `epoch`, start after this many batches; the
@@ -768,6 +769,17 @@ def labelled_dataset(
             evaluate, num_parallel_calls=tf.data.AUTOTUNE
         )
         return _batched(dataset, source, batch_size, drop_remainder=False)
+    colored = [
+        name
+        for name in ("jitter_p", "grayscale_p", "blur_p")
+        if train_augmentation and train_augmentation[name] > 0
+    ]
+    if colored:
+        raise ValueError(
+            "`train_augmentation` of a labelled dataset is crop and flip "
+            f"only (the official linear protocol); it sets {colored} above "
+            "0. Use `linear_augmentation`, or set them to 0."
+        )
     epoch = epoch or 0
     keys = source.order(seed, epoch)
     if train_augmentation is None:
@@ -782,12 +794,10 @@ def labelled_dataset(
         def train_view(key, image_seed):
             element, label = source.read(key)
             image = _decoded(element, source.encoded)
-            crop_seed, augment_seed = tf.unstack(
-                tf.random.experimental.stateless_split(image_seed, 2)
-            )
-            crop = augment.crop_image(image, crop_seed, train_augmentation)
-            crop = tf.ensure_shape(crop, [size, size, 3])
-            view = augment.augment_crop(crop, augment_seed, train_augmentation)
+            # RandomResizedCrop and flip; the official transform has no
+            # colour ops.
+            crop = augment.crop_view(image, image_seed, train_augmentation)
+            view = color.normalize(crop, mean, std, color.TF_OPS)
             return view, label
 
         dataset = dataset.map(

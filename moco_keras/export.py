@@ -60,10 +60,10 @@ def export_feature_extractor(
         )
     import tensorflow as tf
 
-    from moco_keras import layers
+    from moco_keras import color
 
-    mean = tuple(layers.IMAGENET_MEAN if mean is None else mean)
-    std = tuple(layers.IMAGENET_STD if std is None else std)
+    mean = tuple(color.IMAGENET_MEAN if mean is None else mean)
+    std = tuple(color.IMAGENET_STD if std is None else std)
     fixed = backbone.input_shape[1:3]
     if None not in fixed and tuple(fixed) != (size, size):
         raise ValueError(
@@ -167,10 +167,10 @@ def export_keras_hub_preset(backbone, directory, size=224, mean=None, std=None):
             "Writing a keras-hub preset needs keras-hub (`make venv` installs "
             "it; elsewhere see the Makefile's keras-hub line)."
         ) from error
-    from moco_keras import layers
+    from moco_keras import color
 
-    mean = tuple(layers.IMAGENET_MEAN if mean is None else mean)
-    std = tuple(layers.IMAGENET_STD if std is None else std)
+    mean = tuple(color.IMAGENET_MEAN if mean is None else mean)
+    std = tuple(color.IMAGENET_STD if std is None else std)
     names = {layer.name for layer in backbone.layers}
     stem = backbone.get_layer("conv1").kernel.shape
     if "maxpool" not in names or stem[0] != 7:

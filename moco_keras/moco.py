@@ -111,7 +111,7 @@ class MoCo(keras.Model):
         temperature: float > 0, T, softmax temperature (0.07 in v1, 0.2 in
             v2).
         augmentation: optional layer applied to both views before the
-            encoders, e.g. `layers.ColorAugmentation`, so that the colour
+            encoders, e.g. `color.ColorAugmentation`, so that the colour
             ops run batched on the accelerator; it gets `training`, and
             `model(images)` then takes what the layer takes (uint8 crops).
         seed: optional int, seeds the initial queue and the key shuffle.
@@ -166,7 +166,7 @@ class MoCo(keras.Model):
         if augmentation is not None and not callable(augmentation):
             raise TypeError(
                 "`augmentation` must be a Keras layer applied to both views "
-                "(e.g. `layers.ColorAugmentation`). Received: "
+                "(e.g. `color.ColorAugmentation`). Received: "
                 f"augmentation={augmentation!r}"
             )
         self.augmentation = augmentation

@@ -77,10 +77,10 @@ MIRRORED = textwrap.dedent(
 
     # Colour ops in the model: every image of the global batch draws its
     # own, as on one device, though every replica holds the same seed state.
-    from moco_keras import layers
+    from moco_keras import color
 
     def colour_layer():
-        return layers.ColorAugmentation(
+        return color.ColorAugmentation(
             jitter_p=1.0, grayscale_p=0.0, blur_p=0.0, seed=5
         )
 
@@ -232,7 +232,7 @@ DATA_PARALLEL = textwrap.dedent(
     # Rows of device d hold values around 10 * d: normalized per shard,
     # each shard has mean 0; with one BN group over the global batch, or
     # groups across the shards, they would not.
-    from moco_keras import SplitBatchNormalization, layers
+    from moco_keras import SplitBatchNormalization
     distribution = keras.distribution.distribution()
     offsets = np.repeat(10.0 * np.arange(4), 4)[:, None, None, None]
     x = (rng.normal(size=(16, 4, 4, 2)) + offsets).astype("float32")
@@ -263,7 +263,7 @@ DATA_PARALLEL = textwrap.dedent(
     inputs = keras.Input((8, 8, 3))
     recorded = keras.layers.Flatten()(Record(name="record")(inputs))
     encoder = keras.Model(inputs, keras.layers.Dense(4)(recorded))
-    colour = layers.ColorAugmentation(jitter_p=1.0, grayscale_p=0.0,
+    colour = color.ColorAugmentation(jitter_p=1.0, grayscale_p=0.0,
                                       blur_p=0.0, seed=5)
     model = MoCo(encoder, dim=4, queue_size=16, augmentation=colour, seed=1)
     model.compile(optimizer=optimizers.SGD(0.03, momentum=0.9))

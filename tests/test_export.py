@@ -16,11 +16,11 @@ from test_convert import run_module
 from test_convert import save_pdparams
 
 from moco_keras import MoCo
+from moco_keras import color
 from moco_keras import convert
 from moco_keras import data
 from moco_keras import encoders
 from moco_keras import export
-from moco_keras import layers
 from moco_keras import training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -166,7 +166,7 @@ def test_keras_hub_preset_gives_the_same_features(tmp_path):
     )
     converter = keras_hub.layers.ResNetImageConverter.from_preset(str(output))
     pixels = np.full((1, 64, 64, 3), 255.0, "float32")
-    mean, std = np.array(layers.IMAGENET_MEAN), np.array(layers.IMAGENET_STD)
+    mean, std = np.array(color.IMAGENET_MEAN), np.array(color.IMAGENET_STD)
     np.testing.assert_allclose(
         keras.ops.convert_to_numpy(converter(pixels))[0, 0, 0],
         (1.0 - mean) / std,

@@ -20,8 +20,8 @@ from conftest import register_tfds_dataset
 from PIL import Image
 
 from moco_keras import augment
+from moco_keras import color
 from moco_keras import data
-from moco_keras import layers
 from moco_keras.recipes import pretrain
 
 CLASSES, PER_CLASS, VAL_PER_CLASS = 100, 300, 4
@@ -188,7 +188,7 @@ def test_train_limit_and_knn_bank_are_stratified_draws(sorted_folder):
     assert np.bincount(monitor.test_labels).tolist() == [2] * CLASSES
     assert monitor.bank_images.shape == (500, 8, 8, 3)
     # The bank holds the labelled images themselves (normalized).
-    mean, std = np.array(layers.IMAGENET_MEAN), np.array(layers.IMAGENET_STD)
+    mean, std = np.array(color.IMAGENET_MEAN), np.array(color.IMAGENET_STD)
     np.testing.assert_array_equal(
         classes_of_views(monitor.bank_images * std + mean),
         monitor.bank_labels,

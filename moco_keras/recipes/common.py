@@ -162,12 +162,12 @@ def learning_rate(values):
 
 def dataset_stats(dataset):
     """(mean, std) of the normalization the dataset's images get."""
+    from moco_keras import color
     from moco_keras import data
-    from moco_keras import layers
 
     if dataset == "fashion_mnist":
         return data.FASHION_MNIST_MEAN, data.FASHION_MNIST_STD
-    return layers.IMAGENET_MEAN, layers.IMAGENET_STD
+    return color.IMAGENET_MEAN, color.IMAGENET_STD
 
 
 def load_source(

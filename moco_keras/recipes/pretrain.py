@@ -109,8 +109,8 @@ def build(values, milestones, steps_per_epoch, replicas=1):
             `bn_splits`, line up with the device shards.)
     """
     from moco_keras import MoCo
+    from moco_keras import color
     from moco_keras import encoders
-    from moco_keras import layers
 
     size = values["image_size"]
     encoder = encoders.get_encoder(
@@ -121,7 +121,7 @@ def build(values, milestones, steps_per_epoch, replicas=1):
     )
     augmentation = None
     if values["color_in_model"]:
-        augmentation = layers.ColorAugmentation.from_augmentation(
+        augmentation = color.ColorAugmentation.from_augmentation(
             augmentation_config(values), seed=values["seed"]
         )
     model = MoCo(
