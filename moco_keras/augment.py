@@ -15,10 +15,11 @@ A view is made in two halves. The crop half is here, per image in
 tf.data (images differ in size): decode, RandomResizedCrop, resize,
 horizontal flip, rounded to uint8 as the official code's PIL images are.
 The colour half (jitter, grayscale, blur, normalization) is
-`moco_keras.color`, batched: in tf.data after `.batch()`, or in the model
-on an accelerator (`color.ColorAugmentation`). Keras' own preprocessing
-layers do not have these semantics (one crop offset and one blur sigma per
-batch, a fixed jitter order, no RandomResizedCrop). Every image draws its
+`moco_keras.color`: in tf.data one view at a time (`two_crops`), or
+batched in the model on an accelerator (`color.ColorAugmentation`).
+Keras' own preprocessing layers do not have these semantics (one crop
+offset and one blur sigma per batch, a fixed jitter order, no
+RandomResizedCrop). Every image draws its
 own parameters from stateless seeds, so a seed fixes every draw.
 """
 

@@ -1,17 +1,19 @@
-"""MoCo's colour augmentation, written once, batched, for tf.data and models.
+"""MoCo's colour augmentation, written once, for tf.data and models.
 
 After the crop (`moco_keras.augment.crop_view`, uint8), a view takes the
 rest of the torchvision v1/v2 transforms: ColorJitter (random op order,
 applied with a probability), RandomGrayscale, GaussianBlur and ImageNet
-normalization. Every image draws its own parameters. The ops below run on a
-batch in either of two places, unchanged:
+normalization. Every image draws its own parameters. The functions below
+take a batch (N x H x W x 3) and run in either of two places, unchanged:
 
-- in tf.data after `.batch()`, on any Keras backend (`TF_OPS`: the same
-  functions on Keras' TensorFlow backend, as Keras' own preprocessing layers
-  switch to TensorFlow inside tf.data), with per-image draws from stateless
-  seeds, so epoch e's views are a function of `(seed, e)`;
+- in tf.data, one view at a time (a batch of one), on any Keras backend
+  (`TF_OPS`: the same functions on Keras' TensorFlow backend, as Keras' own
+  preprocessing layers switch to TensorFlow inside tf.data), with draws
+  from the view's stateless seed, so epoch e's views are a function of
+  `(seed, e)`; there `cond` and `switch` skip what a view does not take;
 - inside the model on the accelerator (`ColorAugmentation`, `keras.ops`),
-  with draws from the layer's seed generator, saved in checkpoints.
+  batched, with draws from the layer's seed generator, saved in
+  checkpoints.
 
 Horizontal flip stays in the crop: it commutes with every op here (the blur
 kernel is symmetric and its padding mirrors).
