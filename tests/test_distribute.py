@@ -232,7 +232,7 @@ DATA_PARALLEL = textwrap.dedent(
     # Rows of device d hold values around 10 * d: normalized per shard,
     # each shard has mean 0; with one BN group over the global batch, or
     # groups across the shards, they would not.
-    from moco_keras import SplitBatchNormalization
+    from moco_keras import SplitBatchNormalization, color
     distribution = keras.distribution.distribution()
     offsets = np.repeat(10.0 * np.arange(4), 4)[:, None, None, None]
     x = (rng.normal(size=(16, 4, 4, 2)) + offsets).astype("float32")
