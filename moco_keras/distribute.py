@@ -1,23 +1,14 @@
-"""Many devices and machines: strategies, and shuffle BN across them.
+"""Many devices and machines: strategies, and the collectives of the step.
 
 `make_strategy` gives what `--strategy` names: a `tf.distribute` strategy
 (TensorFlow backend: one replica per device, each with its slice of the
 global batch) or a `keras.distribution.DataParallel` set for the process
 (JAX backend: one program over the global batch, sharded over the devices).
 
-Under a `tf.distribute` strategy each replica runs ordinary BN on its slice.
-MoCo's key side then needs what the official code does with
-`torch.distributed` (`shuffled_keys`): gather the key images of all
-replicas, permute them with one permutation shared by every replica, encode
-this replica's slice of the permuted batch, gather the keys back and undo
-the permutation. Every replica then holds the keys of the whole global
-batch in the same order: its own rows go into the loss, all of them into the
-queue, so the queues of all replicas stay identical.
-
-On one device, and under JAX's data parallel, none of this runs: split BN
-(`SplitBatchNormalization`) with a permuted key batch is the same
-computation (under JAX the groups are the device shards), and the tests hold
-each strategy to it."""
+Shuffle BN, across replicas or on one device, is written in one place,
+`moco.shuffled_keys`; this module gives it the replica context, the gather
+and the replica index, and gives `SplitBatchNormalization` the mean over
+replicas. The tests hold each strategy to the one-device computation."""
 
 import contextlib
 import json
@@ -25,7 +16,6 @@ import os
 
 import keras
 from absl import logging
-from keras import ops
 
 # `--strategy` values, by the backend that runs them.
 STRATEGIES = {
@@ -66,38 +56,23 @@ def num_replicas():
     return tf.distribute.get_strategy().num_replicas_in_sync
 
 
-def shuffled_keys(context, images, encode, seed_generator):
-    """Keys of this replica's images and of the global batch, shuffle BN.
-
-    Args:
-        context: the replica context (`replica_context()`).
-        images: this replica's key images, `n x H x W x 3`.
-        encode: maps images to normalized keys (`n x C`), in training mode.
-        seed_generator: draws the permutation; every replica holds the same
-            state, so every replica draws the same permutation.
-
-    Returns:
-        `(local_keys, global_keys)`: this replica's keys `n x C` in its own
-        order, and the keys of all replicas `R*n x C` in the global batch's
-        order (replica 0's rows first).
-    """
+def all_gather(context, value):
+    """`value` of every replica, concatenated on axis 0 (itself if no
+    `context`): the gather of shuffle BN (`moco.shuffled_keys`)."""
+    if context is None:
+        return value
     import tensorflow as tf
 
     # all_gather of a dataset tensor fails under MultiWorkerMirroredStrategy
     # ("destinations can not be empty") unless it is first copied.
-    gathered = context.all_gather(
-        tf.identity(images), axis=0
-    )  # R*n x H x W x 3
-    local = tf.shape(images)[0]
-    order = keras.random.shuffle(
-        ops.arange(tf.shape(gathered)[0], dtype="int32"), seed=seed_generator
-    )  # R*n
-    start = context.replica_id_in_sync_group * local
-    mine = order[start : start + local]  # n
-    keys = encode(tf.gather(gathered, mine))  # n x C, ordinary BN on the slice
-    keys = context.all_gather(keys, axis=0)  # R*n x C, in permuted order
-    global_keys = tf.gather(keys, tf.argsort(order))  # R*n x C
-    return global_keys[start : start + local], global_keys
+    return context.all_gather(tf.identity(value), axis=0)
+
+
+def replica_id(context):
+    """This replica's index in its `context` (0 without one)."""
+    if context is None:
+        return 0
+    return context.replica_id_in_sync_group
 
 
 def mean_over_replicas(context, value):

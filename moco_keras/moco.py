@@ -310,12 +310,6 @@ class MoCo(keras.Model):
     def _compute_keys(self, images, training):
         """Normalized keys of `images` with shuffle BN, and the queue's keys.
 
-        One device: the batch is permuted before the key encoder and put
-        back in order after it, so that each split-BN group of the keys
-        holds other images than the same group of the queries. Under a
-        `tf.distribute` strategy the permutation runs across all replicas
-        (`distribute.shuffled_keys`).
-
         Returns:
             `(k, queue_keys)`: the keys of this device's images (`N x C`),
             and the keys to enqueue, those of the global batch (`N x C` on
@@ -326,22 +320,12 @@ class MoCo(keras.Model):
         if not training:
             k = self._encode_keys(images, training=False)  # N x C
             return k, k
-        context = distribute.replica_context()
-        if context is not None:
-            return distribute.shuffled_keys(
-                context,
-                images,
-                lambda x: self._encode_keys(x, training=True),
-                self.seed_generator,
-            )
-        batch_size = ops.shape(images)[0]
-        order = keras.random.shuffle(
-            ops.arange(batch_size, dtype="int32"), seed=self.seed_generator
-        )  # N
-        shuffled = ops.take(images, order, axis=0)  # N x H x W x 3
-        k = self._encode_keys(shuffled, training=True)  # N x C
-        k = ops.take(k, ops.argsort(order), axis=0)  # N x C
-        return k, k
+        return shuffled_keys(
+            images,
+            lambda x: self._encode_keys(x, training=True),
+            self.seed_generator,
+            context=distribute.replica_context(),
+        )
 
     def _encode_keys(self, images, training):
         features = self.encoder_k(images, training=training)  # N x D
@@ -402,6 +386,52 @@ class MoCo(keras.Model):
         for key in ("encoder", "augmentation"):
             config[key] = keras.saving.deserialize_keras_object(config.get(key))
         return cls(**config)
+
+
+def shuffled_keys(images, encode, seed_generator, context=None):
+    """Shuffle BN: the keys of a permuted batch, put back in batch order.
+
+    The official `_batch_shuffle_ddp` / `_batch_unshuffle_ddp`. BN computes
+    its statistics per group of images (per GPU in the official code), and
+    queries and keys of the same images in one group would let the model
+    cheat through them; so the key images are permuted before the key
+    encoder and its keys unpermuted after it. Where the groups are:
+
+    - one device, and JAX's data parallel (one program over the global
+      batch): `SplitBatchNormalization(num_splits)` in the encoder cuts the
+      batch into groups (under JAX they line up with the device shards);
+    - `tf.distribute` (`context` given): each replica is a group, as each
+      GPU in the official code; the key images of all replicas are
+      gathered, permuted by one permutation that every replica draws alike
+      (their seed generators hold the same state), each replica encodes its
+      slice of the permuted batch, and the keys are gathered back.
+
+    Args:
+        images: this replica's key images, `N x H x W x 3`.
+        encode: maps images to normalized keys (`N x C`), in training mode.
+        seed_generator: `keras.random.SeedGenerator` of the permutation.
+        context: the `tf.distribute` replica context of a step over several
+            replicas (`distribute.replica_context()`), or None.
+
+    Returns:
+        `(k, queue_keys)`: the keys of this replica's images in their order
+        (`N x C`), and the keys of the global batch in its order (`R*N x C`,
+        replica 0's rows first; the same as `k` on one device).
+    """
+    n = ops.shape(images)[0]
+    images_all = distribute.all_gather(context, images)  # R*N x H x W x 3
+    order = keras.random.shuffle(
+        ops.arange(ops.shape(images_all)[0], dtype="int32"),
+        seed=seed_generator,
+    )  # R*N
+    start = distribute.replica_id(context) * n  # ()
+    mine = order[start : start + n]  # N, this replica's slice of the order
+    k = encode(ops.take(images_all, mine, axis=0))  # N x C
+    k_all = distribute.all_gather(context, k)  # R*N x C, permuted order
+    k_all = ops.take(k_all, ops.argsort(order), axis=0)  # R*N x C
+    if context is None:
+        return k_all, k_all
+    return k_all[start : start + n], k_all  # N x C, R*N x C
 
 
 _SEED_STATE = "seed_generator_state"

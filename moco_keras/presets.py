@@ -1,10 +1,25 @@
-"""MoCo v1 and v2 as plain dicts of `MoCo` constructor arguments.
+"""MoCo v1 and v2, and the runs built on them, as plain dicts.
 
-The values are those of the papers and the official code
-(facebookresearch/moco `main_moco.py`): v1 (arXiv 1911.05722) has a linear
-head and temperature 0.07; v2 (arXiv 2003.04297) a 2-layer MLP head and
-temperature 0.2. Both use 128-d features, a queue of 65536 keys and key
-encoder momentum 0.999.
+Two levels, each value written once:
+
+- `MOCOV1`, `MOCOV2` (`PRESETS`): `MoCo` constructor arguments. The values
+  of the papers and the official code (facebookresearch/moco
+  `main_moco.py`): v1 (arXiv 1911.05722) has a linear head and temperature
+  0.07; v2 (arXiv 2003.04297) a 2-layer MLP head and temperature 0.2. Both
+  use 128-d features, a queue of 65536 keys and key encoder momentum 0.999.
+- `PRETRAINING`, `LINEAR_CLASSIFICATION`: whole runs (model, augmentation,
+  optimizer, schedule, data), keyed by the official scripts' flag names
+  (`moco_k`, `moco_m`, `moco_t`, `mlp`, `aug_plus`, `cos`, ...), which are
+  the recipes' flags (`--preset=mocov2`) and the keys of a run's
+  `flags.json`. A recipe's flag given on the command line or in a flagfile
+  replaces the preset's value; `recipes/*.flags` hold only what differs.
+
+Example:
+
+>>> PRETRAINING["mocov2"]["moco_t"], PRETRAINING["mocov2"]["aug_plus"]
+(0.2, True)
+>>> MOCOV2["temperature"] == PRETRAINING["mocov2"]["moco_t"]
+True
 """
 
 MOCOV1 = {
@@ -18,3 +33,112 @@ MOCOV1 = {
 MOCOV2 = {**MOCOV1, "mlp": True, "temperature": 0.2}
 
 PRESETS = {"mocov1": MOCOV1, "mocov2": MOCOV2}
+
+# The recipe flags that are `MoCo` arguments: flag name -> argument name.
+MOCO_ARGUMENTS = {
+    "moco_dim": "dim",
+    "mlp": "mlp",
+    "moco_k": "queue_size",
+    "moco_m": "momentum",
+    "moco_t": "temperature",
+}
+
+
+def _moco_flags(preset):
+    return {flag: preset[argument] for flag, argument in MOCO_ARGUMENTS.items()}
+
+
+# MoCo v1 on ImageNet as `main_moco.py` runs it (DESIGN.md): ResNet-50,
+# batch 256 on 8 GPUs (8 BN groups), SGD lr 0.03, x0.1 at 120 and 160.
+_MOCOV1_IMAGENET = {
+    "arch": "resnet50",
+    "width": 64,
+    "dataset": "folder",
+    "image_size": 224,
+    "crop_fraction": 0.875,
+    "train_limit": 0,
+    "epochs": 200,
+    "batch_size": 256,
+    "lr": 0.03,
+    "lr_batch_size": 0,
+    "schedule": ["120", "160"],
+    "cos": False,
+    "momentum": 0.9,
+    "wd": 1e-4,
+    **_moco_flags(MOCOV1),
+    "aug_plus": False,
+    "blur": True,
+    "bn_splits": 8,
+    "knn_every": 0,
+    "knn_bank": 5000,
+    "knn_test": 1000,
+    "keep_every_epochs": 10,
+}
+
+PRETRAINING = {
+    "mocov1": _MOCOV1_IMAGENET,
+    # The v2 paper's four changes: MLP head, T 0.2, blur augmentation, cosine.
+    "mocov2": {
+        **_MOCOV1_IMAGENET,
+        **_moco_flags(MOCOV2),
+        "aug_plus": True,
+        "cos": True,
+    },
+    # MoCo v2 on Fashion-MNIST on 2 CPU cores (`make demo`, the notebooks,
+    # bench/learning.py): a width-16 CIFAR ResNet-18 on 20k images, 4 epochs;
+    # lr 0.06 for a batch of 512, scaled to the batch; no blur on 28 px.
+    "quickstart": {
+        **_MOCOV1_IMAGENET,
+        **_moco_flags(MOCOV2),
+        "arch": "cifar_resnet18",
+        "width": 16,
+        "dataset": "fashion_mnist",
+        "image_size": 32,
+        "crop_fraction": 1.0,
+        "train_limit": 20000,
+        "epochs": 4,
+        "lr": 0.06,
+        "lr_batch_size": 512,
+        "cos": True,
+        "wd": 5e-4,
+        "moco_k": 4096,
+        "moco_m": 0.99,
+        "moco_t": 0.1,
+        "aug_plus": True,
+        "blur": False,
+        "knn_every": 1,
+        "keep_every_epochs": 0,
+    },
+}
+
+LINEAR_CLASSIFICATION = {
+    # `main_lincls.py`: frozen backbone, lr 30, momentum 0.9, wd 0, batch
+    # 256, 100 epochs, x0.1 at 60 and 80, RandomResizedCrop(0.08-1) + flip.
+    "imagenet": {
+        "dataset": "folder",
+        "image_size": 224,
+        "crop_fraction": 0.875,
+        "train_limit": 0,
+        "epochs": 100,
+        "batch_size": 256,
+        "lr": 30.0,
+        "lr_batch_size": 0,
+        "schedule": ["60", "80"],
+        "cos": False,
+        "momentum": 0.9,
+        "wd": 0.0,
+        "train_augment": True,
+        "cache_features": False,
+        "keep_every_epochs": 0,
+    },
+}
+
+
+def get(table, name):
+    """A copy of preset `name` of `table` (`PRETRAINING`, ...), or a
+    `ValueError` that lists the names."""
+    if name not in table:
+        raise ValueError(
+            f"Unknown preset {name!r}: expected one of {sorted(table)}."
+        )
+    return dict(table[name])

@@ -1,9 +1,18 @@
 """Shared helpers: tiny encoders and data so every test runs in seconds.
 
 The suite is backend-agnostic: run it with KERAS_BACKEND=tensorflow, jax or
-torch (`make test` runs all three). A test of one backend's own machinery
-(tf.distribute, JAX's data parallel) carries `@pytest.mark.backends(...)` and
-is deselected under the other backends: `make test` runs each under its own.
+torch (`make test` runs all three). Two tiers:
+
+- in-process tests (tiny, fast) run under every backend, except a test of
+  one backend's own machinery (tf.distribute, JAX's data parallel), which
+  carries `@pytest.mark.backends(...)`;
+- process tests (`@pytest.mark.process`: a recipe, notebook, benchmark or
+  command in a fresh Python, seconds to minutes each) must name the
+  backend(s) where they run with `backends(...)`: each runs once, under the
+  backend whose code path it is there to check.
+
+A test deselected under a backend is not skipped: `make test` runs it under
+its own.
 """
 
 import os
@@ -29,6 +38,14 @@ def pytest_collection_modifyitems(config, items):
     selected, deselected = [], []
     for item in items:
         marker = item.get_closest_marker("backends")
+        if item.get_closest_marker("process") and marker is None:
+            raise pytest.UsageError(
+                f"{item.nodeid} is marked `process` (it starts a fresh "
+                "Python) but names no backend: add "
+                "@pytest.mark.backends(...) with the backend(s) whose code "
+                "path it checks, so that `make test` runs it once, not "
+                "under all three backends."
+            )
         if marker is None or backend in marker.args:
             selected.append(item)
         else:
@@ -86,8 +103,11 @@ def snapshot(variables):
     return [to_numpy(v).copy() for v in variables]
 
 
-def recipe_defaults(**overrides):
-    """The pretrain and lincls recipes' flag values: defaults, overridden."""
+def recipe_defaults(table=None, preset="mocov1", **overrides):
+    """A recipe's values as `common.recipe_values` resolves them with no
+    flag given: the flags' defaults, preset `preset` of `table` (default
+    `presets.PRETRAINING`), then `overrides`."""
+    from moco_keras import presets
     from moco_keras.recipes import common
     from moco_keras.recipes import lincls
     from moco_keras.recipes import pretrain
@@ -98,7 +118,8 @@ def recipe_defaults(**overrides):
         for module in modules
         for flag in common.FLAGS.get_flags_for_module(module)
     }
-    values.update(workdir="/tmp/unused", data_dir="/data")
+    values.update(presets.get(table or presets.PRETRAINING, preset))
+    values.update(preset=preset, workdir="/tmp/unused", data_dir="/data")
     values.update(overrides)
     return values
 

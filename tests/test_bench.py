@@ -74,6 +74,8 @@ def test_learning_eval_epochs():
 
 
 @pytest.mark.slow
+@pytest.mark.process
+@pytest.mark.backends("tensorflow", "jax", "torch")
 def test_learning_benchmark_smoke(tmp_path):
     configs = _configs()
     stdout = _run(
@@ -113,6 +115,8 @@ def test_learning_benchmark_smoke(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.process
+@pytest.mark.backends("tensorflow", "jax", "torch")
 def test_train_step_benchmark_smoke(tmp_path):
     output = tmp_path / "table.md"
     _run(

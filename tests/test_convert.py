@@ -321,6 +321,8 @@ def run_module(module, *args):
 
 
 @pytest.mark.slow
+@pytest.mark.process
+@pytest.mark.backends("torch")
 def test_convert_command_then_linear_classification(tmp_path):
     """The convert recipe's output is a `--pretrained` for recipes/lincls,
     which then normalizes with the source's statistics."""

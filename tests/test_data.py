@@ -229,6 +229,8 @@ def test_fit_on_two_view_pipeline(tmp_path):
     assert int(keras.ops.convert_to_numpy(model.queue_ptr.value)) == 64 % 16
 
 
+@pytest.mark.process
+@pytest.mark.backends("jax")
 def test_quickstart_runs_end_to_end(tmp_path):
     fake_fashion_mnist(str(tmp_path / "fmnist"))
     workdir = tmp_path / "run"
@@ -246,8 +248,8 @@ def test_quickstart_runs_end_to_end(tmp_path):
             "--bn_splits=2",
             "--width=2",
             "--knn_k=5",
-            "--monitor_bank=48",
-            "--monitor_test=16",
+            "--knn_bank=48",
+            "--knn_test=16",
         ],
         capture_output=True,
         text=True,

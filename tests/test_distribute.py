@@ -27,7 +27,7 @@ MIRRORED = textwrap.dedent(
 
     import keras
     from keras import ops
-    from moco_keras import MoCo, distribute, encoders, optimizers
+    from moco_keras import MoCo, distribute, encoders, moco, optimizers
 
     strategy = distribute.make_strategy("mirrored", cpu_devices=4)
 
@@ -113,8 +113,8 @@ MIRRORED = textwrap.dedent(
 
     def keys(x):
         context = tf.distribute.get_replica_context()
-        return distribute.shuffled_keys(
-            context, x, lambda v: tf.reshape(v, (-1, 12))[:, :1], generator
+        return moco.shuffled_keys(
+            x, lambda v: tf.reshape(v, (-1, 12))[:, :1], generator, context
         )
 
     local_keys, global_keys = per_replica(keys, rows)
@@ -150,6 +150,7 @@ def mirrored():
 
 
 @pytest.mark.slow
+@pytest.mark.process
 @pytest.mark.backends("tensorflow")
 def test_mirrored_step_equals_split_bn_on_one_device(mirrored):
     result = mirrored[0]
@@ -168,6 +169,7 @@ def test_mirrored_step_equals_split_bn_on_one_device(mirrored):
 
 
 @pytest.mark.slow
+@pytest.mark.process
 @pytest.mark.backends("tensorflow")
 def test_mirrored_replicas_draw_their_own_colours_and_one_permutation(
     mirrored,
@@ -183,6 +185,7 @@ def test_mirrored_replicas_draw_their_own_colours_and_one_permutation(
 
 
 @pytest.mark.slow
+@pytest.mark.process
 @pytest.mark.backends("tensorflow")
 def test_mirrored_replicas_keep_one_queue(mirrored):
     result = mirrored[1]
@@ -293,6 +296,7 @@ DATA_PARALLEL = textwrap.dedent(
 
 
 @pytest.mark.slow
+@pytest.mark.process
 @pytest.mark.backends("jax")
 def test_data_parallel_matches_split_bn_on_one_device():
     """JAX over 4 devices: the split-BN groups are the device shards, so the
@@ -383,6 +387,7 @@ def _kill(process):
 
 
 @pytest.mark.slow
+@pytest.mark.process
 @pytest.mark.backends("tensorflow")
 def test_multi_worker_resumes_after_a_worker_dies(tmp_path):
     """Two workers train; one is killed mid-epoch; the restarted job resumes

@@ -79,6 +79,7 @@ def export_and_load(tmp_path, pretrained, *flags):
 
 
 @pytest.mark.slow
+@pytest.mark.process
 @pytest.mark.backends("tensorflow", "jax")
 def test_exported_moco_encoder_matches_keras(tmp_path):
     """A pretraining workdir: its run's normalization and crop are used."""
@@ -102,7 +103,8 @@ def test_exported_moco_encoder_matches_keras(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.backends("tensorflow", "jax")
+@pytest.mark.process
+@pytest.mark.backends("tensorflow")
 def test_exported_converted_checkpoint_keeps_its_normalization(tmp_path):
     """A PaddleFleetX classifier: the SavedModel normalizes with 0.5 / 0.5."""
     net = TorchResNet(18, 8, classifier_head, seed=3)
@@ -130,6 +132,8 @@ def test_torch_backend_cannot_export_and_says_what_to_do(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.process
+@pytest.mark.backends("jax")
 def test_keras_hub_preset_gives_the_same_features(tmp_path):
     """The recipe writes a keras-hub preset of a MoCo checkpoint's encoder:
     `ResNetBackbone.from_preset` pooled equals our encoder; the preset's

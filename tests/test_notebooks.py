@@ -98,6 +98,7 @@ def test_committed_notebooks_are_stripped_and_open_as_colab_asks():
 # learn is MoCo's pretext task: seeds 0, 1, 2 ended at loss 5.66, 5.58,
 # 5.72 and acc1 8.4, 14.6, 23.1 %, against 6.70 and 1.9 % at lr 1e-9. That
 # is checked, and that the kNN evaluation and the neighbour grids ran.
+@pytest.mark.process
 @pytest.mark.backends("tensorflow")
 def test_quickstart_notebook_learns(tmp_path):
     notebook, printed = run_notebook(
@@ -138,7 +139,8 @@ def test_quickstart_notebook_learns(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.backends("tensorflow", "jax")  # a SavedModel exports from these
+@pytest.mark.process
+@pytest.mark.backends("tensorflow")
 def test_linear_eval_and_export_notebook(tmp_path):
     # No quick start checkpoint in tmp_path: the notebook pretrains one with
     # the pretraining recipe, then reads the newest checkpoint of its workdir.
@@ -184,6 +186,8 @@ def official_v2_checkpoint(path):
 
 
 @pytest.mark.slow
+@pytest.mark.process
+@pytest.mark.backends("torch")
 def test_own_images_notebook_converts_and_retrieves(tmp_path):
     official_v2_checkpoint(tmp_path / "moco_v2.pth.tar")
     notebook, printed = run_notebook(
@@ -205,6 +209,7 @@ def test_own_images_notebook_converts_and_retrieves(tmp_path):
     assert (tmp_path / "retrieval.png").stat().st_size > 0
 
 
+@pytest.mark.process
 @pytest.mark.backends("tensorflow")
 def test_own_images_notebook_offline_says_so_and_still_runs(tmp_path):
     # A refused connection, as a machine without internet gets, at once.

@@ -98,6 +98,8 @@ def smoke_run(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.process
+@pytest.mark.backends("tensorflow")
 def test_smoke_run_writes_the_whole_workdir(smoke_run):
     names = set(os.listdir(smoke_run))
     assert {
@@ -109,7 +111,10 @@ def test_smoke_run_writes_the_whole_workdir(smoke_run):
         "results.json",
     } <= names
     flags = json.load(open(os.path.join(smoke_run, "flags.json")))
-    assert flags["moco_k"] == 128 and flags["aug_plus"] and flags["mlp"]
+    # Given on the command line, in smoke.flags, and only in the preset.
+    assert flags["moco_k"] == 128 and flags["width"] == 4
+    assert flags["preset"] == "quickstart" and flags["moco_t"] == 0.1
+    assert flags["aug_plus"] and flags["mlp"] and not flags["blur"]
     assert "logtostderr" not in flags  # only the recipe's own flags
     steps = [
         s for s, _ in training.list_checkpoints(f"{smoke_run}/checkpoints")
@@ -123,6 +128,8 @@ def test_smoke_run_writes_the_whole_workdir(smoke_run):
     assert results["checkpoint"].endswith("ckpt-000000008.keras")
 
 
+@pytest.mark.process
+@pytest.mark.backends("tensorflow")
 def test_killed_run_resumes_to_the_same_weights(smoke_run, tmp_path):
     workdir = str(tmp_path / "run")
     first = os.path.join(workdir, "checkpoints", "ckpt-000000002.keras")
@@ -159,6 +166,8 @@ def test_killed_run_resumes_to_the_same_weights(smoke_run, tmp_path):
     assert rows["epoch"] == [0.0, 1.0]  # one row per epoch after resuming
 
 
+@pytest.mark.process
+@pytest.mark.backends("tensorflow")
 def test_lincls_fast_path_agrees_with_the_full_path(smoke_run, tmp_path):
     common_args = [
         "--flagfile=recipes/lincls_smoke.flags",
@@ -217,6 +226,8 @@ def image_folder(root, rng):
     return root
 
 
+@pytest.mark.process
+@pytest.mark.backends("torch")
 def test_pretrain_then_lincls_on_an_image_folder(tmp_path):
     root = image_folder(str(tmp_path / "ILSVRC2012"), np.random.default_rng(0))
     run = str(tmp_path / "pretrain")
@@ -322,6 +333,8 @@ def test_valid_flags_pass_and_cos_ignores_the_schedule():
         lincls.check_flags(defaults(cache_features=True, train_augment=True))
 
 
+@pytest.mark.process
+@pytest.mark.backends("torch")
 def test_bad_flags_exit_before_reading_data(tmp_path):
     workdir = tmp_path / "never"
     result = run_recipe(
@@ -338,6 +351,8 @@ def test_bad_flags_exit_before_reading_data(tmp_path):
     assert result.returncode != 0 and "arch" in result.stderr
 
 
+@pytest.mark.process
+@pytest.mark.backends("tensorflow")
 def test_importing_the_package_turns_tensorflows_onednn_on():
     # TensorFlow reads TF_ENABLE_ONEDNN_OPTS when it is imported; the
     # recipes import moco_keras first. A value the user set is kept.
@@ -359,6 +374,8 @@ def test_importing_the_package_turns_tensorflows_onednn_on():
     assert "oneDNN custom operations are on" in result.stderr
 
 
+@pytest.mark.process
+@pytest.mark.backends("torch")
 def test_a_missing_or_empty_data_dir_ends_with_its_message(tmp_path):
     result = run_recipe(
         "pretrain",
@@ -382,19 +399,21 @@ def test_a_missing_or_empty_data_dir_ends_with_its_message(tmp_path):
 
 def flagfile_values(recipe, flagfile):
     """What `--flagfile=recipes/<flagfile>` resolves to in `recipe`: the
-    flag defaults, the recipe's own defaults, then the file (includes
-    expanded by absl), without touching the process's parsed flags."""
-    values = defaults(**recipe.DEFAULTS)
+    flag defaults, the file's preset (else the recipe's), then the file's
+    other flags (includes expanded by absl), without touching the
+    process's parsed flags."""
     args = common.FLAGS.read_flags_from_files(
         [f"--flagfile={ROOT}/recipes/{flagfile}"], force_gnu=True
     )
+    given = {}
     for arg in args:
         name, _, text = arg[2:].partition("=")
         if not text and name not in common.FLAGS:
             name, text = name[2:], "false"  # --noNAME
         parser = common.FLAGS[name]
-        values[name] = parser.parser.parse(text or "true")
-    return values
+        given[name] = parser.parser.parse(text or "true")
+    preset = given.pop("preset", recipe.DEFAULT_PRESET)
+    return {**defaults(recipe.PRESETS, preset), **given}
 
 
 # The ImageNet recipes against DESIGN.md (the papers and the official code).
@@ -479,6 +498,46 @@ def test_imagenet_flagfiles_hold_the_papers_values(recipe, flagfile, expected):
         assert augmentation["jitter_p"] == 1.0
         assert augmentation["grayscale_first"]
         assert augmentation["blur_p"] == 0.0
+
+
+def test_presets_are_the_one_source_of_the_recipes_values():
+    from moco_keras import MoCo
+    from moco_keras import encoders
+    from moco_keras import presets
+
+    # Each flagfile of a preset resolves to the preset, value for value.
+    for recipe, flagfile, name in (
+        (pretrain, "mocov1.flags", "mocov1"),
+        (pretrain, "mocov2.flags", "mocov2"),
+        (pretrain, "quickstart.flags", "quickstart"),
+        (lincls, "lincls.flags", "imagenet"),
+    ):
+        values = flagfile_values(recipe, flagfile)
+        assert values["preset"] == name
+        preset = recipe.PRESETS[name]
+        assert {key: values[key] for key in preset} == preset, flagfile
+    # The recipes' MoCo arguments are MoCo.from_preset's.
+    model = pretrain.build(
+        recipe_defaults_of(
+            "mocov2", arch="cifar_resnet18", image_size=8, width=2, moco_k=256
+        ),
+        [],
+        1,
+    )
+    reference = MoCo.from_preset(
+        "mocov2",
+        encoders.cifar_resnet18(width=2, input_shape=(8, 8, 3)),
+        queue_size=256,
+    )
+    for argument in ("dim", "mlp", "momentum", "temperature"):
+        assert getattr(model, argument) == getattr(reference, argument)
+    assert set(presets.MOCO_ARGUMENTS.values()) == set(presets.MOCOV1)
+    with pytest.raises(ValueError, match="expected one of"):
+        presets.get(presets.PRETRAINING, "mocov3")
+
+
+def recipe_defaults_of(preset, **overrides):
+    return defaults(pretrain.PRESETS, preset, **overrides)
 
 
 def test_linear_classifier_starts_as_main_lincls():

@@ -9,51 +9,66 @@ from absl import flags
 
 FLAGS = flags.FLAGS
 
-# Shared by both recipes; each sets its own defaults before parsing.
+# Shared by the recipes. A flag whose default is None here takes its value
+# from the recipe's preset (`moco_keras.presets`, `--preset`) unless given.
+flags.DEFINE_string(
+    "preset",
+    None,
+    "The run's preset in moco_keras.presets: pretrain: mocov1 (default), "
+    "mocov2, quickstart; lincls: imagenet (default). Flags given replace "
+    "its values.",
+)
 flags.DEFINE_string("workdir", None, "Where checkpoints and logs go.")
 flags.DEFINE_string(
     "dataset",
-    "folder",
+    None,
     "'folder' (an ImageNet-style tree: DATA_DIR/train/<class>/*, "
     "DATA_DIR/val/<class>/*), 'fashion_mnist' (Debian's IDX files), or "
     "'tfds/<name>' (any tensorflow-datasets image dataset).",
 )
 flags.DEFINE_string("data_dir", None, "The dataset's folder.")
-flags.DEFINE_integer("image_size", 224, "Crop size of the views.")
+flags.DEFINE_integer("image_size", None, "Crop size of the views.")
 flags.DEFINE_integer(
     "train_limit",
-    0,
+    None,
     "Train on N training images drawn at random, each class in proportion "
     "(0: all).",
 )
-flags.DEFINE_integer("epochs", 200, "Total epochs.")
-flags.DEFINE_integer("batch_size", 256, "Global batch size.")
-flags.DEFINE_float("lr", 0.03, "Learning rate (for --lr_batch_size).")
+flags.DEFINE_integer("epochs", None, "Total epochs.")
+flags.DEFINE_integer("batch_size", None, "Global batch size.")
+flags.DEFINE_float("lr", None, "Learning rate (for --lr_batch_size).")
 flags.DEFINE_integer(
     "lr_batch_size",
-    0,
+    None,
     "If > 0, --lr is for a batch of this size and is scaled linearly to "
     "--batch_size (lr * batch_size / lr_batch_size); 0 takes --lr as is.",
 )
 flags.DEFINE_list(
-    "schedule", ["120", "160"], "Epochs at which the lr is multiplied by 0.1."
+    "schedule", None, "Epochs at which the lr is multiplied by 0.1."
 )
-flags.DEFINE_bool("cos", False, "Cosine lr schedule (then --schedule is off).")
-flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
-flags.DEFINE_float("wd", 1e-4, "Weight decay (L2, coupled as torch's SGD).")
+flags.DEFINE_bool("cos", None, "Cosine lr schedule (then --schedule is off).")
+flags.DEFINE_float("momentum", None, "SGD momentum.")
+flags.DEFINE_float("wd", None, "Weight decay (L2, coupled as torch's SGD).")
 flags.DEFINE_integer("seed", 0, "Seed of weights, data order and draws.")
 flags.DEFINE_float(
     "crop_fraction",
-    0.875,
+    None,
     "Evaluation: resize the short side to image_size / crop_fraction, then "
     "center crop (0.875: 256 -> 224); 1 for small images.",
+)
+flags.DEFINE_integer(
+    "bn_splits",
+    None,
+    "BN groups over the global batch: the official code's GPU count (8). "
+    "On one device split BN simulates them; over D devices (--strategy) "
+    "each device takes bn_splits / D groups. 1: plain BN on one device.",
 )
 flags.DEFINE_integer(
     "checkpoint_steps", 0, "Also checkpoint every N steps (0: per epoch)."
 )
 flags.DEFINE_integer("keep_checkpoints", 3, "Newest checkpoints to keep.")
 flags.DEFINE_integer(
-    "keep_every_epochs", 10, "Also keep every N-th epoch's checkpoint."
+    "keep_every_epochs", None, "Also keep every N-th epoch's checkpoint."
 )
 flags.DEFINE_enum(
     "mixed_precision",
@@ -335,11 +350,26 @@ def check_devices(values, devices):
         )
 
 
-def recipe_values(module_name):
-    """The values of this module's and the recipe's flags (not absl's own)."""
+def recipe_values(modules, table):
+    """The run's values: the flags of `modules` (and of this one) that were
+    given, on the command line or in a flagfile; for the others the value
+    of the `--preset` of `table` (`moco_keras.presets`), else the flag's
+    default. `preset` holds the preset's name."""
+    from moco_keras import presets
+
     names = {flag.name for flag in FLAGS.get_flags_for_module(__name__)}
-    names |= {flag.name for flag in FLAGS.get_flags_for_module(module_name)}
-    return {name: FLAGS[name].value for name in sorted(names)}
+    for module in modules:
+        names |= {flag.name for flag in FLAGS.get_flags_for_module(module)}
+    try:
+        preset = presets.get(table, FLAGS.preset)
+    except ValueError as error:
+        check(False, f"--preset={FLAGS.preset}: {error}")
+    values = {}
+    for name in sorted(names):
+        flag = FLAGS[name]
+        given = flag.present or name not in preset
+        values[name] = flag.value if given else preset[name]
+    return values
 
 
 def optimizer(values, milestones, steps_per_epoch):
@@ -358,10 +388,15 @@ def optimizer(values, milestones, steps_per_epoch):
     )
 
 
-def run(main, defaults):
-    """`app.run(main)` with this recipe's defaults for the shared flags."""
+def run(main, table, preset):
+    """`app.run(main)`, `preset` of `table` the default `--preset`.
+
+    Its values become the flags' defaults too, so that `--help` shows them.
+    """
     from absl import app
 
-    for name, value in defaults.items():
-        FLAGS.set_default(name, value)
+    FLAGS.set_default("preset", preset)
+    for name, value in table[preset].items():
+        if name in FLAGS:
+            FLAGS.set_default(name, value)
     app.run(main)

@@ -17,11 +17,13 @@ import os
 from absl import app
 from absl import flags
 
-# --output (shared with recipes/export) and --bn_splits (the split BN groups
-# of the converted encoders, as in recipes/pretrain: 8 to go on pretraining
-# on one device as the official code on 8 GPUs; it does not matter for
-# linear classification or export, which run BN in inference mode).
-from moco_keras.recipes import pretrain  # noqa: F401 - defines the flags
+# --output (shared with recipes/export) and --bn_splits: the split BN groups
+# of the converted encoders, as in recipes/pretrain (the preset's 8, to go
+# on pretraining on one device as the official code on 8 GPUs; it does not
+# matter for linear classification or export, which run BN in inference
+# mode).
+from moco_keras import presets
+from moco_keras.recipes import common
 
 FLAGS = flags.FLAGS
 
@@ -71,4 +73,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main, presets.PRETRAINING, "mocov1")

@@ -108,6 +108,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app
+    from moco_keras import presets
 
-    app.run(main)
+    # Without a pretraining run's flags.json: the ImageNet preset's
+    # preprocessing.
+    common.run(main, presets.PRETRAINING, "mocov1")

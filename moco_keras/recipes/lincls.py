@@ -25,6 +25,7 @@ import time
 from absl import app
 from absl import flags
 
+from moco_keras import presets
 from moco_keras.recipes import common
 
 FLAGS = flags.FLAGS
@@ -38,13 +39,13 @@ flags.DEFINE_string(
 )
 flags.DEFINE_bool(
     "train_augment",
-    True,
+    None,
     "Train on RandomResizedCrop(scale 0.08-1) + flip views; off: on the "
     "evaluation views.",
 )
 flags.DEFINE_bool(
     "cache_features",
-    False,
+    None,
     "Fast path: extract the frozen features once, train the linear layer on "
     "them (implies --notrain_augment).",
 )
@@ -58,13 +59,8 @@ flags.DEFINE_integer(
     "proportion (0: all, as the papers report).",
 )
 
-DEFAULTS = {
-    "lr": 30.0,
-    "epochs": 100,
-    "wd": 0.0,
-    "schedule": ["60", "80"],
-    "keep_every_epochs": 0,
-}
+PRESETS = presets.LINEAR_CLASSIFICATION
+DEFAULT_PRESET = "imagenet"
 
 
 def resolve_pretrained(path):
@@ -181,7 +177,7 @@ def _features(backbone, dataset):
 
 def main(argv):
     del argv
-    values = common.recipe_values(__name__)
+    values = common.recipe_values([__name__], PRESETS)
     milestones = check_flags(values)
     checkpoint = resolve_pretrained(values["pretrained"])
 
@@ -385,4 +381,4 @@ def train_and_evaluate(values, milestones, checkpoint, paths):
 
 
 if __name__ == "__main__":
-    common.run(main, DEFAULTS)
+    common.run(main, PRESETS, DEFAULT_PRESET)

@@ -16,34 +16,29 @@ import time
 
 from absl import flags
 
+from moco_keras import presets
 from moco_keras.recipes import common
 
 FLAGS = flags.FLAGS
 
+# Defaults None: the values come from the --preset (moco_keras.presets).
 flags.DEFINE_enum(
     "arch",
-    "resnet50",
+    None,
     ["resnet18", "resnet34", "resnet50", "cifar_resnet18"],
     "Encoder.",
 )
 flags.DEFINE_integer(
-    "width", 64, "Base width of the ResNet (64 as torchvision; 16 is small)."
+    "width", None, "Base width of the ResNet (64 as torchvision; 16 is small)."
 )
-flags.DEFINE_integer("moco_dim", 128, "Feature dimension.")
-flags.DEFINE_integer("moco_k", 65536, "Queue size K (negative keys).")
-flags.DEFINE_float("moco_m", 0.999, "Key encoder momentum m.")
-flags.DEFINE_float("moco_t", 0.07, "Softmax temperature T.")
-flags.DEFINE_bool("mlp", False, "MoCo v2's MLP head.")
-flags.DEFINE_bool("aug_plus", False, "MoCo v2's augmentation (blur etc.).")
+flags.DEFINE_integer("moco_dim", None, "Feature dimension.")
+flags.DEFINE_integer("moco_k", None, "Queue size K (negative keys).")
+flags.DEFINE_float("moco_m", None, "Key encoder momentum m.")
+flags.DEFINE_float("moco_t", None, "Softmax temperature T.")
+flags.DEFINE_bool("mlp", None, "MoCo v2's MLP head.")
+flags.DEFINE_bool("aug_plus", None, "MoCo v2's augmentation (blur etc.).")
 flags.DEFINE_bool(
-    "blur", True, "With --aug_plus: the Gaussian blur (off for tiny images)."
-)
-flags.DEFINE_integer(
-    "bn_splits",
-    8,
-    "BN groups over the global batch: the official code's GPU count (8). "
-    "On one device split BN simulates them; over D devices (--strategy) "
-    "each device takes bn_splits / D groups. 1: plain BN on one device.",
+    "blur", None, "With --aug_plus: the Gaussian blur (off for tiny images)."
 )
 flags.DEFINE_bool(
     "color_in_model",
@@ -51,18 +46,19 @@ flags.DEFINE_bool(
     "Run colour jitter, grayscale, blur and normalization batched in the "
     "model (for accelerators); the CPU only decodes, crops and flips.",
 )
-flags.DEFINE_integer("knn_every", 0, "kNN monitor every N epochs (0: off).")
+flags.DEFINE_integer("knn_every", None, "kNN monitor every N epochs (0: off).")
 flags.DEFINE_integer(
     "knn_bank",
-    5000,
+    None,
     "Training images in the kNN bank (drawn at random, each class in "
     "proportion).",
 )
 flags.DEFINE_integer(
-    "knn_test", 1000, "Validation images the kNN classifies (drawn so too)."
+    "knn_test", None, "Validation images the kNN classifies (drawn so too)."
 )
 
-DEFAULTS = {"lr": 0.03, "epochs": 200, "wd": 1e-4, "schedule": ["120", "160"]}
+PRESETS = presets.PRETRAINING
+DEFAULT_PRESET = "mocov1"
 
 
 def check_flags(values):
@@ -196,7 +192,7 @@ def knn_monitor(values):
 
 def main(argv):
     del argv
-    values = common.recipe_values(__name__)
+    values = common.recipe_values([__name__], PRESETS)
     milestones = check_flags(values)
     import keras
 
@@ -290,4 +286,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    common.run(main, DEFAULTS)
+    common.run(main, PRESETS, DEFAULT_PRESET)

@@ -19,32 +19,14 @@ from absl import flags
 from absl import logging
 
 from moco_keras.recipes import common
-from moco_keras.recipes import pretrain  # noqa: F401 - defines its flags
+from moco_keras.recipes import pretrain
 
 FLAGS = flags.FLAGS
-# The shared recipe flags (common, pretrain) with the quick start's values;
-# --lr is for a batch of 512 and scales with --batch_size.
-DEFAULTS = {
-    "workdir": "runs/quickstart",
-    "dataset": "fashion_mnist",
-    "epochs": 4,
-    "batch_size": 256,
-    "lr": 0.06,
-    "lr_batch_size": 512,
-    "wd": 5e-4,
-    "train_limit": 20000,
-    "moco_k": 4096,
-    "moco_m": 0.99,
-    "moco_t": 0.1,
-    "bn_splits": 8,
-    "width": 16,
-}
+# The run is the quickstart preset (moco_keras.presets), the same as
+# `pretrain --preset=quickstart`; --knn_bank / --knn_test size the per-epoch
+# monitor, the final kNN uses all 60k training images.
 flags.DEFINE_integer("knn_k", 200, "k of the kNN monitor.")
 flags.DEFINE_float("knn_t", 0.1, "Temperature of the kNN monitor.")
-flags.DEFINE_integer(
-    "monitor_bank", 5000, "Bank size of the per-epoch kNN monitor (0: off)."
-)
-flags.DEFINE_integer("monitor_test", 1000, "Test images of the kNN monitor.")
 
 
 def _plot(path, history, knn_curves):
@@ -72,65 +54,50 @@ def main(argv):
     del argv
     import keras
 
-    from moco_keras import MoCo
-    from moco_keras import augment
     from moco_keras import data
-    from moco_keras import encoders
     from moco_keras import knn
-    from moco_keras import optimizers
 
-    os.makedirs(FLAGS.workdir, exist_ok=True)
-    values = {
-        name: FLAGS[name].value
-        for name in sorted(
-            {"data_dir", "seed", *DEFAULTS}
-            | {f.name for f in FLAGS.get_flags_for_module(__name__)}
-        )
-    }
-    common.write_json_atomically(
-        os.path.join(FLAGS.workdir, "flags.json"), values
+    values = common.recipe_values(
+        [pretrain.__name__, __name__], pretrain.PRESETS
     )
-    keras.utils.set_random_seed(FLAGS.seed)
+    milestones = pretrain.check_flags(values)
+    common.check(
+        values["dataset"] == "fashion_mnist",
+        "The quick start evaluates on Fashion-MNIST's 60k / 10k images; "
+        f"--dataset={values['dataset']} is for recipes/pretrain.",
+    )
+    os.makedirs(values["workdir"], exist_ok=True)
+    common.write_json_atomically(
+        os.path.join(values["workdir"], "flags.json"), values
+    )
+    keras.utils.set_random_seed(values["seed"])
     started = time.time()
 
     train_images, train_labels = data.load_fashion_mnist(
-        "train", FLAGS.data_dir
+        "train", values["data_dir"]
     )
-    test_images, test_labels = data.load_fashion_mnist("test", FLAGS.data_dir)
+    test_images, test_labels = data.load_fashion_mnist(
+        "test", values["data_dir"]
+    )
     bank = data.fashion_mnist_eval_images(train_images)
     test = data.fashion_mnist_eval_images(test_images)
-    source = data.image_array_source(
-        train_images, train_labels, data.FASHION_MNIST_CLASSES, pad=2
-    ).subset(FLAGS.train_limit, FLAGS.seed)
-    augmentation = augment.get_augmentation(
-        "cifar",
-        scale=(0.2, 1.0),
-        mean=data.FASHION_MNIST_MEAN,
-        std=data.FASHION_MNIST_STD,
+    # The same source, augmentation, model and optimizer as
+    # `pretrain --preset=quickstart`.
+    source = common.load_source(
+        values["dataset"],
+        values["data_dir"],
+        "train",
+        limit=values["train_limit"],
+        seed=values["seed"],
     )
     pairs = data.two_view_dataset(
-        source, augmentation, FLAGS.batch_size, seed=FLAGS.seed
+        source,
+        pretrain.augmentation_config(values),
+        values["batch_size"],
+        seed=values["seed"],
     )
-    steps_per_epoch = source.num_examples // FLAGS.batch_size
-
-    encoder = encoders.cifar_resnet18(
-        width=FLAGS.width, bn_splits=FLAGS.bn_splits, input_shape=(32, 32, 3)
-    )
-    model = MoCo.from_preset(
-        "mocov2",
-        encoder,
-        queue_size=FLAGS.moco_k,
-        momentum=FLAGS.moco_m,
-        temperature=FLAGS.moco_t,
-        seed=FLAGS.seed,
-    )
-    lr = common.learning_rate(values)
-    schedule = optimizers.EpochSchedule(
-        lr, steps_per_epoch, FLAGS.epochs, cosine=True
-    )
-    model.compile(
-        optimizer=optimizers.SGD(schedule, momentum=0.9, weight_decay=FLAGS.wd)
-    )
+    steps_per_epoch = source.num_examples // values["batch_size"]
+    model = pretrain.build(values, milestones, steps_per_epoch)
 
     def full_knn():
         """kNN top-1 (%) of the backbone features and of the MoCo head."""
@@ -151,8 +118,8 @@ def main(argv):
                     knn.flatten_normalize(test_x),
                     test_labels,
                     10,
-                    FLAGS.knn_k,
-                    FLAGS.knn_t,
+                    values["knn_k"],
+                    values["knn_t"],
                 )
             )
         return accuracies
@@ -165,18 +132,18 @@ def main(argv):
         knn.flatten_normalize(test_images),
         test_labels,
         10,
-        FLAGS.knn_k,
-        FLAGS.knn_t,
+        values["knn_k"],
+        values["knn_t"],
     )
     callbacks = [
-        keras.callbacks.CSVLogger(os.path.join(FLAGS.workdir, "epochs.csv"))
+        keras.callbacks.CSVLogger(os.path.join(values["workdir"], "epochs.csv"))
     ]
-    if FLAGS.monitor_bank:
+    if values["knn_every"]:
         bank_ids = data.stratified_indices(
-            train_labels, FLAGS.monitor_bank, FLAGS.seed
+            train_labels, values["knn_bank"], values["seed"]
         )
         test_ids = data.stratified_indices(
-            test_labels, FLAGS.monitor_test, FLAGS.seed
+            test_labels, values["knn_test"], values["seed"]
         )
         callbacks.insert(
             0,
@@ -186,37 +153,43 @@ def main(argv):
                 test[test_ids],
                 test_labels[test_ids],
                 10,
-                k=FLAGS.knn_k,
-                t=FLAGS.knn_t,
+                k=values["knn_k"],
+                t=values["knn_t"],
+                every=values["knn_every"],
             ),
         )
     print(
         f"Pretraining MoCo v2 on {source.num_examples} Fashion-MNIST images, "
-        f"{FLAGS.epochs} epochs of {steps_per_epoch} steps "
+        f"{values['epochs']} epochs of {steps_per_epoch} steps "
         f"(backend: {keras.backend.backend()})"
     )
     history = model.fit(
         pairs,
-        epochs=FLAGS.epochs,
+        epochs=values["epochs"],
         callbacks=callbacks,
         verbose=2,
         shuffle=False,  # tf.data shuffles; Keras would warn it cannot
     )
     trained_knn, trained_head_knn = full_knn()
 
-    monitor = callbacks[0].accuracies if FLAGS.monitor_bank else []
+    monitor = callbacks[0].accuracies if values["knn_every"] else []
     knn_curves = {
-        "backbone, 60k bank": [(0, random_knn), (FLAGS.epochs, trained_knn)],
+        "backbone, 60k bank": [
+            (0, random_knn),
+            (values["epochs"], trained_knn),
+        ],
         "head, 60k bank": [
             (0, random_head_knn),
-            (FLAGS.epochs, trained_head_knn),
+            (values["epochs"], trained_head_knn),
         ],
-        f"backbone, monitor ({FLAGS.monitor_bank} bank)": [
+        f"backbone, monitor ({values['knn_bank']} bank)": [
             (epoch, 100 * accuracy) for epoch, accuracy in monitor
         ],
     }
     _plot(
-        os.path.join(FLAGS.workdir, "curves.png"), history.history, knn_curves
+        os.path.join(values["workdir"], "curves.png"),
+        history.history,
+        knn_curves,
     )
     results = {
         "knn_top1_trained": round(trained_knn, 2),
@@ -229,9 +202,9 @@ def main(argv):
         "backend": keras.backend.backend(),
     }
     common.write_json_atomically(
-        os.path.join(FLAGS.workdir, "results.json"), results
+        os.path.join(values["workdir"], "results.json"), results
     )
-    with open(os.path.join(FLAGS.workdir, "knn.csv"), "w", newline="") as f:
+    with open(os.path.join(values["workdir"], "knn.csv"), "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(("features", "epoch", "knn_top1"))
         for label, points in knn_curves.items():
@@ -244,19 +217,19 @@ def main(argv):
         "  raw pixels                     %6.2f %%\n"
         "Outputs in %s (%.0f s)"
         % (
-            FLAGS.knn_k,
-            FLAGS.knn_t,
-            FLAGS.epochs,
+            values["knn_k"],
+            values["knn_t"],
+            values["epochs"],
             trained_knn,
             trained_head_knn,
             random_knn,
             random_head_knn,
             pixel_knn,
-            FLAGS.workdir,
+            values["workdir"],
             results["wall_seconds"],
         )
     )
 
 
 if __name__ == "__main__":
-    common.run(main, DEFAULTS)
+    common.run(main, pretrain.PRESETS, "quickstart")
