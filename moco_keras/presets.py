@@ -72,6 +72,9 @@ _MOCOV1_IMAGENET = {
     "knn_every": 0,
     "knn_bank": 5000,
     "knn_test": 1000,
+    # The kNN of the official CIFAR demo: 200 neighbours, temperature 0.1.
+    "knn_k": 200,
+    "knn_t": 0.1,
     "keep_every_epochs": 10,
 }
 

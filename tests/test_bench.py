@@ -1,9 +1,11 @@
 """The benchmarks run (at a smoke size) and measure what they claim to.
 
-Each benchmark runs its configurations in subprocesses with their own
-KERAS_BACKEND; here each backend's run of the suite smoke-tests that
-backend's configuration (and the torch run also the plain-PyTorch
-reference), so the three runs of the suite cover every configuration once.
+Each benchmark runs each configuration in a subprocess with its own
+KERAS_BACKEND, whatever the suite's backend: the smoke runs take the
+TensorFlow configuration and the plain-PyTorch reference, once (the
+process tier). The JAX and torch configurations run the same benchmark
+code under another KERAS_BACKEND; their MoCo step is tested in-process
+under each backend.
 """
 
 import json
@@ -11,7 +13,6 @@ import os
 import subprocess
 import sys
 
-import keras
 import numpy as np
 import pytest
 
@@ -24,8 +25,7 @@ import learning  # noqa: E402
 
 
 def _configs():
-    backend = keras.backend.backend()
-    return [backend, "torch-plain"] if backend == "torch" else [backend]
+    return ["tensorflow", "torch-plain"]
 
 
 def _run(args, timeout):
@@ -75,7 +75,7 @@ def test_learning_eval_epochs():
 
 @pytest.mark.slow
 @pytest.mark.process
-@pytest.mark.backends("tensorflow", "jax", "torch")
+@pytest.mark.backends("tensorflow")
 def test_learning_benchmark_smoke(tmp_path):
     configs = _configs()
     stdout = _run(
@@ -116,7 +116,7 @@ def test_learning_benchmark_smoke(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.process
-@pytest.mark.backends("tensorflow", "jax", "torch")
+@pytest.mark.backends("tensorflow")
 def test_train_step_benchmark_smoke(tmp_path):
     output = tmp_path / "table.md"
     _run(

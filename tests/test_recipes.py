@@ -18,11 +18,11 @@ import time
 import keras
 import numpy as np
 import pytest
-from absl import app
 from conftest import recipe_defaults as defaults
 from PIL import Image
 
 from moco_keras import data
+from moco_keras import runs
 from moco_keras import training
 from moco_keras.recipes import common
 from moco_keras.recipes import lincls
@@ -286,53 +286,6 @@ def test_pretrain_then_lincls_on_an_image_folder(tmp_path):
 # --- Flags: contradictions are refused before any data is read. -----------
 
 
-@pytest.mark.parametrize(
-    "overrides, message",
-    [
-        ({"moco_k": 1000}, "not divisible by the global --batch_size=256"),
-        ({"bn_splits": 3}, "does not divide the global batch"),
-        ({"cpu_devices": -1}, "--cpu_devices must be >= 0"),
-        ({"schedule": ["120", "250"]}, r"milestones \[250\]"),
-        ({"dataset": "cifar10"}, "Unknown --dataset='cifar10'"),
-        ({"data_dir": None}, "--dataset=folder needs --data_dir"),
-        ({"workdir": None}, "--workdir is required"),
-        ({"lr": float("nan")}, "--lr must be a finite number"),
-        ({"arch": "cifar_resnet18"}, "with small images"),
-    ],
-)
-def test_pretrain_flag_contradictions(overrides, message):
-    with pytest.raises(app.UsageError, match=message):
-        pretrain.check_flags(defaults(**overrides))
-
-
-def test_strategy_of_another_backend_is_refused():
-    backend = keras.backend.backend()
-    other = "data_parallel" if backend == "tensorflow" else "mirrored"
-    with pytest.raises(app.UsageError, match=f"this process runs {backend}"):
-        pretrain.check_flags(defaults(strategy=other))
-    with pytest.raises(app.UsageError, match="Unknown strategy 'horovod'"):
-        pretrain.check_flags(defaults(strategy="horovod"))
-
-
-def test_batch_and_bn_groups_must_split_over_the_devices():
-    common.check_devices(defaults(batch_size=256, bn_splits=8), 8)
-    common.check_devices(defaults(batch_size=256, bn_splits=8), 4)
-    with pytest.raises(app.UsageError, match="does not split over 3 devices"):
-        common.check_devices(defaults(batch_size=256, bn_splits=8), 3)
-    with pytest.raises(app.UsageError, match="must be a multiple of 16"):
-        common.check_devices(defaults(batch_size=256, bn_splits=8), 16)
-
-
-def test_valid_flags_pass_and_cos_ignores_the_schedule():
-    assert pretrain.check_flags(defaults()) == [120, 160]
-    pretrain.check_flags(defaults(cos=True, schedule=["500"]))
-    assert lincls.check_flags(
-        defaults(schedule=["60", "80"], epochs=100, train_augment=False)
-    ) == [60, 80]
-    with pytest.raises(app.UsageError, match="--notrain_augment"):
-        lincls.check_flags(defaults(cache_features=True, train_augment=True))
-
-
 @pytest.mark.process
 @pytest.mark.backends("torch")
 def test_bad_flags_exit_before_reading_data(tmp_path):
@@ -393,8 +346,8 @@ def test_a_missing_or_empty_data_dir_ends_with_its_message(tmp_path):
         (tmp_path / "empty", "has no class sub-folders"),
         (tmp_path / "nowhere", "No data directory at"),
     ):
-        with pytest.raises(app.UsageError, match=message):
-            common.load_source("folder", str(path), "train")
+        with pytest.raises(runs.ConfigError, match=message):
+            runs.load_source("folder", str(path), "train")
 
 
 def flagfile_values(recipe, flagfile):
@@ -481,7 +434,7 @@ def test_imagenet_flagfiles_hold_the_papers_values(recipe, flagfile, expected):
         augmentation = data.linear_augmentation(224, (0,) * 3, (1,) * 3)
         assert augmentation["scale"] == (0.08, 1.0)
         return
-    augmentation = pretrain.augmentation_config(values)
+    augmentation = runs.augmentation_config(values)
     assert augmentation["size"] == 224
     assert augmentation["scale"] == (0.2, 1.0)
     assert augmentation["mean"] == (0.485, 0.456, 0.406)
@@ -517,7 +470,7 @@ def test_presets_are_the_one_source_of_the_recipes_values():
         preset = recipe.PRESETS[name]
         assert {key: values[key] for key in preset} == preset, flagfile
     # The recipes' MoCo arguments are MoCo.from_preset's.
-    model = pretrain.build(
+    model = runs.build_moco(
         recipe_defaults_of(
             "mocov2", arch="cifar_resnet18", image_size=8, width=2, moco_k=256
         ),
@@ -538,54 +491,3 @@ def test_presets_are_the_one_source_of_the_recipes_values():
 
 def recipe_defaults_of(preset, **overrides):
     return defaults(pretrain.PRESETS, preset, **overrides)
-
-
-def test_linear_classifier_starts_as_main_lincls():
-    """fc.weight ~ N(0, 0.01), fc.bias = 0 (main_lincls.py)."""
-    head = lincls.linear_head(2048, 1000)
-    head.build((None, 2048))
-    kernel = keras.ops.convert_to_numpy(head.kernel)
-    assert kernel.std() == pytest.approx(0.01, rel=0.01)
-    assert abs(kernel.mean()) < 1e-4
-    assert np.abs(kernel).max() > 0.045  # normal, not truncated at 2 std
-    np.testing.assert_array_equal(keras.ops.convert_to_numpy(head.bias), 0.0)
-
-
-def test_backbone_check_reads_the_checkpoint_back(tmp_path):
-    from conftest import make_moco
-    from conftest import tiny_resnet
-
-    path = str(tmp_path / "ckpt-000000001.keras")
-    make_moco(tiny_resnet(bn_splits=2)).save(path)
-    backbone, normalization = lincls.load_backbone(path)
-    assert normalization is None
-    lincls.check_backbone_unchanged(backbone, path)
-    # Changed after loading: found.
-    variable = backbone.weights[3]
-    variable.assign(variable.value + 1.0)
-    with pytest.raises(RuntimeError, match="differs from .* in 1 of"):
-        lincls.check_backbone_unchanged(backbone, path)
-    # Loaded wrong (another model's weights): found too, which a copy taken
-    # after loading would not see.
-    other = str(tmp_path / "other.keras")
-    keras.utils.set_random_seed(1)
-    make_moco(tiny_resnet(bn_splits=2)).save(other)
-    wrong, _ = lincls.load_backbone(other)
-    with pytest.raises(RuntimeError, match="loaded wrong or changed"):
-        lincls.check_backbone_unchanged(wrong, path)
-
-
-def test_pretrained_must_be_a_moco_checkpoint(tmp_path):
-    with pytest.raises(app.UsageError, match="does not exist"):
-        lincls.resolve_pretrained(str(tmp_path / "missing.keras"))
-    with pytest.raises(app.UsageError, match="without MoCo checkpoints"):
-        lincls.resolve_pretrained(str(tmp_path))
-    text = tmp_path / "notes.keras"
-    text.write_text("not a zip")
-    with pytest.raises(app.UsageError, match="is not a MoCo checkpoint"):
-        lincls.load_backbone(str(text))
-    inputs = keras.Input((4,))
-    plain = keras.Model(inputs, keras.layers.Dense(2)(inputs))
-    plain.save(tmp_path / "plain.keras")
-    with pytest.raises(app.UsageError, match="holds a Functional, not a MoCo"):
-        lincls.load_backbone(str(tmp_path / "plain.keras"))

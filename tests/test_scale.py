@@ -22,7 +22,7 @@ from PIL import Image
 from moco_keras import augment
 from moco_keras import color
 from moco_keras import data
-from moco_keras.recipes import pretrain
+from moco_keras import runs
 
 CLASSES, PER_CLASS, VAL_PER_CLASS = 100, 300, 4
 BATCH = 256
@@ -182,7 +182,7 @@ def test_train_limit_and_knn_bank_are_stratified_draws(sorted_folder):
         knn_every=1,
         seed=0,
     )
-    monitor = pretrain.knn_monitor(values)
+    monitor = runs.knn_monitor(values)
     bank_counts = np.bincount(monitor.bank_labels, minlength=CLASSES)
     assert bank_counts.tolist() == [5] * CLASSES  # the first 500: 2 classes
     assert np.bincount(monitor.test_labels).tolist() == [2] * CLASSES

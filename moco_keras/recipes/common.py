@@ -1,11 +1,14 @@
-"""Flags and pieces shared by the pretraining and linear-classification
-recipes: datasets by name, the workdir, checkpoints, logs and checks."""
+"""The flags shared by the recipes, and how they become a run's config.
 
-import json
-import math
-import os
+A recipe is a command-line wrapper: its absl flags (the official scripts'
+names) are resolved against its `--preset` (`recipe_values`) into the
+config of a run function of `moco_keras.runs`; `run` reports a config that
+cannot run (`runs.ConfigError`) as a usage error, without a traceback.
+"""
 
 from absl import flags
+
+from moco_keras.runs import RUN_DEFAULTS
 
 FLAGS = flags.FLAGS
 
@@ -49,7 +52,9 @@ flags.DEFINE_list(
 flags.DEFINE_bool("cos", None, "Cosine lr schedule (then --schedule is off).")
 flags.DEFINE_float("momentum", None, "SGD momentum.")
 flags.DEFINE_float("wd", None, "Weight decay (L2, coupled as torch's SGD).")
-flags.DEFINE_integer("seed", 0, "Seed of weights, data order and draws.")
+flags.DEFINE_integer(
+    "seed", RUN_DEFAULTS["seed"], "Seed of weights, data order and draws."
+)
 flags.DEFINE_float(
     "crop_fraction",
     None,
@@ -64,28 +69,44 @@ flags.DEFINE_integer(
     "each device takes bn_splits / D groups. 1: plain BN on one device.",
 )
 flags.DEFINE_integer(
-    "checkpoint_steps", 0, "Also checkpoint every N steps (0: per epoch)."
+    "checkpoint_steps",
+    RUN_DEFAULTS["checkpoint_steps"],
+    "Also checkpoint every N steps (0: per epoch).",
 )
-flags.DEFINE_integer("keep_checkpoints", 3, "Newest checkpoints to keep.")
+flags.DEFINE_integer(
+    "keep_checkpoints",
+    RUN_DEFAULTS["keep_checkpoints"],
+    "Newest checkpoints to keep.",
+)
 flags.DEFINE_integer(
     "keep_every_epochs", None, "Also keep every N-th epoch's checkpoint."
 )
 flags.DEFINE_enum(
     "mixed_precision",
-    None,
+    RUN_DEFAULTS["mixed_precision"],
     ["mixed_float16", "mixed_bfloat16"],
     "Keras dtype policy (GPUs: mixed_float16 / mixed_bfloat16).",
 )
-flags.DEFINE_bool("jit_compile", False, "XLA-compile the train step.")
+flags.DEFINE_bool(
+    "jit_compile",
+    RUN_DEFAULTS["jit_compile"],
+    "Compile the train step: XLA (TensorFlow), torch.compile (torch). The "
+    "JAX backend always compiles it.",
+)
 flags.DEFINE_bool(
     "deterministic",
-    False,
+    RUN_DEFAULTS["deterministic"],
     "TensorFlow backend: deterministic kernels (bitwise-repeatable runs).",
 )
-flags.DEFINE_enum("verbose", "auto", ["auto", "0", "1", "2"], "fit verbosity.")
+flags.DEFINE_enum(
+    "verbose",
+    RUN_DEFAULTS["verbose"],
+    ["auto", "0", "1", "2"],
+    "fit verbosity.",
+)
 flags.DEFINE_enum(
     "strategy",
-    "none",
+    RUN_DEFAULTS["strategy"],
     ["none", "mirrored", "multi_worker", "tpu", "data_parallel"],
     "Devices: 'none' (one device), 'mirrored' (all GPUs of this machine), "
     "'multi_worker' (several machines, TF_CONFIG), 'tpu' (TensorFlow "
@@ -97,257 +118,9 @@ flags.DEFINE_string(
 )
 flags.DEFINE_integer(
     "cpu_devices",
-    0,
+    RUN_DEFAULTS["cpu_devices"],
     "Split the CPU into this many devices (to try --strategy on a CPU).",
 )
-
-
-def check(condition, message):
-    """Raises `app.UsageError(message)` unless `condition`."""
-    from absl import app
-
-    if not condition:
-        raise app.UsageError(message)
-
-
-def check_common(values):
-    """Contradictions among the shared flags, before any data is read.
-
-    Args:
-        values: `FLAGS.flag_values_dict()` or a dict with the same keys.
-
-    Returns:
-        The schedule milestones as ints.
-    """
-    check(values["workdir"], "--workdir is required: where the run lives.")
-    check(values["epochs"] >= 1, f"--epochs must be >= 1: {values['epochs']}")
-    check(
-        values["batch_size"] >= 1,
-        f"--batch_size must be >= 1: {values['batch_size']}",
-    )
-    check(
-        values["lr"] > 0 and math.isfinite(values["lr"]),
-        f"--lr must be a finite number > 0: {values['lr']}",
-    )
-    dataset = values["dataset"]
-    check(
-        dataset in ("folder", "fashion_mnist") or dataset.startswith("tfds/"),
-        f"Unknown --dataset={dataset!r}: expected 'folder', 'fashion_mnist' "
-        "or 'tfds/<name>' (e.g. tfds/imagenet2012).",
-    )
-    check(
-        dataset != "folder" or values["data_dir"],
-        "--dataset=folder needs --data_dir=ROOT with ROOT/train/<class>/* "
-        "(and ROOT/val/<class>/* for evaluation).",
-    )
-    try:
-        milestones = sorted(int(m) for m in values["schedule"] or [])
-    except ValueError:
-        check(False, f"--schedule must list epochs: {values['schedule']}")
-    if not values["cos"]:
-        late = [m for m in milestones if not 0 < m < values["epochs"]]
-        check(
-            not late,
-            f"--schedule milestones {late} are not inside the run's "
-            f"{values['epochs']} epochs: the lr step would never happen. "
-            "Give epochs in (0, --epochs), or --cos.",
-        )
-    from moco_keras import distribute
-
-    try:
-        distribute.check_strategy(values["strategy"])
-    except ValueError as error:
-        check(False, str(error))
-    check(
-        values["cpu_devices"] >= 0,
-        f"--cpu_devices must be >= 0: {values['cpu_devices']}",
-    )
-    check(
-        0 < values["crop_fraction"] <= 1,
-        f"--crop_fraction must be in (0, 1]: {values['crop_fraction']}",
-    )
-    return milestones
-
-
-def learning_rate(values):
-    if values["lr_batch_size"]:
-        return values["lr"] * values["batch_size"] / values["lr_batch_size"]
-    return values["lr"]
-
-
-def dataset_stats(dataset):
-    """(mean, std) of the normalization the dataset's images get."""
-    from moco_keras import color
-    from moco_keras import data
-
-    if dataset == "fashion_mnist":
-        return data.FASHION_MNIST_MEAN, data.FASHION_MNIST_STD
-    return color.IMAGENET_MEAN, color.IMAGENET_STD
-
-
-def load_source(
-    dataset, data_dir, split, limit=0, val_split="validation", seed=0
-):
-    """A `data.Source` by recipe name; `split` is "train" or "val".
-
-    `limit` keeps that many images drawn at random (class-stratified where
-    the labels are known: `Source.subset`, with `seed`). A folder or files
-    that cannot be read end the recipe with their message
-    (`app.UsageError`), not a traceback.
-    """
-    from moco_keras import data
-
-    try:
-        if dataset == "fashion_mnist":
-            source = data.fashion_mnist(
-                "train" if split == "train" else "test", data_dir
-            )
-        elif dataset == "folder":
-            source = data.image_folder(data_dir, split=split)
-        else:
-            source = data.tfds_source(
-                dataset[len("tfds/") :],
-                split="train" if split == "train" else val_split,
-                data_dir=data_dir,
-            )
-    except (OSError, ValueError) as error:
-        check(False, f"--dataset={dataset} --data_dir={data_dir}: {error}")
-    return source.subset(limit, seed) if limit else source
-
-
-def write_json_atomically(path, payload):
-    temporary = path + ".tmp"
-    with open(temporary, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-    os.replace(temporary, path)
-
-
-def set_up(values):
-    """Devices and backend options from the flags.
-
-    Returns:
-        `(paths, strategy)`: the workdir's subpaths, and the
-        `tf.distribute` strategy to build the model in (None: none).
-    """
-    import keras
-
-    from moco_keras import distribute
-
-    try:
-        strategy = distribute.make_strategy(
-            values["strategy"], cpu_devices=values["cpu_devices"]
-        )
-    except ValueError as error:
-        check(False, str(error))
-    if strategy is not None:
-        import logging
-
-        # tf.distribute logs every collective it builds at INFO: hundreds
-        # of lines per traced step, which would bury the progress bars.
-        logging.getLogger("tensorflow").setLevel(logging.WARNING)
-    if values["mixed_precision"]:
-        keras.mixed_precision.set_dtype_policy(values["mixed_precision"])
-    if values["deterministic"] and keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        tf.config.experimental.enable_op_determinism()
-    keras.utils.set_random_seed(values["seed"])
-    workdir = values["workdir"]
-    chief = distribute.is_chief(strategy)
-    if chief:
-        os.makedirs(workdir, exist_ok=True)
-        write_json_atomically(os.path.join(workdir, "flags.json"), values)
-    paths = {
-        "checkpoints": os.path.join(workdir, "checkpoints"),
-        "csv": os.path.join(workdir, "epochs.csv"),
-        "png": os.path.join(workdir, "curves.png"),
-        "tensorboard": os.path.join(workdir, "tensorboard"),
-        "results": os.path.join(workdir, "results.json"),
-        # Under several workers only the chief writes files; the workdir
-        # must be one storage that every worker reads (they all resume
-        # from its checkpoints).
-        "chief": chief,
-    }
-    return paths, strategy
-
-
-def callbacks(paths, steps_per_epoch, values, title, extra=(), queue_size=None):
-    """Loss watch, extra (e.g. kNN), CSV, curves, TensorBoard, checkpoints.
-
-    The order matters: the loss check runs first so nothing is saved after
-    a NaN; the CSV row is written before the checkpoint that ends the epoch.
-    Workers other than the chief keep the loss check, `extra` and the
-    checkpointer (which they must run in step with the chief) and write
-    nothing.
-    """
-    import keras
-
-    from moco_keras import training
-
-    checkpointer = training.Checkpointer(
-        paths["checkpoints"],
-        steps_per_epoch,
-        every_steps=values["checkpoint_steps"],
-        keep=values["keep_checkpoints"],
-        keep_every_epochs=values["keep_every_epochs"],
-        chief=paths["chief"],
-    )
-    if not paths["chief"]:
-        return [training.LossWatch(queue_size), *extra, checkpointer]
-    return [
-        training.LossWatch(queue_size),
-        *extra,
-        keras.callbacks.CSVLogger(paths["csv"], append=True),
-        training.CurvePlot(paths["csv"], paths["png"], title),
-        keras.callbacks.TensorBoard(paths["tensorboard"]),
-        checkpointer,
-    ]
-
-
-def fit(
-    model,
-    epoch_dataset,
-    values,
-    steps_per_epoch,
-    paths,
-    callbacks,
-    validation_data=None,
-):
-    """`training.fit_resumable` in the workdir; the start step back."""
-    from moco_keras import training
-
-    verbose = values["verbose"]
-    return training.fit_resumable(
-        model,
-        epoch_dataset,
-        values["epochs"],
-        steps_per_epoch,
-        paths["checkpoints"],
-        callbacks=callbacks,
-        csv_path=paths["csv"] if paths["chief"] else None,
-        verbose=verbose if verbose == "auto" else int(verbose),
-        validation_data=validation_data,
-    )
-
-
-def check_devices(values, devices):
-    """`--batch_size` and `--bn_splits` against the devices of the run."""
-    batch = values["batch_size"]
-    check(
-        batch % devices == 0,
-        f"--batch_size={batch} does not split over {devices} devices: the "
-        f"batch is global. Use a multiple of {devices}.",
-    )
-    splits = values.get("bn_splits")
-    if splits is not None:
-        check(
-            splits % devices == 0,
-            f"--bn_splits={splits} is the number of BN groups over the global "
-            f"batch (the official code's GPU count); over {devices} devices "
-            f"it must be a multiple of {devices} (each device takes "
-            f"bn_splits / devices groups). Use --bn_splits={devices} for one "
-            "group per device, as the official code on that many GPUs.",
-        )
 
 
 def recipe_values(modules, table):
@@ -360,32 +133,18 @@ def recipe_values(modules, table):
     names = {flag.name for flag in FLAGS.get_flags_for_module(__name__)}
     for module in modules:
         names |= {flag.name for flag in FLAGS.get_flags_for_module(module)}
+    from moco_keras import runs
+
     try:
         preset = presets.get(table, FLAGS.preset)
     except ValueError as error:
-        check(False, f"--preset={FLAGS.preset}: {error}")
+        raise runs.ConfigError(f"--preset={FLAGS.preset}: {error}") from None
     values = {}
     for name in sorted(names):
         flag = FLAGS[name]
         given = flag.present or name not in preset
         values[name] = flag.value if given else preset[name]
     return values
-
-
-def optimizer(values, milestones, steps_per_epoch):
-    """torch's SGD with the flags' lr, per-epoch schedule and weight decay."""
-    from moco_keras import optimizers
-
-    schedule = optimizers.EpochSchedule(
-        learning_rate(values),
-        steps_per_epoch,
-        values["epochs"],
-        cosine=values["cos"],
-        milestones=() if values["cos"] else milestones,
-    )
-    return optimizers.SGD(
-        schedule, momentum=values["momentum"], weight_decay=values["wd"]
-    )
 
 
 def run(main, table, preset):
@@ -395,8 +154,16 @@ def run(main, table, preset):
     """
     from absl import app
 
+    from moco_keras import runs
+
+    def checked_main(argv):
+        try:
+            return main(argv)
+        except runs.ConfigError as error:
+            raise app.UsageError(str(error)) from None
+
     FLAGS.set_default("preset", preset)
     for name, value in table[preset].items():
         if name in FLAGS:
             FLAGS.set_default(name, value)
-    app.run(main)
+    app.run(checked_main)

@@ -22,8 +22,9 @@ import os
 
 from absl import flags
 
+from moco_keras import runs
 from moco_keras.recipes import common
-from moco_keras.recipes import lincls
+from moco_keras.recipes import lincls  # noqa: F401 - defines --pretrained
 
 FLAGS = flags.FLAGS
 
@@ -62,11 +63,11 @@ def preprocessing_flags(pretrained, checkpoint):
 
 def main(argv):
     del argv
-    common.check(FLAGS.output, "--output=DIRECTORY is required.")
-    checkpoint = lincls.resolve_pretrained(FLAGS.pretrained)
-    backbone, normalization = lincls.load_backbone(checkpoint)
+    runs.check(FLAGS.output, "--output=DIRECTORY is required.")
+    checkpoint = runs.resolve_pretrained(FLAGS.pretrained)
+    backbone, normalization = runs.load_backbone(checkpoint)
     values = preprocessing_flags(FLAGS.pretrained, checkpoint)
-    mean, std = normalization or common.dataset_stats(values["dataset"])
+    mean, std = normalization or runs.dataset_stats(values["dataset"])
     from moco_keras import export
 
     size = values["image_size"]
@@ -79,7 +80,7 @@ def main(argv):
                 backbone, FLAGS.output, size=size, mean=mean, std=std
             )
         except (ImportError, ValueError) as error:
-            common.check(False, str(error))
+            runs.check(False, str(error))
         print(
             f"Wrote the keras-hub preset of {checkpoint} to {FLAGS.output}: "
             "keras_hub.models.ResNetBackbone.from_preset(DIR) and "
@@ -97,7 +98,7 @@ def main(argv):
             crop_fraction=values["crop_fraction"],
         )
     except ValueError as error:
-        common.check(False, str(error))
+        runs.check(False, str(error))
     print(
         f"Exported the encoder of {checkpoint} to {FLAGS.output}: "
         f"signature serving_default, input `images` (uint8, any size), "

@@ -1,0 +1,142 @@
+"""The run functions of `moco_keras.runs`, in this process: the checks of a
+config, the pieces of a run, linear classification's backbone handling.
+The runs themselves run in fresh processes in tests/test_recipes.py (the
+recipes are their command lines)."""
+
+import keras
+import numpy as np
+import pytest
+from conftest import recipe_defaults
+
+from moco_keras import presets
+from moco_keras import runs
+
+
+def defaults(preset="mocov1", **overrides):
+    return recipe_defaults(presets.PRETRAINING, preset, **overrides)
+
+
+def test_config_is_the_preset_with_overrides_and_refuses_unknown_keys():
+    config = runs.config(presets.PRETRAINING["mocov2"], workdir="w", moco_k=64)
+    assert config["moco_t"] == 0.2 and config["moco_k"] == 64
+    assert config["workdir"] == "w" and config["seed"] == 0
+    with pytest.raises(runs.ConfigError, match="Unknown config keys"):
+        runs.config(presets.PRETRAINING["mocov2"], moco_kk=64)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"moco_k": 1000}, "not divisible by the global --batch_size=256"),
+        ({"bn_splits": 3}, "does not divide the global batch"),
+        ({"cpu_devices": -1}, "--cpu_devices must be >= 0"),
+        ({"schedule": ["120", "250"]}, r"milestones \[250\]"),
+        ({"dataset": "cifar10"}, "Unknown --dataset='cifar10'"),
+        ({"data_dir": None}, "--dataset=folder needs --data_dir"),
+        ({"workdir": None}, "--workdir is required"),
+        ({"lr": float("nan")}, "--lr must be a finite number"),
+        ({"arch": "cifar_resnet18"}, "with small images"),
+    ],
+)
+def test_pretrain_flag_contradictions(overrides, message):
+    with pytest.raises(runs.ConfigError, match=message):
+        runs.check_pretraining(defaults(**overrides))
+
+
+def test_strategy_of_another_backend_is_refused():
+    backend = keras.backend.backend()
+    other = "data_parallel" if backend == "tensorflow" else "mirrored"
+    with pytest.raises(runs.ConfigError, match=f"this process runs {backend}"):
+        runs.check_pretraining(defaults(strategy=other))
+    with pytest.raises(runs.ConfigError, match="Unknown strategy 'horovod'"):
+        runs.check_pretraining(defaults(strategy="horovod"))
+
+
+def test_batch_and_bn_groups_must_split_over_the_devices():
+    runs.check_devices(defaults(batch_size=256, bn_splits=8), 8)
+    runs.check_devices(defaults(batch_size=256, bn_splits=8), 4)
+    with pytest.raises(runs.ConfigError, match="does not split over 3 devices"):
+        runs.check_devices(defaults(batch_size=256, bn_splits=8), 3)
+    with pytest.raises(runs.ConfigError, match="must be a multiple of 16"):
+        runs.check_devices(defaults(batch_size=256, bn_splits=8), 16)
+
+
+def test_valid_flags_pass_and_cos_ignores_the_schedule():
+    assert runs.check_pretraining(defaults()) == [120, 160]
+    runs.check_pretraining(defaults(cos=True, schedule=["500"]))
+    assert runs.check_linear_classification(
+        defaults(schedule=["60", "80"], epochs=100, train_augment=False)
+    ) == [60, 80]
+    with pytest.raises(runs.ConfigError, match="--notrain_augment"):
+        runs.check_linear_classification(
+            defaults(cache_features=True, train_augment=True)
+        )
+
+
+def test_linear_classifier_starts_as_main_lincls():
+    """fc.weight ~ N(0, 0.01), fc.bias = 0 (main_lincls.py)."""
+    head = runs.linear_head(2048, 1000)
+    head.build((None, 2048))
+    kernel = keras.ops.convert_to_numpy(head.kernel)
+    assert kernel.std() == pytest.approx(0.01, rel=0.01)
+    assert abs(kernel.mean()) < 1e-4
+    assert np.abs(kernel).max() > 0.045  # normal, not truncated at 2 std
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(head.bias), 0.0)
+
+
+def test_backbone_check_reads_the_checkpoint_back(tmp_path):
+    from conftest import make_moco
+    from conftest import tiny_resnet
+
+    path = str(tmp_path / "ckpt-000000001.keras")
+    make_moco(tiny_resnet(bn_splits=2)).save(path)
+    backbone, normalization = runs.load_backbone(path)
+    assert normalization is None
+    runs.check_backbone_unchanged(backbone, path)
+    # Changed after loading: found.
+    variable = backbone.weights[3]
+    variable.assign(variable.value + 1.0)
+    with pytest.raises(RuntimeError, match="differs from .* in 1 of"):
+        runs.check_backbone_unchanged(backbone, path)
+    # Loaded wrong (another model's weights): found too, which a copy taken
+    # after loading would not see.
+    other = str(tmp_path / "other.keras")
+    keras.utils.set_random_seed(1)
+    make_moco(tiny_resnet(bn_splits=2)).save(other)
+    wrong, _ = runs.load_backbone(other)
+    with pytest.raises(RuntimeError, match="loaded wrong or changed"):
+        runs.check_backbone_unchanged(wrong, path)
+
+
+def test_pretrained_must_be_a_moco_checkpoint(tmp_path):
+    with pytest.raises(runs.ConfigError, match="does not exist"):
+        runs.resolve_pretrained(str(tmp_path / "missing.keras"))
+    with pytest.raises(runs.ConfigError, match="without MoCo checkpoints"):
+        runs.resolve_pretrained(str(tmp_path))
+    text = tmp_path / "notes.keras"
+    text.write_text("not a zip")
+    with pytest.raises(runs.ConfigError, match="is not a MoCo checkpoint"):
+        runs.load_backbone(str(text))
+    inputs = keras.Input((4,))
+    plain = keras.Model(inputs, keras.layers.Dense(2)(inputs))
+    plain.save(tmp_path / "plain.keras")
+    with pytest.raises(
+        runs.ConfigError, match="holds a Functional, not a MoCo"
+    ):
+        runs.load_backbone(str(tmp_path / "plain.keras"))
+
+
+def test_a_jax_run_compiles_its_step_and_the_others_follow_the_config():
+    config = defaults(
+        "mocov1",
+        arch="cifar_resnet18",
+        image_size=8,
+        width=2,
+        moco_k=16,
+        bn_splits=1,
+    )
+    model = runs.build_moco(config, [], 1)
+    jax = keras.backend.backend() == "jax"
+    # Keras' JAX trainer runs an uncompiled step op by op.
+    assert model.jit_compile is jax
+    assert runs.jit_compile({**config, "jit_compile": True})
