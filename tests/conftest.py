@@ -16,6 +16,8 @@ its own.
 """
 
 import os
+import subprocess
+import sys
 
 # XLA's CPU compiler at LLVM -O0 under the JAX backend: the suite's programs
 # are tiny and run for a few steps, so compiling is most of their time, and
@@ -62,6 +64,22 @@ def _seed():
     keras.backend.clear_session()
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_module(module, *args):
+    """`python -m module args` in a fresh Python at the repository root."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
+
+
 def dense_encoder(input_shape=(4, 4, 3), features=8, name="dense_encoder"):
     """A BN-free encoder, so features are a plain function of one image."""
     inputs = keras.Input(input_shape)
@@ -101,6 +119,35 @@ def to_numpy(variable):
 
 def snapshot(variables):
     return [to_numpy(v).copy() for v in variables]
+
+
+def run_serialization_test(instance):
+    """keras-hub's `TestCase.run_serialization_test`: `get_config`, then
+    `from_config`, gives the same config, also through Keras' registry
+    (`serialize_keras_object` / `deserialize_keras_object`, what `.keras`
+    files use). Returns the clone."""
+    config = instance.get_config()
+    clone = type(instance).from_config(config)
+    assert clone.get_config() == config
+    revived = keras.saving.deserialize_keras_object(
+        keras.saving.serialize_keras_object(instance)
+    )
+    assert type(revived) is type(instance)
+    assert revived.get_config() == config
+    return clone
+
+
+def run_model_saving_test(model, path):
+    """keras-hub's `run_model_saving_test`: `model.save` to a `.keras` file
+    and `keras.saving.load_model` give the same class and every variable
+    equal. Returns the loaded model."""
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert type(loaded) is type(model)
+    assert len(loaded.weights) == len(model.weights)
+    for a, b in zip(model.weights, loaded.weights, strict=True):
+        np.testing.assert_array_equal(to_numpy(a), to_numpy(b), a.path)
+    return loaded
 
 
 def recipe_defaults(table=None, preset="mocov1", **overrides):

@@ -2,6 +2,7 @@ import keras
 import numpy as np
 import pytest
 from conftest import random_images
+from conftest import run_serialization_test
 
 from moco_keras import SplitBatchNormalization
 
@@ -82,7 +83,7 @@ def test_bad_arguments():
 
 def test_config_round_trip():
     layer = SplitBatchNormalization(num_splits=8, name="bn1")
-    clone = SplitBatchNormalization.from_config(layer.get_config())
+    clone = run_serialization_test(layer)
     assert clone.num_splits == 8
     assert clone.epsilon == 1e-5
     assert clone.momentum == 0.9

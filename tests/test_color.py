@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 from conftest import dense_encoder
 from conftest import make_moco
+from conftest import run_serialization_test
 from keras import ops
 
 from moco_keras import augment
@@ -299,8 +300,7 @@ def test_call_normalizes_and_augments_only_in_training():
     second = _numpy(layer(crops, training=True))
     assert not np.allclose(first, expected, atol=1e-3)
     assert not np.allclose(first, second, atol=1e-3)  # new draws each call
-    restored = color.ColorAugmentation.from_config(layer.get_config())
-    assert restored.get_config() == layer.get_config()
+    run_serialization_test(layer)
 
 
 def test_bad_arguments_are_refused():

@@ -9,9 +9,6 @@ it and compares the Keras outputs with PyTorch's on the same images.
 import contextlib
 import json
 import os
-import pickle
-import subprocess
-import sys
 
 import keras
 import numpy as np
@@ -19,73 +16,18 @@ import pytest
 import torch
 from absl import app
 from absl import flags
-from torch import nn
+from conftest import run_module
+from torch_checkpoints import TorchResNet
+from torch_checkpoints import classifier_head
+from torch_checkpoints import official_state
+from torch_checkpoints import paddle_names
+from torch_checkpoints import save_official
+from torch_checkpoints import save_pdparams
+from torch_checkpoints import v1_head
+from torch_checkpoints import v2_head
 
 from moco_keras import convert
 from moco_keras.recipes import convert as convert_recipe
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "bench"))
-
-from torch_moco import Basic  # noqa: E402
-from torch_moco import Bottleneck  # noqa: E402
-
-
-class TorchResNet(nn.Module):
-    """torchvision's ResNet (names and layout), `fc` given by `head`."""
-
-    def __init__(self, depth=50, width=64, head=None, seed=0):
-        super().__init__()
-        torch.manual_seed(seed)
-        block, counts = {
-            18: (Basic, (2, 2, 2, 2)),
-            50: (Bottleneck, (3, 4, 6, 3)),
-        }[depth]
-        self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
-        inplanes = width
-        for stage, count in enumerate(counts):
-            planes = width * 2**stage
-            blocks = []
-            for index in range(count):
-                stride = 2 if stage > 0 and index == 0 else 1
-                blocks.append(block(inplanes, planes, stride, nn.BatchNorm2d))
-                inplanes = planes * block.expansion
-            setattr(self, f"layer{stage + 1}", nn.Sequential(*blocks))
-        self.feature_dim = inplanes
-        self.fc = head(inplanes) if head else nn.Linear(inplanes, 1000)
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for module in self.modules():
-                if isinstance(module, nn.BatchNorm2d):
-                    c = module.num_features
-                    module.running_mean.normal_(0, 0.1, generator=generator)
-                    module.running_var.uniform_(0.5, 1.5, generator=generator)
-                    module.weight.uniform_(0.5, 1.5, generator=generator)
-                    module.bias.normal_(0, 0.1, generator=generator)
-                    assert module.weight.shape == (c,)
-        self.eval()
-
-    def features(self, x):
-        x = self.maxpool(torch.relu(self.bn1(self.conv1(x))))
-        for stage in range(1, 5):
-            x = getattr(self, f"layer{stage}")(x)
-        return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
-
-    def forward(self, x):
-        return self.fc(self.features(x))
-
-
-def v1_head(features):
-    return nn.Linear(features, 128)
-
-
-def v2_head(features):
-    return nn.Sequential(
-        nn.Linear(features, features), nn.ReLU(), nn.Linear(features, 128)
-    )
-
 
 IMAGES = np.random.default_rng(0).normal(size=(2, 64, 64, 3)).astype("float32")
 
@@ -103,41 +45,6 @@ def keras_numpy(x):
 
 def assert_close(actual, expected):
     np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4)
-
-
-def official_state(q, k, queue, ptr, prefix="module."):
-    state = {}
-    for side, net in (("q", q), ("k", k)):
-        for name, value in net.state_dict().items():
-            state[f"{prefix}encoder_{side}.{name}"] = value
-    state[f"{prefix}queue"] = torch.from_numpy(queue)
-    state[f"{prefix}queue_ptr"] = torch.tensor([ptr])
-    return state
-
-
-def save_official(path, state, arch="resnet50"):
-    torch.save(
-        {"epoch": 200, "arch": arch, "state_dict": state, "optimizer": {}},
-        path,
-    )
-
-
-def paddle_names(net):
-    """The backbone of `net` under PaddleFleetX's names (no fc)."""
-    renamed = {"running_mean": "_mean", "running_var": "_variance"}
-    state = {}
-    for name, value in net.state_dict().items():
-        if name.startswith("fc.") or name.endswith("num_batches_tracked"):
-            continue
-        prefix, _, last = name.rpartition(".")
-        state[f"{prefix}.{renamed.get(last, last)}"] = value.numpy()
-    return state
-
-
-def save_pdparams(path, state):
-    state = {**state, "StructuredToParameterName@@": {"x": "y"}}
-    with open(path, "wb") as f:
-        pickle.dump(state, f, protocol=4)
 
 
 def check_moco(converted, q, k, queue, ptr):
@@ -224,10 +131,6 @@ def check_classifier(converted, net):
     assert_close(keras_numpy(converted.model(IMAGES)), logits)
 
 
-def classifier_head(features):
-    return nn.Linear(features, 10)
-
-
 def test_official_linear_classifier_and_torchvision_state_dict(tmp_path):
     net = TorchResNet(50, 8, classifier_head, seed=10)
     state = {f"module.{n}": v for n, v in net.state_dict().items()}
@@ -306,18 +209,6 @@ def parsed_flags(*args):
         yield
     finally:
         flags.FLAGS.unparse_flags()
-
-
-def run_module(module, *args):
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        stdin=subprocess.DEVNULL,
-        env={**os.environ, "PYTHONPATH": ROOT},
-    )
 
 
 @pytest.mark.slow

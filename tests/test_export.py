@@ -9,11 +9,11 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from test_convert import TorchResNet
-from test_convert import classifier_head
-from test_convert import paddle_names
-from test_convert import run_module
-from test_convert import save_pdparams
+from conftest import run_module
+from torch_checkpoints import TorchResNet
+from torch_checkpoints import classifier_head
+from torch_checkpoints import paddle_names
+from torch_checkpoints import save_pdparams
 
 from moco_keras import MoCo
 from moco_keras import color

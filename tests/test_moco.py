@@ -6,6 +6,8 @@ import pytest
 from conftest import dense_encoder
 from conftest import make_moco
 from conftest import random_images
+from conftest import run_model_saving_test
+from conftest import run_serialization_test
 from conftest import snapshot
 from conftest import tiny_resnet
 from conftest import to_numpy
@@ -363,9 +365,7 @@ def test_loss_falls_and_accuracy_rises():
 
 def test_config_round_trip():
     model = make_moco(tiny_resnet(bn_splits=2), mlp=True, momentum=0.99)
-    config = model.get_config()
-    clone = MoCo.from_config(config)
-    assert clone.get_config() == config
+    clone = run_serialization_test(model)
     assert [v.shape for v in clone.weights] == [v.shape for v in model.weights]
     norms = [
         layer
@@ -383,14 +383,9 @@ def test_keras_file_keeps_queue_pointer_and_key_encoder(tmp_path):
             random_images(4, (8, 8, 3), seed=seed + 10),
         )
     assert int(to_numpy(model.queue_ptr)) == 2
-    path = tmp_path / "moco.keras"
-    model.save(path)
-    loaded = keras.saving.load_model(path)
+    loaded = run_model_saving_test(model, tmp_path / "moco.keras")
     assert isinstance(loaded, MoCo)
     assert int(to_numpy(loaded.queue_ptr)) == 2
-    assert len(loaded.weights) == len(model.weights)
-    for a, b in zip(model.weights, loaded.weights, strict=True):
-        np.testing.assert_array_equal(to_numpy(a), to_numpy(b), a.path)
     # The reloaded model trains on from where it stopped.
     loaded.train_on_batch(
         random_images(4, (8, 8, 3)), random_images(4, (8, 8, 3))

@@ -174,10 +174,10 @@ def test_linear_eval_and_export_notebook(tmp_path):
 
 def official_v2_checkpoint(path):
     """A MoCo v2 checkpoint as `main_moco.py` writes it (narrow ResNet-50)."""
-    from test_convert import TorchResNet
-    from test_convert import official_state
-    from test_convert import save_official
-    from test_convert import v2_head
+    from torch_checkpoints import TorchResNet
+    from torch_checkpoints import official_state
+    from torch_checkpoints import save_official
+    from torch_checkpoints import v2_head
 
     q = TorchResNet(50, width=8, head=v2_head, seed=1)
     k = TorchResNet(50, width=8, head=v2_head, seed=2)

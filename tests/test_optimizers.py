@@ -3,6 +3,7 @@ import math
 import keras
 import numpy as np
 import pytest
+from conftest import run_serialization_test
 
 from moco_keras import optimizers
 
@@ -53,5 +54,5 @@ def test_epoch_schedules():
     np.testing.assert_allclose(
         got, [0.03, 0.03, 0.003, 0.003, 3e-4, 3e-4], rtol=1e-6
     )
-    clone = optimizers.EpochSchedule.from_config(steps.get_config())
+    clone = run_serialization_test(steps)
     assert float(clone(800)) == pytest.approx(3e-4)
