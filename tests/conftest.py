@@ -15,6 +15,7 @@ A test deselected under a backend is not skipped: `make test` runs it under
 its own.
 """
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -65,6 +66,18 @@ def _seed():
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@contextlib.contextmanager
+def parsed_flags(*args):
+    """The recipes' absl flags parsed from `args`, reset afterwards."""
+    from absl import flags
+
+    flags.FLAGS(["recipe", *args])
+    try:
+        yield
+    finally:
+        flags.FLAGS.unparse_flags()
 
 
 def run_module(module, *args):

@@ -6,7 +6,6 @@ mapping matters), writes it in the source's own checkpoint format, converts
 it and compares the Keras outputs with PyTorch's on the same images.
 """
 
-import contextlib
 import json
 import os
 
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from absl import app
-from absl import flags
+from conftest import parsed_flags
 from conftest import run_module
 from torch_checkpoints import TorchResNet
 from torch_checkpoints import classifier_head
@@ -199,16 +198,6 @@ def test_partial_or_mismatched_checkpoints_name_the_keys(tmp_path):
         convert.convert(str(tmp_path / "junk.pth"))
     with pytest.raises(FileNotFoundError):
         convert.convert(str(tmp_path / "missing.pth.tar"))
-
-
-@contextlib.contextmanager
-def parsed_flags(*args):
-    """The recipes' absl flags parsed from `args`, reset afterwards."""
-    flags.FLAGS(["recipe", *args])
-    try:
-        yield
-    finally:
-        flags.FLAGS.unparse_flags()
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ import time
 import keras
 import numpy as np
 import pytest
+from conftest import parsed_flags
 from conftest import recipe_defaults as defaults
 from PIL import Image
 
@@ -487,6 +488,28 @@ def test_presets_are_the_one_source_of_the_recipes_values():
     assert set(presets.MOCO_ARGUMENTS.values()) == set(presets.MOCOV1)
     with pytest.raises(ValueError, match="expected one of"):
         presets.get(presets.PRETRAINING, "mocov3")
+
+
+def test_flags_given_replace_the_presets_values_and_only_those():
+    # Given: --width; from the preset: the rest of the quickstart run; from
+    # the flags' own defaults: what no preset holds (--seed).
+    with parsed_flags("--preset=quickstart", "--width=4", "--workdir=w"):
+        values = common.recipe_values([pretrain.__name__], pretrain.PRESETS)
+    quickstart = pretrain.PRESETS["quickstart"]
+    assert values["width"] == 4 and values["workdir"] == "w"
+    assert {k: values[k] for k in quickstart if k != "width"} == {
+        k: v for k, v in quickstart.items() if k != "width"
+    }
+    assert values["seed"] == 0 and values["preset"] == "quickstart"
+    # A flag given with the preset's own value is still the given one.
+    with parsed_flags("--preset=mocov2", "--nocos"):
+        values = common.recipe_values([pretrain.__name__], pretrain.PRESETS)
+    assert values["cos"] is False and values["mlp"] is True
+    with (
+        parsed_flags("--preset=mocov3"),
+        pytest.raises(runs.ConfigError, match="--preset=mocov3"),
+    ):
+        common.recipe_values([pretrain.__name__], pretrain.PRESETS)
 
 
 def recipe_defaults_of(preset, **overrides):
