@@ -10,6 +10,12 @@ enqueue of the new keys.
 Keras' shared training hook is used on every backend: `call` computes the
 queries, `compute_loss` does the rest, and the key encoder, queue and queue
 pointer are non-trainable variables updated with `assign`.
+
+The file reads top to bottom as the step runs: `MoCo` (construction, then
+`call` and `compute_loss`, the step in the order of `builder.forward`, then
+its parts: momentum update, keys, enqueue), `shuffled_keys` (shuffle BN on
+one device and across `tf.distribute` replicas, in one function), then the
+small helpers (argument checks, key encoder clone, queue init, heads).
 """
 
 import copy
@@ -21,58 +27,6 @@ from keras import ops
 
 from moco_keras import distribute
 from moco_keras.presets import PRESETS
-
-
-def _torch_linear_initializers(fan_in):
-    # torch.nn.Linear's default init, as the official heads are initialised:
-    # U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for the weight and the bias.
-    bound = 1.0 / math.sqrt(fan_in)
-    return {
-        "kernel_initializer": keras.initializers.VarianceScaling(
-            scale=1.0 / 3.0, mode="fan_in", distribution="uniform"
-        ),
-        "bias_initializer": keras.initializers.RandomUniform(-bound, bound),
-    }
-
-
-def _projection_head(feature_dim, dim, mlp, name):
-    """The official `fc` head: Linear (v1) or Linear-ReLU-Linear (v2)."""
-    if mlp:
-        head_layers = [
-            layers.Dense(
-                feature_dim,
-                activation="relu",
-                name="fc_0",
-                **_torch_linear_initializers(feature_dim),
-            ),
-            layers.Dense(
-                dim, name="fc_2", **_torch_linear_initializers(feature_dim)
-            ),
-        ]
-    else:
-        head_layers = [
-            layers.Dense(
-                dim, name="fc", **_torch_linear_initializers(feature_dim)
-            )
-        ]
-    head = keras.Sequential(head_layers, name=name)
-    head.build((None, feature_dim))
-    return head
-
-
-def _feature_shape(encoder):
-    try:
-        return tuple(encoder.output.shape)
-    except (AttributeError, ValueError):
-        pass
-    try:
-        return tuple(encoder.compute_output_shape((None, 32, 32, 3)))
-    except Exception as error:  # noqa: BLE001 - re-raised with advice.
-        raise ValueError(
-            "Could not infer the output shape of the encoder "
-            f"{encoder.name!r}. Pass a built functional keras.Model such as "
-            "`moco_keras.encoders.resnet50()`."
-        ) from error
 
 
 @keras.saving.register_keras_serializable(package="moco_keras")
@@ -483,3 +437,55 @@ def _normalized_normal(seed):
         return ops.normalize(queue, axis=0)
 
     return initializer
+
+
+def _torch_linear_initializers(fan_in):
+    # torch.nn.Linear's default init, as the official heads are initialised:
+    # U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for the weight and the bias.
+    bound = 1.0 / math.sqrt(fan_in)
+    return {
+        "kernel_initializer": keras.initializers.VarianceScaling(
+            scale=1.0 / 3.0, mode="fan_in", distribution="uniform"
+        ),
+        "bias_initializer": keras.initializers.RandomUniform(-bound, bound),
+    }
+
+
+def _projection_head(feature_dim, dim, mlp, name):
+    """The official `fc` head: Linear (v1) or Linear-ReLU-Linear (v2)."""
+    if mlp:
+        head_layers = [
+            layers.Dense(
+                feature_dim,
+                activation="relu",
+                name="fc_0",
+                **_torch_linear_initializers(feature_dim),
+            ),
+            layers.Dense(
+                dim, name="fc_2", **_torch_linear_initializers(feature_dim)
+            ),
+        ]
+    else:
+        head_layers = [
+            layers.Dense(
+                dim, name="fc", **_torch_linear_initializers(feature_dim)
+            )
+        ]
+    head = keras.Sequential(head_layers, name=name)
+    head.build((None, feature_dim))
+    return head
+
+
+def _feature_shape(encoder):
+    try:
+        return tuple(encoder.output.shape)
+    except (AttributeError, ValueError):
+        pass
+    try:
+        return tuple(encoder.compute_output_shape((None, 32, 32, 3)))
+    except Exception as error:  # noqa: BLE001 - re-raised with advice.
+        raise ValueError(
+            "Could not infer the output shape of the encoder "
+            f"{encoder.name!r}. Pass a built functional keras.Model such as "
+            "`moco_keras.encoders.resnet50()`."
+        ) from error
