@@ -75,24 +75,25 @@ PROTOCOL = {
 def load(protocol):
     """The training pairs (tf.data) and the kNN bank and test sets."""
     from moco_keras import augment
-    from moco_keras import data
+    from moco_keras import datasets
+    from moco_keras import pipelines
 
-    train_images, train_labels = data.load_fashion_mnist("train")
-    test_images, test_labels = data.load_fashion_mnist("test")
+    train_images, train_labels = datasets.load_fashion_mnist("train")
+    test_images, test_labels = datasets.load_fashion_mnist("test")
     limit = protocol["train_images"]
-    source = data.image_array_source(
+    source = datasets.image_array_source(
         train_images[:limit],
         train_labels[:limit],
-        data.FASHION_MNIST_CLASSES,
+        datasets.FASHION_MNIST_CLASSES,
         pad=2,
     )
     augmentation = augment.get_augmentation(
         "cifar",
         scale=(0.2, 1.0),
-        mean=data.FASHION_MNIST_MEAN,
-        std=data.FASHION_MNIST_STD,
+        mean=datasets.FASHION_MNIST_MEAN,
+        std=datasets.FASHION_MNIST_STD,
     )
-    pairs = data.two_view_dataset(
+    pairs = pipelines.two_view_dataset(
         source,
         augmentation,
         protocol["batch_size"],
@@ -103,9 +104,9 @@ def load(protocol):
     return {
         "pairs": pairs,
         "steps_per_epoch": source.num_examples // protocol["batch_size"],
-        "bank": data.fashion_mnist_eval_images(train_images[bank]),
+        "bank": datasets.fashion_mnist_eval_images(train_images[bank]),
         "bank_labels": train_labels[bank],
-        "test": data.fashion_mnist_eval_images(test_images[test]),
+        "test": datasets.fashion_mnist_eval_images(test_images[test]),
         "test_labels": test_labels[test],
     }
 
@@ -322,10 +323,10 @@ def worker(config, protocol, threads):
 
 
 def raw_pixels(protocol):
-    from moco_keras import data
+    from moco_keras import datasets
 
-    train_images, train_labels = data.load_fashion_mnist("train")
-    test_images, test_labels = data.load_fashion_mnist("test")
+    train_images, train_labels = datasets.load_fashion_mnist("train")
+    test_images, test_labels = datasets.load_fashion_mnist("test")
     return knn_top1(
         train_images[: protocol["bank"]],
         train_labels[: protocol["bank"]],

@@ -4,8 +4,8 @@ r"""Input pipeline throughput: MoCo v2 two-crop views from JPEG files.
 
 Builds a folder of ImageNet-sized JPEGs (about 500 x 375, quality 90) from
 the real photos that ship with scikit-image, then measures pairs per second
-of (a) this package's tf.data pipeline (`data.image_folder` +
-`data.two_view_dataset`, MoCo v2 augmentation at 224 px) and (b) a baseline
+of (a) this package's tf.data pipeline (`datasets.image_folder` +
+`pipelines.two_view_dataset`, MoCo v2 augmentation at 224 px) and (b) a baseline
 that does what the official loader does: PIL decode, then the torchvision v2
 transforms written with PIL and numpy, one image at a time in Python. Both
 run in this process, alternately, on the same files; (a) is measured with
@@ -136,11 +136,12 @@ def run_ours(root, seconds, threads, batch_size=32, color_in_model=False):
     import tensorflow as tf
 
     from moco_keras import augment
-    from moco_keras import data
+    from moco_keras import datasets
+    from moco_keras import pipelines
 
-    source = data.image_folder(root)
+    source = datasets.image_folder(root)
     config = augment.get_augmentation("mocov2")
-    pairs = data.two_view_dataset(
+    pairs = pipelines.two_view_dataset(
         source, config, batch_size, seed=0, color_in_model=color_in_model
     ).repeat()
     if threads:

@@ -9,7 +9,7 @@ batches of 256 of one epoch's order:
 
 - "buffer": `shuffle(10_000)` over the sorted list, the order of this
   project's pipelines before 2026-12-01;
-- "permutation": `data.Source.order`, a uniform permutation of all indices
+- "permutation": `datasets.Source.order`, a uniform permutation of all indices
   per epoch, what `two_view_dataset` and `labelled_dataset` read now;
 - "uniform": the exact expectation for batches drawn at random without
   replacement.
@@ -47,7 +47,7 @@ def classes_per_batch(labels, order, batch):
 def measure(name, sizes, batch, buffer):
     import tensorflow as tf
 
-    from moco_keras import data
+    from moco_keras import datasets
 
     labels = np.repeat(np.arange(len(sizes)), sizes)
     paths = [
@@ -55,7 +55,7 @@ def measure(name, sizes, batch, buffer):
         for i, label in enumerate(labels)
     ]
     rss, start = peak_mib(), time.perf_counter()
-    source = data.Source(paths, labels, range(len(sizes)), encoded=True)
+    source = datasets.Source(paths, labels, range(len(sizes)), encoded=True)
     source_cost = (time.perf_counter() - start, peak_mib() - rss)
     rss, start = peak_mib(), time.perf_counter()
     next(iter(source.order(seed=0, epoch=0)))

@@ -227,7 +227,7 @@ def distribute_dataset(strategy, dataset_fn):
         dataset_fn: `f(shard)` -> a `tf.data.Dataset`: the global batches
             for `shard=None`; for `shard=(index, count)`, worker `index`'s
             share of each global batch, one of `count` equal parts (as
-            `data.two_view_dataset(..., shard=shard)` gives).
+            `pipelines.two_view_dataset(..., shard=shard)` gives).
 
     Returns:
         What `model.fit` takes: the global batches on one worker (a local

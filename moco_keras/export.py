@@ -20,7 +20,7 @@ import tempfile
 
 import keras
 
-from moco_keras import data
+from moco_keras import pipelines
 
 
 def export_feature_extractor(
@@ -100,7 +100,7 @@ def export_feature_extractor(
             )
             def serve(self, images):
                 views = tf.map_fn(
-                    lambda image: data.eval_view(
+                    lambda image: pipelines.eval_view(
                         image, size, mean, std, crop_fraction
                     ),
                     images,

@@ -219,33 +219,33 @@ def check_devices(config, devices):
 def dataset_stats(dataset):
     """(mean, std) of the normalization the dataset's images get."""
     from moco_keras import color
-    from moco_keras import data
+    from moco_keras import datasets
 
     if dataset == "fashion_mnist":
-        return data.FASHION_MNIST_MEAN, data.FASHION_MNIST_STD
+        return datasets.FASHION_MNIST_MEAN, datasets.FASHION_MNIST_STD
     return color.IMAGENET_MEAN, color.IMAGENET_STD
 
 
 def load_source(
     dataset, data_dir, split, limit=0, val_split="validation", seed=0
 ):
-    """A `data.Source` by the config's name; `split` is "train" or "val".
+    """A `datasets.Source` by the config's name; `split` is "train" or "val".
 
     `limit` keeps that many images drawn at random (class-stratified where
     the labels are known: `Source.subset`, with `seed`). A folder or files
     that cannot be read raise `ConfigError` with their message.
     """
-    from moco_keras import data
+    from moco_keras import datasets
 
     try:
         if dataset == "fashion_mnist":
-            source = data.fashion_mnist(
+            source = datasets.fashion_mnist(
                 "train" if split == "train" else "test", data_dir
             )
         elif dataset == "folder":
-            source = data.image_folder(data_dir, split=split)
+            source = datasets.image_folder(data_dir, split=split)
         else:
-            source = data.tfds_source(
+            source = datasets.tfds_source(
                 dataset[len("tfds/") :],
                 split="train" if split == "train" else val_split,
                 data_dir=data_dir,
@@ -260,7 +260,7 @@ def evaluation_arrays(config, split, count, normalization=None):
     drawn at random and class-stratified, as evaluation views in memory."""
     import numpy as np
 
-    from moco_keras import data
+    from moco_keras import pipelines
 
     mean, std = normalization or dataset_stats(config["dataset"])
     source = load_source(
@@ -272,7 +272,7 @@ def evaluation_arrays(config, split, count, normalization=None):
         seed=config["seed"],
     )
     images, labels = [], []
-    for x, y in data.labelled_dataset(
+    for x, y in pipelines.labelled_dataset(
         source,
         256,
         config["image_size"],
@@ -527,8 +527,8 @@ def pretrain(config):
     milestones = check_pretraining(config)
     import keras
 
-    from moco_keras import data
     from moco_keras import distribute
+    from moco_keras import pipelines
     from moco_keras import training
 
     paths, strategy = set_up(config)
@@ -559,7 +559,7 @@ def pretrain(config):
     def epoch_dataset(epoch, skip):
         return distribute.distribute_dataset(
             strategy,
-            lambda shard: data.two_view_dataset(
+            lambda shard: pipelines.two_view_dataset(
                 source,
                 augmentation,
                 config["batch_size"],
@@ -845,7 +845,8 @@ def linear_classification(config):
 def _train_linear(config, milestones, checkpoint, paths):
     import keras
 
-    from moco_keras import data
+    from moco_keras import datasets
+    from moco_keras import pipelines
     from moco_keras import training
 
     backbone, normalization = load_backbone(checkpoint)
@@ -874,10 +875,10 @@ def _train_linear(config, milestones, checkpoint, paths):
     )
     augmentation = None
     if config["train_augment"]:
-        augmentation = data.linear_augmentation(size, mean, std)
+        augmentation = pipelines.linear_augmentation(size, mean, std)
 
     def labelled(source, **kwargs):
-        return data.labelled_dataset(
+        return pipelines.labelled_dataset(
             source,
             batch_size,
             size,
@@ -897,13 +898,13 @@ def _train_linear(config, milestones, checkpoint, paths):
         inputs = keras.Input((feature_dim,))
         model = keras.Model(inputs, head(inputs), name="linear_head")
         # In the order of `train`: the image path's order for each epoch.
-        cached = data.Source(train_x, train_y, train.class_names, False)
+        cached = datasets.Source(train_x, train_y, train.class_names, False)
 
         def epoch_dataset(epoch, skip):
             keys = cached.order(config["seed"], epoch).skip(skip * batch_size)
             return keys.map(cached.read).batch(batch_size, drop_remainder=True)
 
-        val_data = data.Source(val_x, val_y, val.class_names, False)
+        val_data = datasets.Source(val_x, val_y, val.class_names, False)
         val_data = val_data.dataset.batch(batch_size)
     else:
         inputs = keras.Input((size, size, 3))

@@ -16,6 +16,7 @@ its own.
 """
 
 import contextlib
+import gzip
 import os
 import subprocess
 import sys
@@ -161,6 +162,27 @@ def run_model_saving_test(model, path):
     for a, b in zip(model.weights, loaded.weights, strict=True):
         np.testing.assert_array_equal(to_numpy(a), to_numpy(b), a.path)
     return loaded
+
+
+def write_idx(directory, prefix, images, labels):
+    os.makedirs(directory, exist_ok=True)
+    for part, array in (("images-idx3", images), ("labels-idx1", labels)):
+        header = bytes([0, 0, 8, array.ndim]) + b"".join(
+            int(d).to_bytes(4, "big") for d in array.shape
+        )
+        path = os.path.join(directory, f"{prefix}-{part}-ubyte.gz")
+        with gzip.open(path, "wb") as f:
+            f.write(header + array.astype(np.uint8).tobytes())
+
+
+def fake_fashion_mnist(directory, n_train=96, n_test=32):
+    """Fashion-MNIST's IDX files with random images in `directory`."""
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 10, n)
+        # Class-dependent brightness, so that features can tell classes.
+        images = rng.integers(0, 60, (n, 28, 28)) + 18 * labels[:, None, None]
+        write_idx(directory, prefix, images, labels)
 
 
 def recipe_defaults(table=None, preset="mocov1", **overrides):

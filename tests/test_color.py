@@ -18,7 +18,8 @@ from keras import ops
 
 from moco_keras import augment
 from moco_keras import color
-from moco_keras import data
+from moco_keras import datasets
+from moco_keras import pipelines
 
 V1 = augment.get_augmentation("mocov1", size=16)
 V2 = augment.get_augmentation("mocov2", size=16)
@@ -319,10 +320,10 @@ def test_the_pipeline_applies_the_colour_half_to_its_crops():
     colour half with each image's own draws."""
     rng = np.random.default_rng(5)
     images = rng.integers(0, 256, (16, 24, 24, 3)).astype("uint8")
-    source = data.image_array_source(images, np.zeros(16, "int64"), ("a",))
+    source = datasets.image_array_source(images, np.zeros(16, "int64"), ("a",))
 
     def first_batch(config, color_in_model=False):
-        pairs = data.two_view_dataset(
+        pairs = pipelines.two_view_dataset(
             source, config, 8, seed=0, color_in_model=color_in_model
         )
         return [_numpy(v) for v in next(iter(pairs))]
@@ -357,9 +358,9 @@ def test_the_pipeline_applies_the_colour_half_to_its_crops():
 def test_moco_trains_on_uint8_crops_with_color_in_model():
     rng = np.random.default_rng(5)
     images = rng.integers(0, 256, (16, 24, 24, 3)).astype("uint8")
-    source = data.image_array_source(images, np.zeros(16, "int64"), ("a",))
+    source = datasets.image_array_source(images, np.zeros(16, "int64"), ("a",))
     config = augment.get_augmentation("mocov2", size=8)
-    pairs = data.two_view_dataset(
+    pairs = pipelines.two_view_dataset(
         source, config, batch_size=8, seed=0, color_in_model=True
     )
     q, k = next(iter(pairs))

@@ -18,9 +18,10 @@ from torch_checkpoints import save_pdparams
 from moco_keras import MoCo
 from moco_keras import color
 from moco_keras import convert
-from moco_keras import data
+from moco_keras import datasets
 from moco_keras import encoders
 from moco_keras import export
+from moco_keras import pipelines
 from moco_keras import training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,7 +42,7 @@ print(json.dumps(sorted(m for m in sys.modules if m.startswith("moco_keras"))))
 def expected_features(backbone, size, mean, std, crop_fraction):
     views = np.stack(
         [
-            data.eval_view(tf.constant(i), size, mean, std, crop_fraction)
+            pipelines.eval_view(tf.constant(i), size, mean, std, crop_fraction)
             for i in IMAGES
         ]
     )
@@ -95,8 +96,8 @@ def test_exported_moco_encoder_matches_keras(tmp_path):
     expected = expected_features(
         model.encoder_q,
         32,
-        data.FASHION_MNIST_MEAN,
-        data.FASHION_MNIST_STD,
+        datasets.FASHION_MNIST_MEAN,
+        datasets.FASHION_MNIST_STD,
         1.0,
     )
     np.testing.assert_allclose(features, expected, rtol=1e-4, atol=1e-4)

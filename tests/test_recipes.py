@@ -18,11 +18,13 @@ import time
 import keras
 import numpy as np
 import pytest
+from conftest import fake_fashion_mnist
 from conftest import parsed_flags
 from conftest import recipe_defaults as defaults
 from PIL import Image
 
-from moco_keras import data
+from moco_keras import datasets
+from moco_keras import pipelines
 from moco_keras import runs
 from moco_keras import training
 from moco_keras.recipes import common
@@ -213,7 +215,7 @@ def test_lincls_fast_path_agrees_with_the_full_path(smoke_run, tmp_path):
 
 def image_folder(root, rng):
     """ILSVRC-style train/val folders of real Fashion-MNIST JPEGs."""
-    images, labels = data.load_fashion_mnist("test")
+    images, labels = datasets.load_fashion_mnist("test")
     for split, count in (("train", 24), ("val", 8)):
         for label in (0, 1, 7):
             directory = os.path.join(root, split, f"n0000000{label}")
@@ -432,7 +434,7 @@ def test_imagenet_flagfiles_hold_the_papers_values(recipe, flagfile, expected):
     for word in ("Hardware", "Time", "Expected"):
         assert word in text.split("\n--")[0], (flagfile, word)
     if recipe is lincls:
-        augmentation = data.linear_augmentation(224, (0,) * 3, (1,) * 3)
+        augmentation = pipelines.linear_augmentation(224, (0,) * 3, (1,) * 3)
         assert augmentation["scale"] == (0.08, 1.0)
         return
     augmentation = runs.augmentation_config(values)
@@ -514,3 +516,37 @@ def test_flags_given_replace_the_presets_values_and_only_those():
 
 def recipe_defaults_of(preset, **overrides):
     return defaults(pretrain.PRESETS, preset, **overrides)
+
+
+@pytest.mark.process
+@pytest.mark.backends("jax")
+def test_quickstart_runs_end_to_end(tmp_path):
+    fake_fashion_mnist(str(tmp_path / "fmnist"))
+    workdir = tmp_path / "run"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moco_keras.recipes.quickstart",
+            f"--data_dir={tmp_path / 'fmnist'}",
+            f"--workdir={workdir}",
+            "--epochs=2",
+            "--train_limit=64",
+            "--batch_size=32",
+            "--moco_k=64",
+            "--bn_splits=2",
+            "--width=2",
+            "--knn_k=5",
+            "--knn_bank=48",
+            "--knn_test=16",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "KERAS_BACKEND": keras.backend.backend()},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "MoCo v2 encoder, 2 epochs" in result.stdout
+    for name in ("flags.json", "epochs.csv", "curves.png", "results.json"):
+        assert (workdir / name).stat().st_size > 0
+    assert (workdir / "knn.csv").stat().st_size > 0

@@ -21,7 +21,8 @@ from PIL import Image
 
 from moco_keras import augment
 from moco_keras import color
-from moco_keras import data
+from moco_keras import datasets
+from moco_keras import pipelines
 from moco_keras import runs
 
 CLASSES, PER_CLASS, VAL_PER_CLASS = 100, 300, 4
@@ -110,13 +111,13 @@ def classes_of_views(views):
 def test_pretraining_batches_hold_as_many_classes_as_a_uniform_draw(
     sorted_folder,
 ):
-    source = data.image_folder(str(sorted_folder), split="train")
+    source = datasets.image_folder(str(sorted_folder), split="train")
     assert source.num_examples == CLASSES * PER_CLASS
     # The folder's order is sorted: a batch of it holds one or two classes.
     assert len(np.unique(source.labels[:BATCH])) <= 2
     epochs = []
     for epoch in (0, 1):
-        pairs = data.two_view_dataset(
+        pairs = pipelines.two_view_dataset(
             source, PLAIN, BATCH, seed=0, epoch=epoch
         ).take(6)
         batches = [
@@ -134,11 +135,11 @@ def test_pretraining_batches_hold_as_many_classes_as_a_uniform_draw(
 
 
 def test_linear_classification_batches_are_uniform_too(sorted_folder):
-    source = data.image_folder(str(sorted_folder), split="train")
-    augmentation = data.linear_augmentation(8, (0.0,) * 3, (1.0,) * 3)
+    source = datasets.image_folder(str(sorted_folder), split="train")
+    augmentation = pipelines.linear_augmentation(8, (0.0,) * 3, (1.0,) * 3)
     orders = []
     for epoch in (0, 1):
-        batches = data.labelled_dataset(
+        batches = pipelines.labelled_dataset(
             source,
             BATCH,
             8,
@@ -159,7 +160,7 @@ def test_linear_classification_batches_are_uniform_too(sorted_folder):
     assert not np.array_equal(orders[0], orders[1])
     # --cache_features trains on its own Source of features, in the same
     # order for the same seed and epoch as the image path.
-    cached = data.Source(
+    cached = datasets.Source(
         np.eye(CLASSES, dtype=np.float32)[source.labels],
         source.labels,
         source.class_names,
@@ -193,7 +194,7 @@ def test_train_limit_and_knn_bank_are_stratified_draws(sorted_folder):
         classes_of_views(monitor.bank_images * std + mean),
         monitor.bank_labels,
     )
-    source = data.image_folder(str(sorted_folder), split="train")
+    source = datasets.image_folder(str(sorted_folder), split="train")
     subset = source.subset(1000, seed=0)
     assert np.bincount(subset.labels).tolist() == [10] * CLASSES
     other = source.subset(1000, seed=1)
@@ -222,7 +223,7 @@ def test_a_permutation_of_imagenets_1_28m_paths(capsys):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     rss, started = peak_rss(), time.perf_counter()
-    source = data.Source(paths, labels, range(1000), encoded=True)
+    source = datasets.Source(paths, labels, range(1000), encoded=True)
     source_cost = time.perf_counter() - started, peak_rss() - rss
     rss, started = peak_rss(), time.perf_counter()
     # What each epoch's start costs: its order, up to the first index.
@@ -274,11 +275,11 @@ def test_a_class_sorted_tfds_dataset_is_read_in_a_uniform_order(tmp_path):
         ],
         [f"c{label}" for label in range(classes)],
     )
-    source = data.tfds_source("moco_sorted_images", data_dir=str(tmp_path))
+    source = datasets.tfds_source("moco_sorted_images", data_dir=str(tmp_path))
     assert source.num_examples == classes * per_class
     epochs = []
     for epoch in (0, 1):
-        pairs = data.two_view_dataset(
+        pairs = pipelines.two_view_dataset(
             source, PLAIN, batch, seed=0, epoch=epoch
         ).take(classes * per_class // batch)
         epochs.append([classes_of_views(q.numpy()) for q, _ in pairs])

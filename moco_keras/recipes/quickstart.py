@@ -50,7 +50,7 @@ def main(argv):
     import keras
     import numpy as np
 
-    from moco_keras import data
+    from moco_keras import datasets
     from moco_keras import knn
     from moco_keras import runs
     from moco_keras import training
@@ -77,10 +77,10 @@ def main(argv):
     random_knn, random_head_knn = full_knn(
         runs.build_moco(values, milestones, 1)
     )
-    train_images, train_labels = data.load_fashion_mnist(
+    train_images, train_labels = datasets.load_fashion_mnist(
         "train", values["data_dir"]
     )
-    test_images, test_labels = data.load_fashion_mnist(
+    test_images, test_labels = datasets.load_fashion_mnist(
         "test", values["data_dir"]
     )
     pixel_knn = 100 * knn.knn_accuracy(
