@@ -6,7 +6,8 @@ BACKENDS ?= tensorflow jax torch
 PYTEST_ARGS ?=
 # Test processes per backend (pytest-xdist), a file to each: on 2 cores two
 # of them overlap one's imports, process starts and waits with the other's
-# compute (the TF suite: 20.5 min in one, 11.8 in two, same machine and day).
+# compute (the TF suite: 20.5 min in one, 11.8 in two, same machine and day;
+# 2026-12-01, tiered suite: 685 s in two, 787 s in three).
 PYTEST_WORKERS ?= 2
 # The quick start runs on any backend (make demo DEMO_BACKEND=jax); on a CPU,
 # TensorFlow trains it as fast as torch and embeds faster (BENCHMARKS.md).
