@@ -113,6 +113,14 @@ flags.DEFINE_enum(
     "backend); 'data_parallel' (all devices, JAX backend). --batch_size and "
     "--lr stay global.",
 )
+# recipes/lincls and recipes/export.
+flags.DEFINE_string(
+    "pretrained",
+    RUN_DEFAULTS["pretrained"],
+    "A pretraining workdir (its newest checkpoint is used), a MoCo "
+    "checkpoint file (`.keras`), or a directory that recipes/convert wrote "
+    "(official PyTorch or PaddleFleetX weights, with their normalization).",
+)
 flags.DEFINE_string(
     "output", None, "recipes/convert, recipes/export: the directory to write."
 )
@@ -129,12 +137,11 @@ def recipe_values(modules, table):
     of the `--preset` of `table` (`moco_keras.presets`), else the flag's
     default. `preset` holds the preset's name."""
     from moco_keras import presets
+    from moco_keras import runs
 
     names = {flag.name for flag in FLAGS.get_flags_for_module(__name__)}
     for module in modules:
         names |= {flag.name for flag in FLAGS.get_flags_for_module(module)}
-    from moco_keras import runs
-
     try:
         preset = presets.get(table, FLAGS.preset)
     except ValueError as error:

@@ -24,7 +24,6 @@ from absl import flags
 
 from moco_keras import runs
 from moco_keras.recipes import common
-from moco_keras.recipes import lincls  # noqa: F401 - defines --pretrained
 
 FLAGS = flags.FLAGS
 

@@ -30,13 +30,6 @@ from moco_keras.runs import RUN_DEFAULTS
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_string(
-    "pretrained",
-    RUN_DEFAULTS["pretrained"],
-    "A pretraining workdir (its newest checkpoint is used), a MoCo "
-    "checkpoint file (`.keras`), or a directory that recipes/convert wrote "
-    "(official PyTorch or PaddleFleetX weights, with their normalization).",
-)
 flags.DEFINE_bool(
     "train_augment",
     None,

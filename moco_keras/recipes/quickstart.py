@@ -64,19 +64,9 @@ def main(argv):
     )
     started = time.time()
 
-    def full_knn(model):
-        """kNN top-1 (%) of the backbone and of the MoCo head (60k bank)."""
-        scores = runs.knn_evaluation(
-            values, {"backbone": model.encoder_q, "head": model}
-        )
-        return scores["backbone"], scores["head"]
-
-    logging.info("kNN of the random encoder and of raw pixels ...")
     # The run's own initial weights: `runs.pretrain` seeds and builds alike.
     keras.utils.set_random_seed(values["seed"])
-    random_knn, random_head_knn = full_knn(
-        runs.build_moco(values, milestones, 1)
-    )
+    initial = runs.build_moco(values, milestones, 1)
     train_images, train_labels = datasets.load_fashion_mnist(
         "train", values["data_dir"]
     )
@@ -94,9 +84,20 @@ def main(argv):
     )
     # The pretraining recipe's run: checkpoints, resume, CSV, TensorBoard.
     run = runs.pretrain(values)
-    trained_knn, trained_head_knn = full_knn(
-        keras.saving.load_model(run["checkpoint"])
+    trained = keras.saving.load_model(run["checkpoint"])
+    logging.info("kNN of the trained and of the random encoder ...")
+    # One read of the 60k / 10k evaluation views for all four.
+    scores = runs.knn_evaluation(
+        values,
+        {
+            "trained": trained.encoder_q,
+            "trained head": trained,
+            "random": initial.encoder_q,
+            "random head": initial,
+        },
     )
+    trained_knn, trained_head_knn = scores["trained"], scores["trained head"]
+    random_knn, random_head_knn = scores["random"], scores["random head"]
 
     history = training.read_csv_log(
         os.path.join(values["workdir"], "epochs.csv")
