@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from moco_keras import MoCo  # noqa: E402
-from moco_keras import encoders  # noqa: E402
+from moco_keras import SplitBatchNormalization  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -102,10 +102,24 @@ def dense_encoder(input_shape=(4, 4, 3), features=8, name="dense_encoder"):
     return keras.Model(inputs, outputs, name=name)
 
 
-def tiny_resnet(bn_splits=1, size=8):
-    return encoders.cifar_resnet18(
-        width=2, bn_splits=bn_splits, input_shape=(size, size, 3)
-    )
+def conv_bn_encoder(bn_splits=1, size=8):
+    """Two conv-BN-ReLU blocks and a global pool: split BN where a ResNet has
+    it (groups, moving statistics, the key shuffle's effect) without a
+    ResNet's build and trace time. Measured 2026-12-02 against the CIFAR
+    ResNet-18 (width 2) it replaced: test_moco, test_knn, test_pipelines
+    and test_runs 133 s -> 68 s (TensorFlow), 93 s -> 76 s (JAX); the
+    4-replica mirrored script 47 s -> 14 s. Real ResNets are tested in
+    test_encoders.py, test_convert.py and the recipes' tests."""
+    inputs = keras.Input((size, size, 3), name="images")
+    x = inputs
+    for block, filters in enumerate((4, 8), start=1):
+        x = keras.layers.Conv2D(
+            filters, 3, strides=2, use_bias=False, name=f"conv{block}"
+        )(x)
+        x = SplitBatchNormalization(num_splits=bn_splits, name=f"bn{block}")(x)
+        x = keras.layers.ReLU(name=f"relu{block}")(x)
+    outputs = keras.layers.GlobalAveragePooling2D(name="avgpool")(x)
+    return keras.Model(inputs, outputs, name="conv_bn_encoder")
 
 
 def sgd(learning_rate=0.1):

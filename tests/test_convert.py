@@ -59,17 +59,19 @@ def check_moco(converted, q, k, queue, ptr):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("prefix", ["module.", ""])
-def test_official_mocov2_checkpoint(tmp_path, prefix):
-    """Full-width ResNet-50, the v2 head, with and without `module.`."""
-    q = TorchResNet(50, 64, v2_head, seed=1)
-    k = TorchResNet(50, 64, v2_head, seed=2)
+@pytest.mark.parametrize("prefix, width", [("module.", 64), ("", 8)])
+def test_official_mocov2_checkpoint(tmp_path, prefix, width):
+    """ResNet-50 and the v2 head: at full width with `module.` (as the
+    official DDP code saves it), and narrow without the prefix."""
+    q = TorchResNet(50, width, v2_head, seed=1)
+    k = TorchResNet(50, width, v2_head, seed=2)
     queue = np.random.default_rng(3).normal(size=(128, 64)).astype("float32")
     path = str(tmp_path / "moco_v2_200ep_pretrain.pth.tar")
     save_official(path, official_state(q, k, queue, 32, prefix))
     converted = convert.convert(path)
     assert converted.kind == "moco" and converted.source == "pytorch"
     assert converted.info["arch"] == "resnet50" and converted.info["mlp"]
+    assert converted.info["width"] == width
     assert converted.model.temperature == 0.2
     assert (converted.mean, converted.std) == convert.NORMALIZATION["pytorch"]
     check_moco(converted, q, k, queue, 32)

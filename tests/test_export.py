@@ -134,7 +134,7 @@ def test_torch_backend_cannot_export_and_says_what_to_do(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.process
-@pytest.mark.backends("jax")
+@pytest.mark.backends("torch")
 def test_keras_hub_preset_gives_the_same_features(tmp_path):
     """The recipe writes a keras-hub preset of a MoCo checkpoint's encoder:
     `ResNetBackbone.from_preset` pooled equals our encoder; the preset's

@@ -1,9 +1,9 @@
 import keras
 import numpy as np
 import pytest
+from conftest import conv_bn_encoder
 from conftest import make_moco
 from conftest import random_images
-from conftest import tiny_resnet
 
 from moco_keras import knn
 
@@ -64,7 +64,7 @@ def test_monitor_logs_knn_accuracy_every_n_epochs():
     images = random_images(16, (8, 8, 3))
     labels = np.arange(16) % 2
     monitor = knn.KNNMonitor(images, labels, images, labels, 2, every=2, k=3)
-    model = make_moco(tiny_resnet(bn_splits=2), queue_size=8)
+    model = make_moco(conv_bn_encoder(bn_splits=2), queue_size=8)
     history = model.fit(
         images, images, batch_size=8, epochs=3, callbacks=[monitor], verbose=0
     )

@@ -3,18 +3,19 @@ import math
 import keras
 import numpy as np
 import pytest
+from conftest import conv_bn_encoder
 from conftest import dense_encoder
 from conftest import make_moco
 from conftest import random_images
 from conftest import run_model_saving_test
 from conftest import run_serialization_test
 from conftest import snapshot
-from conftest import tiny_resnet
 from conftest import to_numpy
 
 from moco_keras import MOCOV1
 from moco_keras import MOCOV2
 from moco_keras import MoCo
+from moco_keras import encoders
 
 
 def normalize(x):
@@ -144,7 +145,7 @@ def test_batch_larger_than_queue_is_an_error():
 
 def test_momentum_update_uses_query_weights_before_the_step():
     m = 0.75
-    model = make_moco(tiny_resnet(bn_splits=2), momentum=m, mlp=True)
+    model = make_moco(conv_bn_encoder(bn_splits=2), momentum=m, mlp=True)
     x_q = random_images(8, (8, 8, 3), seed=1)
     x_k = random_images(8, (8, 8, 3), seed=2) + 1.0
     rng = np.random.default_rng(3)
@@ -288,7 +289,7 @@ def test_shuffle_bn_groups_differ_between_queries_and_keys():
     x = random_images(16, (8, 8, 3), seed=7)
     for bn_splits in (1, 4):
         model = make_moco(
-            tiny_resnet(bn_splits=bn_splits), queue_size=16, momentum=0.0
+            conv_bn_encoder(bn_splits=bn_splits), queue_size=16, momentum=0.0
         )
         q = keras.ops.convert_to_numpy(model(x, training=True))  # 16 x 4
         model.train_on_batch(x, x)
@@ -300,7 +301,7 @@ def test_shuffle_bn_groups_differ_between_queries_and_keys():
 
 
 def test_evaluate_leaves_the_state_alone():
-    model = make_moco(tiny_resnet(bn_splits=2), mlp=True)
+    model = make_moco(conv_bn_encoder(bn_splits=2), mlp=True)
     model.train_on_batch(
         random_images(4, (8, 8, 3)), random_images(4, (8, 8, 3))
     )
@@ -339,7 +340,9 @@ def test_loss_falls_and_accuracy_rises():
     images = synthetic_images(64)
     rng = np.random.default_rng(1)
     model = make_moco(
-        tiny_resnet(bn_splits=2, size=16),
+        # A ResNet: with the two-block encoder, accuracy rose by 0.27 to
+        # 0.30 on the three backends, at this test's threshold.
+        encoders.cifar_resnet18(width=2, bn_splits=2, input_shape=(16, 16, 3)),
         dim=16,
         queue_size=16,
         momentum=0.9,
@@ -364,7 +367,7 @@ def test_loss_falls_and_accuracy_rises():
 
 
 def test_config_round_trip():
-    model = make_moco(tiny_resnet(bn_splits=2), mlp=True, momentum=0.99)
+    model = make_moco(conv_bn_encoder(bn_splits=2), mlp=True, momentum=0.99)
     clone = run_serialization_test(model)
     assert [v.shape for v in clone.weights] == [v.shape for v in model.weights]
     norms = [
@@ -376,7 +379,7 @@ def test_config_round_trip():
 
 
 def test_keras_file_keeps_queue_pointer_and_key_encoder(tmp_path):
-    model = make_moco(tiny_resnet(bn_splits=2), queue_size=10, mlp=True)
+    model = make_moco(conv_bn_encoder(bn_splits=2), queue_size=10, mlp=True)
     for seed in range(3):
         model.train_on_batch(
             random_images(4, (8, 8, 3), seed=seed),
@@ -400,7 +403,7 @@ def test_fit_on_a_tf_data_dataset_of_pairs():
     x_q = random_images(12, (8, 8, 3), seed=1)
     x_k = random_images(12, (8, 8, 3), seed=2)
     pairs = tf.data.Dataset.from_tensor_slices((x_q, x_k)).batch(4)
-    model = make_moco(tiny_resnet(bn_splits=2), queue_size=10, mlp=True)
+    model = make_moco(conv_bn_encoder(bn_splits=2), queue_size=10, mlp=True)
     history = model.fit(pairs, epochs=2, verbose=0, shuffle=False)
     assert sorted(history.history) == ["acc1", "acc5", "loss"]
     assert np.all(np.isfinite(history.history["loss"]))
@@ -412,7 +415,7 @@ def test_load_weights_resumes_the_exact_run(tmp_path):
 
     def build():
         keras.utils.set_random_seed(0)
-        model = make_moco(tiny_resnet(bn_splits=2), queue_size=10, mlp=True)
+        model = make_moco(conv_bn_encoder(bn_splits=2), queue_size=10, mlp=True)
         model.optimizer.build(model.trainable_variables)
         return model
 

@@ -85,11 +85,11 @@ def test_linear_classifier_starts_as_main_lincls():
 
 
 def test_backbone_check_reads_the_checkpoint_back(tmp_path):
+    from conftest import conv_bn_encoder
     from conftest import make_moco
-    from conftest import tiny_resnet
 
     path = str(tmp_path / "ckpt-000000001.keras")
-    make_moco(tiny_resnet(bn_splits=2)).save(path)
+    make_moco(conv_bn_encoder(bn_splits=2)).save(path)
     backbone, normalization = runs.load_backbone(path)
     assert normalization is None
     runs.check_backbone_unchanged(backbone, path)
@@ -102,7 +102,7 @@ def test_backbone_check_reads_the_checkpoint_back(tmp_path):
     # after loading would not see.
     other = str(tmp_path / "other.keras")
     keras.utils.set_random_seed(1)
-    make_moco(tiny_resnet(bn_splits=2)).save(other)
+    make_moco(conv_bn_encoder(bn_splits=2)).save(other)
     wrong, _ = runs.load_backbone(other)
     with pytest.raises(RuntimeError, match="loaded wrong or changed"):
         runs.check_backbone_unchanged(wrong, path)
