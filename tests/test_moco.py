@@ -1,8 +1,12 @@
 import math
+import os
+import subprocess
+import sys
 
 import keras
 import numpy as np
 import pytest
+from conftest import ROOT
 from conftest import conv_bn_encoder
 from conftest import dense_encoder
 from conftest import make_moco
@@ -553,3 +557,56 @@ def test_mixed_float16_scales_the_loss_and_trains(dtype_policy):
         if v.trainable
     ]
     assert all(moved)
+
+
+WITHOUT_TENSORFLOW = """
+import sys
+sys.modules["tensorflow"] = None  # `import tensorflow` raises ImportError
+import keras
+import numpy as np
+import torch
+import moco_keras
+from moco_keras import MoCo, encoders
+
+views = np.random.default_rng(0).random((2, 16, 8, 8, 3), "float32")
+
+
+class Pairs(keras.utils.PyDataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        rows = slice(8 * index, 8 * index + 8)
+        return views[0, rows], views[1, rows]
+
+
+tensors = [torch.from_numpy(view) for view in views]
+loader = torch.utils.data.DataLoader(
+    torch.utils.data.TensorDataset(*tensors), batch_size=8
+)
+encoder = encoders.cifar_resnet18(width=2, bn_splits=2, input_shape=(8, 8, 3))
+model = MoCo(encoder, dim=8, queue_size=16, seed=0)
+model.compile(optimizer=keras.optimizers.SGD(0.1))
+for data in ((views[0], views[1]), (Pairs(),), (loader,)):
+    model.fit(*data, batch_size=8 if len(data) == 2 else None, verbose=0)
+steps = int(model.optimizer.iterations.numpy())
+print("steps", steps, "ptr", int(model.queue_ptr.numpy()))
+"""
+
+
+@pytest.mark.process
+@pytest.mark.backends("jax", "torch")
+def test_fit_runs_without_tensorflow():
+    """What needs no TensorFlow on JAX and torch: the package, MoCo.fit on
+    arrays, a keras.utils.PyDataset and a torch DataLoader."""
+    result = subprocess.run(
+        [sys.executable, "-c", WITHOUT_TENSORFLOW],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    # 3 fits of 2 steps; 6 batches of 8 keys through a queue of 16.
+    assert result.stdout.split()[-4:] == ["steps", "6", "ptr", "0"]
