@@ -48,6 +48,7 @@ RUN_DEFAULTS = {
     "verbose": "auto",
     "checkpoint_steps": 0,
     "keep_checkpoints": 3,
+    "log_every_steps": 10,
     "color_in_model": False,
     # Linear classification.
     "pretrained": None,
@@ -103,6 +104,10 @@ def check_common(config):
     check(
         config["lr"] > 0 and math.isfinite(config["lr"]),
         f"--lr must be a finite number > 0: {config['lr']}",
+    )
+    check(
+        config["log_every_steps"] >= 1,
+        f"--log_every_steps must be >= 1: {config['log_every_steps']}",
     )
     dataset = config["dataset"]
     check(
@@ -376,8 +381,21 @@ def set_up(config):
     return paths, strategy
 
 
-def callbacks(paths, steps_per_epoch, config, title, extra=(), queue_size=None):
+def callbacks(
+    paths,
+    steps_per_epoch,
+    config,
+    title,
+    extra=(),
+    queue_size=None,
+    views=None,
+):
     """Loss watch, extra (e.g. kNN), CSV, curves, TensorBoard, checkpoints.
+
+    TensorBoard gets the epoch means (Keras' callback, the kNN top-1
+    included), every `log_every_steps` steps the step's numbers and the
+    learning rate, and `views` (a `(view_q, view_k)` batch, optional) as an
+    image grid (`training.StepLog`).
 
     The order matters: the loss check runs first so nothing is saved after
     a NaN; the CSV row is written before the checkpoint that ends the epoch.
@@ -405,6 +423,9 @@ def callbacks(paths, steps_per_epoch, config, title, extra=(), queue_size=None):
         keras.callbacks.CSVLogger(paths["csv"], append=True),
         training.CurvePlot(paths["csv"], paths["png"], title),
         keras.callbacks.TensorBoard(paths["tensorboard"]),
+        training.StepLog(
+            paths["tensorboard"], config["log_every_steps"], views=views
+        ),
         checkpointer,
     ]
 
@@ -572,6 +593,24 @@ def pretrain(config):
         )
 
     extra = [knn_monitor(config)] if config["knn_every"] else []
+    views = None
+    fresh = training.latest_checkpoint(paths["checkpoints"])[0] is None
+    if paths["chief"] and fresh:
+        # A new run shows the views of epoch 0's first images (before the
+        # in-model colour ops with --color_in_model), from a pipeline of its
+        # own so that the training pipeline's draws stay as they are.
+        views = next(
+            iter(
+                pipelines.two_view_dataset(
+                    source,
+                    augmentation,
+                    min(config["batch_size"], 8),
+                    seed=config["seed"],
+                    color_in_model=config["color_in_model"],
+                    epoch=0,
+                )
+            )
+        )
     run_callbacks = callbacks(
         paths,
         steps_per_epoch,
@@ -579,6 +618,7 @@ def pretrain(config):
         f"MoCo {'v2' if config['aug_plus'] else 'v1'} pretraining",
         extra=extra,
         queue_size=config["moco_k"],
+        views=views,
     )
     print(
         f"MoCo pretraining: {source.num_examples} images, "

@@ -218,6 +218,92 @@ class ScoreLog(keras.callbacks.Callback):
         logging.info(line)
 
 
+class StepLog(keras.callbacks.Callback):
+    """TensorBoard scalars every N steps, and the first batch's view pairs.
+
+    Keras' `TensorBoard` callback writes the epoch means; a user checking
+    that a run learns looks at the loss, acc1 and the learning rate as they
+    move within an epoch, and at the augmented views. This writes
+    `step/loss`, `step/acc1` (and every other number in the step's logs)
+    and `step/lr` every `every_steps` global steps into `log_dir/train`,
+    and, once at the start, `views/pairs`: a grid with the query view of
+    each of the first `pairs` images beside its key view (each image
+    rescaled to its own min and max for display).
+
+    Args:
+        log_dir: the run's TensorBoard directory.
+        every_steps: int, global steps between scalar writes.
+        views: optional `(view_q, view_k)` batch to show, or None.
+        pairs: int, how many pairs of the batch the grid shows.
+    """
+
+    def __init__(self, log_dir, every_steps=10, views=None, pairs=8):
+        super().__init__()
+        if every_steps < 1:
+            raise ValueError(
+                f"`every_steps` must be >= 1. Received: {every_steps!r}"
+            )
+        self.log_dir = log_dir
+        self.every_steps = every_steps
+        self.views = views
+        self.pairs = pairs
+        self._writer = None
+
+    def _summary_writer(self):
+        import tensorflow as tf
+
+        if self._writer is None:
+            self._writer = tf.summary.create_file_writer(
+                os.path.join(self.log_dir, "train")
+            )
+        return self._writer
+
+    def on_train_begin(self, logs=None):
+        if self.views is None:
+            return
+        import tensorflow as tf
+
+        grid = view_pair_grid(*self.views, pairs=self.pairs)  # H x W x C
+        with self._summary_writer().as_default():
+            tf.summary.image(
+                "views/pairs", grid[None], step=_global_step(self.model)
+            )
+        self.views = None  # once per run, not after each resumed epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = _global_step(self.model)
+        if step % self.every_steps:
+            return
+        import tensorflow as tf
+
+        with self._summary_writer().as_default():
+            for name, value in (logs or {}).items():
+                tf.summary.scalar(f"step/{name}", float(value), step=step)
+            optimizer = self.model.optimizer
+            lr = ops.convert_to_numpy(optimizer.learning_rate)
+            tf.summary.scalar("step/lr", float(lr), step=step)
+
+    def on_train_end(self, logs=None):
+        if self._writer is not None:
+            self._writer.flush()
+
+
+def view_pair_grid(view_q, view_k, pairs=8):
+    """`pairs` rows of (query view | key view), as one float32 image in
+    [0, 1]: `pairs * H x 2 * W x C`."""
+    import numpy as np
+
+    rows = []
+    for q, k in zip(view_q[:pairs], view_k[:pairs], strict=True):
+        cells = []
+        for image in (q, k):
+            image = np.asarray(ops.convert_to_numpy(image), "float32")
+            low, high = image.min(), image.max()
+            cells.append((image - low) / max(high - low, 1e-6))
+        rows.append(np.concatenate(cells, axis=1))
+    return np.concatenate(rows, axis=0)
+
+
 class CurvePlot(keras.callbacks.Callback):
     """Redraws a PNG of every metric in a CSV log at each epoch end.
 

@@ -16,6 +16,7 @@ its own.
 """
 
 import contextlib
+import glob
 import gzip
 import os
 import subprocess
@@ -259,3 +260,21 @@ def register_tfds_dataset(class_name, examples, class_names):
             "_generate_examples": _generate_examples,
         },
     )
+
+
+def tensorboard_events(directory):
+    """{tag: [(step, value)]} of the event files under `directory`; images
+    as their (height, width) (tf.summary.image stores encoded PNGs)."""
+    import tensorflow as tf
+
+    found = {}
+    for path in sorted(glob.glob(os.path.join(directory, "events.*"))):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                array = tf.make_ndarray(value.tensor)
+                if array.dtype == object:  # [width, height, png...]
+                    array = (int(array[1]), int(array[0]))
+                else:
+                    array = float(array)
+                found.setdefault(value.tag, []).append((event.step, array))
+    return found

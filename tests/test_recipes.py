@@ -21,6 +21,7 @@ import pytest
 from conftest import fake_fashion_mnist
 from conftest import parsed_flags
 from conftest import recipe_defaults as defaults
+from conftest import tensorboard_events
 from PIL import Image
 
 from moco_keras import datasets
@@ -40,6 +41,7 @@ SMOKE = [
     "--moco_k=128",
     "--knn_every=0",
     "--checkpoint_steps=2",
+    "--log_every_steps=3",
     "--deterministic",
     "--verbose=0",
 ]
@@ -129,6 +131,14 @@ def test_smoke_run_writes_the_whole_workdir(smoke_run):
     assert np.all(np.isfinite(columns["loss"]))
     results = json.load(open(os.path.join(smoke_run, "results.json")))
     assert results["checkpoint"].endswith("ckpt-000000008.keras")
+    # TensorBoard: the epoch means, the steps' numbers and lr every 3 steps,
+    # and one grid of 8 view pairs of 32 x 32 crops.
+    events = tensorboard_events(os.path.join(smoke_run, "tensorboard", "train"))
+    assert [step for step, _ in events["epoch_loss"]] == [0, 1]
+    for tag in ("step/loss", "step/acc1", "step/lr"):
+        assert [step for step, _ in events[tag]] == [3, 6], tag
+    assert 0 < events["step/lr"][0][1] <= flags["lr"]
+    assert events["views/pairs"] == [(0, (8 * 32, 2 * 32))]
 
 
 @pytest.mark.process

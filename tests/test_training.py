@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from conftest import make_moco
 from conftest import random_images
+from conftest import tensorboard_events
 
 from moco_keras import training
 
@@ -131,3 +132,30 @@ def test_fit_resumable_starts_mid_epoch_from_the_newest_checkpoint(tmp_path):
     assert start == 1
     assert calls == [(0, 1), (1, 0)]
     assert int(np.asarray(resumed.optimizer.iterations)) == 6
+
+
+def test_step_log_writes_scalars_every_n_steps_and_one_view_grid(tmp_path):
+    model = make_moco(queue_size=8)
+    schedule = keras.optimizers.schedules.PolynomialDecay(0.1, 6, 0.01)
+    model.compile(optimizer=keras.optimizers.SGD(schedule))
+    views = (random_images(4), random_images(4, seed=1))
+    log = training.StepLog(str(tmp_path), every_steps=2, views=views, pairs=3)
+    model.fit(*views, batch_size=2, epochs=3, callbacks=[log], verbose=0)
+    events = tensorboard_events(str(tmp_path / "train"))
+    assert [step for step, _ in events["step/loss"]] == [2, 4, 6]
+    assert [step for step, _ in events["step/acc1"]] == [2, 4, 6]
+    # The learning rate after each logged step, as the schedule gives it.
+    lrs = [lr for _, lr in events["step/lr"]]
+    np.testing.assert_allclose(lrs, [0.07, 0.04, 0.01], rtol=1e-5)
+    # One grid: 3 rows of 4 x 4 images, query view beside key view.
+    assert events["views/pairs"] == [(0, (12, 8))]
+
+
+def test_view_pair_grid_puts_each_key_beside_its_query():
+    q = np.zeros((2, 2, 3, 1), "float32")
+    k = np.ones((2, 2, 3, 1), "float32")
+    q[:, 0, 0] = 1.0  # each image rescaled to [0, 1] alone
+    grid = training.view_pair_grid(q, k, pairs=2)
+    assert grid.shape == (4, 6, 1)
+    np.testing.assert_array_equal(grid[:2, :3], q[0])
+    np.testing.assert_array_equal(grid[2:, 3:], np.zeros((2, 3, 1)))  # flat

@@ -74,6 +74,11 @@ flags.DEFINE_integer(
     "Also checkpoint every N steps (0: per epoch).",
 )
 flags.DEFINE_integer(
+    "log_every_steps",
+    RUN_DEFAULTS["log_every_steps"],
+    "TensorBoard: the step's loss, accuracy and lr every N steps.",
+)
+flags.DEFINE_integer(
     "keep_checkpoints",
     RUN_DEFAULTS["keep_checkpoints"],
     "Newest checkpoints to keep.",
