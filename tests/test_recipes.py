@@ -557,6 +557,21 @@ def test_quickstart_runs_end_to_end(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "MoCo v2 encoder, 2 epochs" in result.stdout
+    # Progress from the first second, each phase announced before it runs.
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("[    0 s] Quick start: MoCo v2"), lines[0]
+    phases = [
+        "kNN of raw pixels (bank 96, test 32 images)",
+        "raw pixels: kNN top-1",
+        "MoCo pretraining: 64 images",
+        "kNN of the trained and of the random encoder",
+        "total time",
+    ]
+    found = [
+        next(i for i, line in enumerate(lines) if phase in line)
+        for phase in phases
+    ]
+    assert found == sorted(found), lines
     for name in ("flags.json", "epochs.csv", "curves.png", "results.json"):
         assert (workdir / name).stat().st_size > 0
     assert (workdir / "knn.csv").stat().st_size > 0

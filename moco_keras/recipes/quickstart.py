@@ -18,8 +18,6 @@ import csv
 import os
 import time
 
-from absl import logging
-
 from moco_keras.recipes import common
 from moco_keras.recipes import pretrain
 
@@ -64,6 +62,14 @@ def main(argv):
     )
     started = time.time()
 
+    def progress(message):
+        # Flushed: under `make demo` stdout is a pipe, block-buffered.
+        print(f"[{time.time() - started:5.0f} s] {message}", flush=True)
+
+    progress(
+        f"Quick start: MoCo v2 on Fashion-MNIST, {values['epochs']} epochs "
+        f"on the {keras.backend.backend()} backend"
+    )
     # The run's own initial weights: `runs.pretrain` seeds and builds alike.
     keras.utils.set_random_seed(values["seed"])
     initial = runs.build_moco(values, milestones, 1)
@@ -73,6 +79,8 @@ def main(argv):
     test_images, test_labels = datasets.load_fashion_mnist(
         "test", values["data_dir"]
     )
+    sizes = f"bank {len(train_images)}, test {len(test_images)} images"
+    progress(f"kNN of raw pixels ({sizes})")
     pixel_knn = 100 * knn.knn_accuracy(
         knn.flatten_normalize(train_images),
         train_labels,
@@ -82,10 +90,14 @@ def main(argv):
         values["knn_k"],
         values["knn_t"],
     )
+    progress(f"raw pixels: kNN top-1 {pixel_knn:.2f} %; pretraining")
     # The pretraining recipe's run: checkpoints, resume, CSV, TensorBoard.
     run = runs.pretrain(values)
     trained = keras.saving.load_model(run["checkpoint"])
-    logging.info("kNN of the trained and of the random encoder ...")
+    progress(
+        f"kNN of the trained and of the random encoder, backbone and head "
+        f"({sizes})"
+    )
     # One read of the 60k / 10k evaluation views for all four.
     scores = runs.knn_evaluation(
         values,
@@ -146,7 +158,7 @@ def main(argv):
         "  MoCo v2 encoder, %d epochs     %6.2f %%   %6.2f %%\n"
         "  same encoder, random init      %6.2f %%   %6.2f %%\n"
         "  raw pixels                     %6.2f %%\n"
-        "Outputs in %s (%.0f s)"
+        "Outputs in %s; total time %.0f s"
         % (
             values["knn_k"],
             values["knn_t"],
