@@ -660,22 +660,35 @@ def pretrain(config):
 # --- kNN evaluation ----------------------------------------------------------
 
 
-def knn_evaluation(config, encoders, bank_limit=0, test_limit=0):
-    """kNN top-1 (%) of frozen features on the config's dataset.
+def knn_evaluation(
+    config,
+    encoders,
+    bank_limit=0,
+    test_limit=0,
+    linear_probe_of=(),
+    linear_epochs=10,
+):
+    """kNN top-1 (%) of frozen features on the config's dataset, and the
+    linear probe's.
 
     The bank is `bank_limit` training images (0: all), the test set
     `test_limit` validation images (0: all), both class-stratified draws in
     their evaluation views; weighted voting with `knn_k` neighbours and
-    temperature `knn_t`, as the official CIFAR demo.
+    temperature `knn_t`, as the official CIFAR demo. The encoders named in
+    `linear_probe_of` also get `linear_probe` on the same features (the
+    bank as its training set).
 
     Args:
         config: a pretraining config (its dataset, size, kNN values).
         encoders: `{name: model}`, each mapping evaluation views to
             features (e.g. `moco.encoder_q`, or `moco` for the head's
             embedding).
+        linear_probe_of: names of `encoders` to probe linearly too.
+        linear_epochs: int, the linear probe's epochs.
 
     Returns:
-        `{name: top-1 %}`.
+        `{name: top-1 %}`, plus `{f"{name} linear": top-1 %}` for each name
+        of `linear_probe_of`.
     """
     from moco_keras import knn
 
@@ -684,16 +697,76 @@ def knn_evaluation(config, encoders, bank_limit=0, test_limit=0):
     classes = len(source.class_names)
     scores = {}
     for name, encoder in encoders.items():
+        bank_features = knn.embed(encoder, bank)
+        test_features = knn.embed(encoder, test)
         scores[name] = 100 * knn.knn_accuracy(
-            knn.embed(encoder, bank),
+            bank_features,
             bank_labels,
-            knn.embed(encoder, test),
+            test_features,
             test_labels,
             classes,
             config["knn_k"],
             config["knn_t"],
         )
+        if name in linear_probe_of:
+            scores[f"{name} linear"] = linear_probe(
+                (bank_features, bank_labels),
+                (test_features, test_labels),
+                classes,
+                linear_epochs,
+                seed=config["seed"],
+            )
     return scores
+
+
+def linear_probe(train, test, classes, epochs, seed=0):
+    """Linear classification top-1 (%) on cached frozen features.
+
+    `main_lincls.py`'s classifier (`linear_head`) and optimizer (the
+    `imagenet` preset of `LINEAR_CLASSIFICATION`: lr 30, momentum 0.9, no
+    weight decay, x0.1 at 60 % and 80 % of the epochs, batch 256), for
+    `epochs` epochs: the protocol of the papers' table, on features computed
+    once (BN in inference mode), as `linear_classification` with
+    `cache_features` runs it.
+
+    Args:
+        train: `(features, labels)` to train on, `N x D` and `N`.
+        test: `(features, labels)` to score.
+        classes: int, the number of classes.
+        epochs: int, >= 1.
+        seed: int, the head's initialisation and the batches' order.
+    """
+    import keras
+
+    from moco_keras import presets
+
+    check(epochs >= 1, f"The linear probe needs epochs >= 1: {epochs}")
+    probe = config(
+        presets.get(presets.LINEAR_CLASSIFICATION, "imagenet"),
+        epochs=epochs,
+        schedule=[str(int(0.6 * epochs)), str(int(0.8 * epochs))],
+    )
+    milestones = sorted({m for m in map(int, probe["schedule"]) if m > 0})
+    features, labels = train
+    steps_per_epoch = -(-len(features) // probe["batch_size"])
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential(
+        [
+            keras.Input((features.shape[-1],)),
+            linear_head(features.shape[-1], classes),
+        ]
+    )
+    compile_classifier(model, probe, milestones, steps_per_epoch, classes)
+    model.fit(
+        features,
+        labels,
+        batch_size=probe["batch_size"],
+        epochs=epochs,
+        shuffle=True,
+        verbose=0,
+    )
+    scores = model.evaluate(*test, batch_size=1024, verbose=0, return_dict=True)
+    return 100 * float(scores["acc1"])
 
 
 # --- Linear classification ---------------------------------------------------

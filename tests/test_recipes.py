@@ -575,3 +575,7 @@ def test_quickstart_runs_end_to_end(tmp_path):
     for name in ("flags.json", "epochs.csv", "curves.png", "results.json"):
         assert (workdir / name).stat().st_size > 0
     assert (workdir / "knn.csv").stat().st_size > 0
+    results = json.loads((workdir / "results.json").read_text())
+    for name in ("trained", "random"):
+        assert 0 <= results[f"linear_top1_{name}"] <= 100
+        assert f"{results[f'linear_top1_{name}']:6.2f} %" in result.stdout

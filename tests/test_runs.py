@@ -140,3 +140,17 @@ def test_a_jax_run_compiles_its_step_and_the_others_follow_the_config():
     # Keras' JAX trainer runs an uncompiled step op by op.
     assert model.jit_compile is jax
     assert runs.jit_compile({**config, "jit_compile": True})
+
+
+def test_linear_probe_separates_clusters_and_not_shuffled_labels():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 600)
+    centres = rng.normal(size=(3, 16)) * 3
+    features = (centres[labels] + rng.normal(size=(600, 16))).astype("float32")
+    train, test = (features[:450], labels[:450]), (features[450:], labels[450:])
+    assert runs.linear_probe(train, test, 3, epochs=5) > 95
+    # Labels that the features do not predict: chance, not a leak.
+    shuffled = (features[:450], rng.permutation(labels[:450]))
+    assert runs.linear_probe(shuffled, test, 3, epochs=5) < 60
+    with pytest.raises(runs.ConfigError, match="epochs >= 1"):
+        runs.linear_probe(train, test, 3, epochs=0)
