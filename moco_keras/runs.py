@@ -724,10 +724,11 @@ def linear_probe(train, test, classes, epochs, seed=0):
 
     `main_lincls.py`'s classifier (`linear_head`) and optimizer (the
     `imagenet` preset of `LINEAR_CLASSIFICATION`: lr 30, momentum 0.9, no
-    weight decay, x0.1 at 60 % and 80 % of the epochs, batch 256), for
-    `epochs` epochs: the protocol of the papers' table, on features computed
-    once (BN in inference mode), as `linear_classification` with
-    `cache_features` runs it.
+    weight decay, x0.1 at 60 % and 80 % of the epochs, batch 256) for
+    `epochs` epochs, on features computed once (BN in inference mode), as
+    `linear_classification` with `cache_features` trains its head; without
+    the papers' 100 epochs of augmented crops, so a quick figure, not the
+    papers' protocol.
 
     Args:
         train: `(features, labels)` to train on, `N x D` and `N`.
