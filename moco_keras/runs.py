@@ -743,11 +743,11 @@ def linear_probe(train, test, classes, epochs, seed=0):
 
     check(epochs >= 1, f"The linear probe needs epochs >= 1: {epochs}")
     probe = config(
-        presets.get(presets.LINEAR_CLASSIFICATION, "imagenet"),
-        epochs=epochs,
-        schedule=[str(int(0.6 * epochs)), str(int(0.8 * epochs))],
+        presets.get(presets.LINEAR_CLASSIFICATION, "imagenet"), epochs=epochs
     )
-    milestones = sorted({m for m in map(int, probe["schedule"]) if m > 0})
+    milestones = sorted(
+        {m for m in (int(0.6 * epochs), int(0.8 * epochs)) if m}
+    )
     features, labels = train
     steps_per_epoch = -(-len(features) // probe["batch_size"])
     keras.utils.set_random_seed(seed)

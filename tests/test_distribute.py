@@ -19,7 +19,6 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
 MIRRORED = textwrap.dedent(
     """
     import json, sys

@@ -518,8 +518,8 @@ def test_mixed_precision_momentum_update_moves_the_key_encoder(dtype_policy):
     m = 0.999
     model = make_moco(conv_bn_encoder(bn_splits=2), momentum=m, mlp=True)
     rng = np.random.default_rng(3)
-    for k_var in key_side(model):
-        if k_var.trainable or "moving" not in k_var.path:
+    for k_var in key_side(model):  # all frozen; BN statistics left alone
+        if "moving" not in k_var.path:
             k_var.assign(to_numpy(k_var) + 0.01 * rng.normal(size=k_var.shape))
     q0, k0 = snapshot(query_side(model)), snapshot(key_side(model))
     model.train_on_batch(
