@@ -40,9 +40,8 @@ class SplitBatchNormalization(keras.layers.BatchNormalization):
         momentum: float, moving-average momentum in Keras terms. PyTorch's
             default BN momentum 0.1 is `momentum=0.9` here.
         epsilon: float, added to the variance. 1e-5 as in PyTorch.
-        **kwargs: any other `keras.layers.BatchNormalization` argument.
-            Only the channels-last axis (`axis=-1`) is supported when
-            `num_splits > 1`.
+        **kwargs: any other `keras.layers.BatchNormalization` argument,
+            `axis` among them (`axis=1` for channels-first inputs).
 
     Example:
 
@@ -59,25 +58,20 @@ class SplitBatchNormalization(keras.layers.BatchNormalization):
                 f"groups). Received: num_splits={num_splits!r}"
             )
         super().__init__(momentum=momentum, epsilon=epsilon, **kwargs)
-        if num_splits > 1 and self.axis != -1:
-            raise ValueError(
-                "SplitBatchNormalization with num_splits > 1 supports only "
-                "channels-last inputs (axis=-1). Received: "
-                f"axis={self.axis!r}. Use data_format='channels_last'."
-            )
         self.num_splits = num_splits
 
     def build(self, input_shape):
         super().build(input_shape)
-        # `super().build` normalizes a negative axis; keep -1 for `call`.
         self._rank = len(input_shape)
 
     def call(self, inputs, training=None, mask=None):
         batch_statistics = bool(training and self.trainable)
         context = distribute.replica_context() if batch_statistics else None
-        if context is not None and self.axis != -1:
-            context = None  # only channels-last is synchronized
-        if not batch_statistics or (self.num_splits == 1 and context is None):
+        torch_backend = keras.backend.backend() == "torch"
+        plain = self.num_splits == 1 and context is None
+        if not batch_statistics or (
+            plain and (not torch_backend or mask is not None)
+        ):
             return super().call(inputs, training=training, mask=mask)
         if mask is not None:
             raise NotImplementedError(
@@ -96,22 +90,15 @@ class SplitBatchNormalization(keras.layers.BatchNormalization):
         compute_dtype = keras.backend.result_type(inputs.dtype, "float32")
         # Statistics in float32 even under mixed precision, as Keras BN does.
         x = ops.cast(inputs, compute_dtype)
-        inner_shape = tuple(ops.shape(x)[1:])
-        x = ops.reshape(x, (self.num_splits, -1) + inner_shape)
-        # Reduce over the samples of a group and every spatial axis.
-        axes = tuple(range(1, self._rank))
-        mean, variance = ops.moments(x, axes=axes, keepdims=True)
-        inv = ops.rsqrt(variance + self.epsilon)
-        if self.scale:
-            inv = inv * ops.cast(self.gamma, compute_dtype)
-        shift = -mean * inv
-        if self.center:
-            shift = shift + ops.cast(self.beta, compute_dtype)
-        outputs = ops.reshape(x * inv + shift, ops.shape(inputs))
-
-        channels = (inputs.shape[-1],)
-        group_mean = ops.reshape(ops.mean(mean, axis=0), channels)
-        group_variance = ops.reshape(ops.mean(variance, axis=0), channels)
+        if torch_backend:
+            outputs, mean, variance = self._torch_normalize(x, compute_dtype)
+        else:
+            outputs, mean, variance = self._normalize(x, compute_dtype)
+        channels = (inputs.shape[self.axis],)
+        group_mean = ops.mean(ops.reshape(mean, (-1,) + channels), axis=0)
+        group_variance = ops.mean(
+            ops.reshape(variance, (-1,) + channels), axis=0
+        )
         if context is not None:
             # Each tf.distribute replica normalizes with its own statistics
             # (each replica is a group); the moving statistics take their
@@ -130,6 +117,67 @@ class SplitBatchNormalization(keras.layers.BatchNormalization):
             + group_variance * (1.0 - self.momentum)
         )
         return ops.cast(outputs, self.compute_dtype)
+
+    def _normalize(self, x, compute_dtype):
+        """Each group normalized with its statistics, in `keras.ops`.
+
+        Returns the normalized `x` and the per-group mean and (biased)
+        variance, each of shape `(num_splits, channels)` once reshaped.
+        """
+        inner_shape = tuple(ops.shape(x)[1:])
+        x = ops.reshape(x, (self.num_splits, -1) + inner_shape)
+        # In the grouped tensor the channels sit one axis further on; reduce
+        # over the samples of a group and every other axis.
+        channel_axis = self.axis % self._rank + 1
+        axes = tuple(a for a in range(1, self._rank + 1) if a != channel_axis)
+        mean, variance = ops.moments(x, axes=axes, keepdims=True)
+        # gamma and beta broadcast against the grouped tensor.
+        broadcast = [1] * (self._rank + 1)
+        broadcast[channel_axis] = inner_shape[channel_axis - 2]
+        inv = ops.rsqrt(variance + self.epsilon)
+        if self.scale:
+            inv = inv * ops.reshape(
+                ops.cast(self.gamma, compute_dtype), broadcast
+            )
+        shift = -mean * inv
+        if self.center:
+            shift = shift + ops.reshape(
+                ops.cast(self.beta, compute_dtype), broadcast
+            )
+        outputs = ops.reshape(x * inv + shift, (-1,) + inner_shape)
+        return outputs, mean, variance
+
+    def _torch_normalize(self, x, compute_dtype):
+        """`_normalize` with PyTorch's fused batch-norm kernel per group.
+
+        Keras' ops give the torch backend about ten elementwise kernels and
+        their backward per normalization, a third of a ResNet step on a CPU
+        (BENCHMARKS.md); `torch.native_batch_norm` is one kernel each way,
+        and it returns the group's mean and inverse deviation. The groups
+        are contiguous slices of the batch (views), as in `_normalize`.
+        """
+        import torch
+
+        axis = self.axis % self._rank
+        x = torch.movedim(x, axis, 1) if axis != 1 else x
+        weight = ops.cast(self.gamma, compute_dtype) if self.scale else None
+        bias = ops.cast(self.beta, compute_dtype) if self.center else None
+        results = [
+            torch.native_batch_norm(
+                group, weight, bias, None, None, True, 0.0, self.epsilon
+            )
+            for group in torch.chunk(x, self.num_splits, dim=0)
+        ]
+        outputs = (
+            torch.cat([r[0] for r in results])
+            if len(results) > 1
+            else (results[0][0])
+        )
+        outputs = torch.movedim(outputs, 1, axis) if axis != 1 else outputs
+        mean = torch.stack([r[1] for r in results]).detach()
+        invstd = torch.stack([r[2] for r in results]).detach()
+        variance = invstd.pow(-2) - self.epsilon
+        return outputs, mean, variance
 
     def get_config(self):
         config = super().get_config()

@@ -11,6 +11,21 @@ def trainable_count(model):
     return sum(int(np.prod(v.shape)) for v in model.trainable_weights)
 
 
+def nhwc_shape(model, name):
+    """A layer's output shape in NHWC, whatever the encoder's layout."""
+    shape = model.get_layer(name).output.shape
+    if encoders.default_data_format() == "channels_first":
+        return (shape[0], shape[2], shape[3], shape[1])
+    return shape
+
+
+def nhwc(array):
+    """A feature map of the default layout in NHWC."""
+    if encoders.default_data_format() == "channels_first":
+        return np.transpose(array, (0, 2, 3, 1))
+    return array
+
+
 @pytest.mark.parametrize(
     "arch, features, torchvision_params",
     [
@@ -47,7 +62,7 @@ def test_resnet50_v15_layout():
     assert all(n.epsilon == 1e-5 and n.momentum == 0.9 for n in norms)
     gammas = [keras.ops.convert_to_numpy(n.gamma) for n in norms]
     assert all(np.all(g == 1.0) for g in gammas)  # no zero-init residual
-    assert model.get_layer("layer4_2_relu").output.shape == (None, 2, 2, 2048)
+    assert nhwc_shape(model, "layer4_2_relu") == (None, 2, 2, 2048)
 
 
 def _numpy_conv(x, kernel, stride, pad):
@@ -74,7 +89,7 @@ def test_strided_convolutions_pad_like_torch(size):
     stem = keras.Model(model.input, model.get_layer("conv1").output)
     kernel = keras.ops.convert_to_numpy(model.get_layer("conv1").kernel)
     np.testing.assert_allclose(
-        keras.ops.convert_to_numpy(stem(x)),
+        nhwc(keras.ops.convert_to_numpy(stem(x))),
         _numpy_conv(x, kernel, stride=2, pad=3),
         atol=1e-4,
     )
@@ -88,7 +103,7 @@ def test_cifar_variant_and_width():
     assert not any(
         isinstance(layer, keras.layers.MaxPooling2D) for layer in model.layers
     )
-    assert model.get_layer("layer4_1_relu").output.shape == (None, 4, 4, 128)
+    assert nhwc_shape(model, "layer4_1_relu") == (None, 4, 4, 128)
 
 
 def test_bn_splits_and_pluggable_norm():
@@ -102,7 +117,9 @@ def test_bn_splits_and_pluggable_norm():
 
     model = encoders.resnet18(
         width=4,
-        norm_layer=lambda name: keras.layers.LayerNormalization(name=name),
+        norm_layer=lambda name, axis: keras.layers.LayerNormalization(
+            axis=axis, name=name
+        ),
     )
     assert isinstance(model.get_layer("bn1"), keras.layers.LayerNormalization)
     assert not any(
@@ -118,6 +135,74 @@ def test_bad_arguments():
         encoders.resnet(101)
     with pytest.raises(ValueError, match="not both"):
         encoders.resnet18(bn_splits=2, norm_layer=keras.layers.Identity)
+    with pytest.raises(ValueError, match="data_format"):
+        encoders.resnet18(data_format="NCHW")
+
+
+def test_default_layout_is_the_backends():
+    expected = {"torch": "channels_first"}.get(
+        keras.backend.backend(), "channels_last"
+    )
+    assert encoders.default_data_format() == expected
+    model = encoders.cifar_resnet18(width=2, input_shape=(8, 8, 3))
+    assert model.get_layer("conv1").data_format == expected
+    # NHWC images in, whatever the layout inside.
+    assert model.input_shape == (None, 8, 8, 3)
+
+
+def test_channels_first_is_nchw_in_memory():
+    """The transposed images are NCHW values and, on torch, contiguous NCHW
+    memory: a channels-last strided view would run the convolutions in
+    oneDNN's channels-last kernels, whose 1x1 strided backward hangs with
+    few channels on AVX2 CPUs (torch 2.13; see `encoders.ChannelsFirst`)."""
+    x = random_images(2, (4, 5, 3))
+    y = encoders.ChannelsFirst()(x)
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(y), np.transpose(x, (0, 3, 1, 2))
+    )
+    if keras.backend.backend() == "torch":
+        assert y.is_contiguous()
+    model = encoders.cifar_resnet18(
+        width=2, data_format="channels_first", input_shape=(8, 8, 3)
+    )
+    assert isinstance(
+        model.get_layer("to_channels_first"), encoders.ChannelsFirst
+    )
+
+
+@pytest.mark.parametrize("arch", ["cifar_resnet18", "resnet50"])
+def test_layouts_compute_the_same_with_the_same_weights(tmp_path, arch):
+    """Channels-first and channels-last encoders hold the same weights
+    under the same names: a weights file of one loads into the other, and
+    both give the same features, in training (split BN) and inference."""
+    # 64 px: ResNet-50's last stage keeps 2 x 2 pixels, enough samples per
+    # BN group for statistics that float rounding does not swing.
+    kwargs = dict(width=4, bn_splits=2, input_shape=(64, 64, 3))
+    first = encoders.get_encoder(arch, data_format="channels_first", **kwargs)
+    last = encoders.get_encoder(arch, data_format="channels_last", **kwargs)
+    assert first.get_layer("bn1").axis == 1
+    assert [w.path for w in first.weights] == [w.path for w in last.weights]
+    path = str(tmp_path / "last.weights.h5")
+    last.save_weights(path)
+    first.load_weights(path)
+    x = random_images(4, (64, 64, 3)) + 1.0
+    # In training, 50 layers of batch statistics over groups of 2 images
+    # carry the two layouts' rounding differences further.
+    for training, tolerance in ((False, 1e-4), (True, 2e-3)):
+        np.testing.assert_allclose(
+            keras.ops.convert_to_numpy(first(x, training=training)),
+            keras.ops.convert_to_numpy(last(x, training=training)),
+            rtol=tolerance,
+            atol=tolerance,
+        )
+    # Training mode moved the moving statistics alike in both.
+    for a, b in zip(first.weights, last.weights, strict=True):
+        np.testing.assert_allclose(
+            keras.ops.convert_to_numpy(a),
+            keras.ops.convert_to_numpy(b),
+            rtol=1e-3,
+            atol=1e-4,
+        )
 
 
 def test_initialisation_is_torchvisions():
