@@ -21,7 +21,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 # set it); a value in the environment wins.
 export TF_ENABLE_ONEDNN_OPTS ?= 1
 
-.PHONY: venv test lint demo fashion-mnist bench clean
+.PHONY: venv test lint demo fashion-mnist bench bench-gpu clean
 
 venv: $(VENV)/.installed
 
@@ -69,6 +69,16 @@ bench: venv fashion-mnist
 	$(BIN)/python bench/train_step.py --model=resnet50 --runs=2 --steps=4 \
 	  --output=bench/results/train_step_resnet50.md
 	$(BIN)/python bench/learning.py --output=bench/results $(BENCH_ARGS)
+
+# The MoCo v2 step on one GPU per Keras backend against plain PyTorch, then the
+# input pipeline on this host's cores (bench/gpu.py; under 8 minutes on one
+# GPU). Backends not installed are skipped; so is the pipeline without
+# TensorFlow. GPU_ARGS go to the script, e.g. --configs=jax-bf16,torch-plain-bf16
+GPU_ARGS ?=
+bench-gpu: venv
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[bench]"
+	mkdir -p bench/results
+	$(BIN)/python bench/gpu.py --output=bench/results/gpu.md $(GPU_ARGS)
 
 # Debian's dataset-fashion-mnist: the embedded default data.
 fashion-mnist: $(FMNIST)

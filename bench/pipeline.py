@@ -32,21 +32,26 @@ MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
-def make_jpegs(directory, count, seed=0):
-    import skimage.data
+def make_jpegs(directory, count, seed=0, photos=None):
+    """`count` JPEGs of 500 x 375 or 375 x 500 cut from `photos`.
 
-    photos = [
-        getattr(skimage.data, name)()
-        for name in (
-            "astronaut",
-            "coffee",
-            "chelsea",
-            "rocket",
-            "hubble_deep_field",
-            "immunohistochemistry",
-            "retina",
-        )
-    ]
+    `photos` defaults to the real photos of scikit-image (uint8 HWC arrays).
+    """
+    if photos is None:
+        import skimage.data
+
+        photos = [
+            getattr(skimage.data, name)()
+            for name in (
+                "astronaut",
+                "coffee",
+                "chelsea",
+                "rocket",
+                "hubble_deep_field",
+                "immunohistochemistry",
+                "retina",
+            )
+        ]
     rng = random.Random(seed)
     os.makedirs(os.path.join(directory, "n00000000"), exist_ok=True)
     for index in range(count):

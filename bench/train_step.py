@@ -48,6 +48,10 @@ MODELS = {
     "cifar18": dict(size=32, batch=256, queue=4096, splits=8, width=16),
 }
 CONFIGS = ("torch-plain", "tensorflow", "tensorflow-xla", "jax", "torch")
+# Opt-in: the torch backend with the encoders channels-last, the layout it
+# ran in before the encoders followed the backend (`encoders.resnet`'s
+# `data_format`), to measure what the layout is worth.
+LAYOUT_CONFIGS = ("torch-nhwc",)
 # Opt-in: bfloat16 autocast in plain PyTorch against Keras' mixed_bfloat16
 # policy (on CPUs with AMX / AVX512-BF16 oneDNN runs these in bfloat16).
 BF16_CONFIGS = ("torch-plain-bf16", "tensorflow-bf16")
@@ -63,7 +67,20 @@ PARTS = ("step", "supervised", "keys")
 # --- Plain PyTorch, as the official code ---------------------------------
 
 
-def torch_step_fn(model_name, spec, threads, part="step", bf16=False):
+def torch_step_fn(
+    model_name,
+    spec,
+    threads,
+    part="step",
+    bf16=False,
+    device="cpu",
+    channels_last=False,
+):
+    """The official step in plain PyTorch; returns `steps(count, warmup)`.
+
+    `channels_last` puts the model and the images in PyTorch's channels-last
+    memory format, the fast layout for convolutions under autocast on GPUs.
+    """
     import contextlib
 
     import torch
@@ -78,6 +95,10 @@ def torch_step_fn(model_name, spec, threads, part="step", bf16=False):
         return torch_moco.ResNet(arch, spec["width"], spec["splits"])
 
     model = torch_moco.MoCo(encoder, K=spec["queue"], m=0.999, T=0.2)
+    memory_format = (
+        torch.channels_last if channels_last else torch.contiguous_format
+    )
+    model = model.to(device=device, memory_format=memory_format)
     model.train()
     optimizer = torch.optim.SGD(
         model.encoder_q.parameters(), 0.03, momentum=0.9, weight_decay=1e-4
@@ -104,22 +125,32 @@ def torch_step_fn(model_name, spec, threads, part="step", bf16=False):
     function = {"step": step, "supervised": supervised, "keys": keys}[part]
     rng = np.random.default_rng(0)
     shape = (spec["batch"], 3, spec["size"], spec["size"])
-    im_q = torch.from_numpy(rng.normal(size=shape).astype("float32"))
-    im_k = torch.from_numpy(rng.normal(size=shape).astype("float32"))
+    im_q, im_k = (
+        torch.from_numpy(rng.normal(size=shape).astype("float32"))
+        .to(device)
+        .contiguous(memory_format=memory_format)
+        for _ in range(2)
+    )
+
+    def synchronize():
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
 
     def steps(count, warmup=0):
         """Runs warmup + count steps; returns the seconds of the last count."""
         autocast = (
-            torch.autocast("cpu", dtype=torch.bfloat16)
+            torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
             if bf16
             else contextlib.nullcontext()
         )
         with autocast:
             for _ in range(warmup):
                 function(im_q, im_k)
+            synchronize()
             start = time.perf_counter()
             for _ in range(count):
                 function(im_q, im_k)
+            synchronize()
         return time.perf_counter() - start
 
     return steps
@@ -128,7 +159,9 @@ def torch_step_fn(model_name, spec, threads, part="step", bf16=False):
 # --- This package, through Keras ------------------------------------------
 
 
-def keras_step_fn(model_name, spec, threads, jit, part="step", bf16=False):
+def keras_step_fn(
+    model_name, spec, threads, jit, part="step", bf16=False, data_format=None
+):
     if os.environ["KERAS_BACKEND"] == "tensorflow":
         import tensorflow as tf
 
@@ -158,19 +191,20 @@ def keras_step_fn(model_name, spec, threads, jit, part="step", bf16=False):
     size = spec["size"]
     if model_name == "resnet50":
         encoder = encoders.resnet50(
-            bn_splits=spec["splits"], input_shape=(size, size, 3)
+            bn_splits=spec["splits"],
+            input_shape=(size, size, 3),
+            data_format=data_format,
         )
     else:
         encoder = encoders.cifar_resnet18(
             width=spec["width"],
             bn_splits=spec["splits"],
             input_shape=(size, size, 3),
+            data_format=data_format,
         )
     model = MoCo.from_preset(
         "mocov2", encoder, queue_size=spec["queue"], seed=0
     )
-    import tensorflow as tf
-
     rng = np.random.default_rng(0)
     shape = (spec["batch"], size, size, 3)
     x_q = rng.normal(size=shape).astype("float32")
@@ -178,7 +212,7 @@ def keras_step_fn(model_name, spec, threads, jit, part="step", bf16=False):
     optimizer = optimizers.SGD(0.03, momentum=0.9, weight_decay=1e-4)
     if part == "step":
         model.compile(optimizer=optimizer, jit_compile=jit)
-        pairs = tf.data.Dataset.from_tensors((x_q, x_k)).repeat()
+        pairs = repeated((x_q, x_k))
     elif part == "supervised":
         inputs = keras.Input(shape[1:])
         model = keras.Model(
@@ -186,11 +220,11 @@ def keras_step_fn(model_name, spec, threads, jit, part="step", bf16=False):
         )
         model.compile(optimizer=optimizer, loss="mse", jit_compile=jit)
         target = np.zeros((spec["batch"], 128), "float32")
-        pairs = tf.data.Dataset.from_tensors((x_q, target)).repeat()
+        pairs = repeated((x_q, target))
     else:
         model = KeyForward(model.encoder_k, model.head_k)
         model.compile(jit_compile=jit)
-        pairs = tf.data.Dataset.from_tensors(x_k).repeat()
+        pairs = repeated(x_k)
 
     class Timer(keras.callbacks.Callback):
         """Seconds from the end of the warm-up batches to the last batch."""
@@ -203,8 +237,9 @@ def keras_step_fn(model_name, spec, threads, jit, part="step", bf16=False):
         def _batch_end(self, batch, logs):
             if batch + 1 not in (self.warmup, self.total):
                 return
-            # Wait for the step's results: JAX and TF dispatch asynchronously.
-            keras.tree.map_structure(np.asarray, logs)
+            # Wait for the step's results: JAX, TF and CUDA run
+            # asynchronously.
+            keras.tree.map_structure(keras.ops.convert_to_numpy, logs)
             now = time.perf_counter()
             if batch + 1 == self.warmup:
                 self.start = now
@@ -250,6 +285,29 @@ def keras_step_fn(model_name, spec, threads, jit, part="step", bf16=False):
     return steps
 
 
+def repeated(batch):
+    """One in-memory batch over and over, for `fit` and `predict`.
+
+    On TensorFlow a `tf.data` dataset; elsewhere a generator of the batch
+    converted once to the backend's tensors, which sit on its default
+    device (the GPU where there is one), so no step copies from the host
+    and no TensorFlow is needed.
+    """
+    import keras
+
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.data.Dataset.from_tensors(batch).repeat()
+    batch = keras.tree.map_structure(keras.ops.convert_to_tensor, batch)
+
+    def forever():
+        while True:
+            yield batch
+
+    return forever()
+
+
 def _rss_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -261,9 +319,11 @@ def worker(args):
         import torch  # noqa: F401
     else:
         import keras  # noqa: F401
-        import tensorflow  # noqa: F401
 
         import moco_keras  # noqa: F401
+
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow  # noqa: F401
     import_mib = _rss_mib()
     bf16 = args.config.endswith("-bf16")
     if args.config.startswith("torch-plain"):
@@ -276,6 +336,7 @@ def worker(args):
             args.config == "tensorflow-xla",
             args.part,
             bf16,
+            "channels_last" if args.config == "torch-nhwc" else None,
         )
     seconds = step(args.steps, warmup=args.warmup)
     print(
@@ -397,7 +458,7 @@ def main():
     parser.add_argument(
         "--configs",
         default=",".join(CONFIGS),
-        help=f"comma list of {CONFIGS + BF16_CONFIGS}",
+        help=f"comma list of {CONFIGS + BF16_CONFIGS + LAYOUT_CONFIGS}",
     )
     parser.add_argument(
         "--parts",
@@ -417,7 +478,7 @@ def main():
     if args.config:
         return worker(args)
     for name, given, known in (
-        ("config", args.configs, CONFIGS + BF16_CONFIGS),
+        ("config", args.configs, CONFIGS + BF16_CONFIGS + LAYOUT_CONFIGS),
         ("part", args.parts, PARTS),
     ):
         unknown = set(given.split(",")) - set(known)

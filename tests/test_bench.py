@@ -139,3 +139,72 @@ def test_train_step_benchmark_smoke(tmp_path):
     # The parts table: step, supervised, keys and the rest for each config.
     parts = [line for line in table.splitlines() if line.count("|") == 6]
     assert len(parts) == len(_configs()) + 2
+
+
+_GPU_CONFIGS = {
+    "tensorflow": "tensorflow-fp32,tensorflow-bf16,tensorflow-xla-fp32",
+    "jax": "jax-fp32,jax-bf16",
+    "torch": "torch-plain-fp32,torch-plain-bf16,torch-fp32,torch-bf16",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.process
+@pytest.mark.parametrize(
+    "backend",
+    [pytest.param(b, marks=pytest.mark.backends(b)) for b in _GPU_CONFIGS],
+)
+def test_gpu_benchmark_tiny(tmp_path, backend):
+    """`make bench-gpu`'s script at a toy size on the CPU, each backend's
+    configurations under its own suite run; the input-pipeline part only
+    where TensorFlow is (its tf.data pipelines need it)."""
+    output = tmp_path / "gpu.md"
+    configs = _GPU_CONFIGS[backend].split(",")
+    pipeline = backend == "tensorflow"
+    _run(
+        [
+            "bench/gpu.py",
+            "--tiny",
+            f"--configs={','.join(configs)}",
+            "--steps=2",
+            "--warmup=1",
+            f"--pipeline_seconds={1 if pipeline else 0}",
+            "--pipeline_files=8",
+            f"--output={output}",
+        ],
+        timeout=600,
+    )
+    table = output.read_text()
+    rows = [line.split("|")[1:-1] for line in table.splitlines()]
+    steps = {}
+    for row in rows:
+        if len(row) == 6 and row[0].strip() in configs:
+            steps.setdefault(row[0].strip(), []).append(row)
+    assert sorted(steps) == sorted(configs), table
+    for found in steps.values():
+        # The papers' batch and the largest, each with a positive speed.
+        assert [int(r[1]) for r in found] == [4, 8], table
+        for row in found:
+            assert float(row[2]) > 0 and float(row[5].split()[0]) > 0, table
+    if backend == "torch":
+        # Keras' torch backend against plain PyTorch, same precision.
+        assert all(float(r[4]) > 0 for r in steps["torch-fp32"]), table
+    if pipeline:
+        assert "| split path, CPU half |" in table, table
+    else:
+        assert "Input pipeline: skipped" in table, table
+
+
+def test_gpu_benchmark_skips_what_is_not_installed(monkeypatch):
+    import gpu
+
+    monkeypatch.setattr(
+        gpu.importlib.util,
+        "find_spec",
+        lambda name: None if name == "tensorflow" else object(),
+    )
+    assert not gpu.installed("tensorflow-xla-bf16")
+    assert gpu.installed("jax-bf16")
+    assert gpu.installed("torch-plain-fp32")
+    assert gpu.backend_of("tensorflow-xla-fp32") == "tensorflow"
+    assert gpu.backend_of("torch-plain-bf16") == "torch"
