@@ -32,6 +32,7 @@ import json
 import math
 import os
 import time
+import warnings
 
 # How a run executes, for every protocol; none of it changes what it learns
 # (except `seed`).
@@ -361,6 +362,14 @@ def set_up(config):
         import tensorflow as tf
 
         tf.config.experimental.enable_op_determinism()
+        if os.environ.get("TF_ENABLE_ONEDNN_OPTS") != "0":
+            warnings.warn(
+                "--deterministic with TensorFlow's oneDNN kernels on: runs "
+                "can still differ in the last bits (seen on AVX2 CPUs). For "
+                "bitwise-repeatable runs set TF_ENABLE_ONEDNN_OPTS=0 before "
+                "starting.",
+                stacklevel=2,
+            )
     keras.utils.set_random_seed(config["seed"])
     workdir = config["workdir"]
     chief = distribute.is_chief(strategy)
