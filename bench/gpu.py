@@ -230,7 +230,8 @@ def worker(args):
 
 
 def pipeline_rates(seconds, files, tiny):
-    """Pairs/s of the full CPU path and the split path's CPU half, all cores.
+    """Pairs/s of the full CPU path and the split path's CPU half (with and
+    without antialiasing), all cores.
 
     The JPEGs are cut from scikit-image's real photos; `tiny` (the suite,
     which does not install scikit-image) makes do with a synthetic one.
@@ -249,7 +250,10 @@ def pipeline_rates(seconds, files, tiny):
         pipeline.make_jpegs(root, files, photos=photos)
         full = pipeline.run_ours(root, seconds, threads=0)
         split = pipeline.run_ours(root, seconds, threads=0, color_in_model=True)
-    return {"full": full, "split": split}
+        aliased = pipeline.run_ours(
+            root, seconds, threads=0, color_in_model=True, antialias=False
+        )
+    return {"full": full, "split": split, "split_aliased": aliased}
 
 
 # --- The driver -----------------------------------------------------------
@@ -332,6 +336,7 @@ def report(args, results, skipped, rates):
         for name, label in (
             ("full", "full CPU path"),
             ("split", "split path, CPU half"),
+            ("split_aliased", "split path, CPU half, --noantialias"),
         ):
             per_core = rates[name] / cores
             need = f"{fastest / per_core:.1f}" if fastest else "-"

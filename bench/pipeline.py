@@ -12,8 +12,9 @@ run in this process, alternately, on the same files; (a) is measured with
 tf.data confined to one thread (per core) and with all cores. Then the two
 halves of the split pipeline: (c) the tf.data part alone
 (`color_in_model=True`: decode, crop, resize, flip, uint8 out) on one
-thread, and (d) `color.ColorAugmentation`, the part that runs in the model
-on an accelerator, here on the CPU.
+thread, also without antialiasing (`antialias=False`, the resize that
+aliases where a crop shrinks), and (d) `color.ColorAugmentation`, the part
+that runs in the model on an accelerator, here on the CPU.
 """
 
 import argparse
@@ -137,7 +138,9 @@ def run_baseline(paths, seconds, seed=0):
 # --- Ours ------------------------------------------------------------------
 
 
-def run_ours(root, seconds, threads, batch_size=32, color_in_model=False):
+def run_ours(
+    root, seconds, threads, batch_size=32, color_in_model=False, antialias=True
+):
     import tensorflow as tf
 
     from moco_keras import augment
@@ -145,7 +148,7 @@ def run_ours(root, seconds, threads, batch_size=32, color_in_model=False):
     from moco_keras import pipelines
 
     source = datasets.image_folder(root)
-    config = augment.get_augmentation("mocov2")
+    config = augment.get_augmentation("mocov2", antialias=antialias)
     pairs = pipelines.two_view_dataset(
         source, config, batch_size, seed=0, color_in_model=color_in_model
     ).repeat()
@@ -219,6 +222,7 @@ def main():
             "ours (1 thread)": [],
             f"ours ({cores} cores)": [],
             "split, CPU half (1 thread)": [],
+            "split, CPU half, --noantialias (1 thread)": [],
             "split, colour layer (CPU)": [],
         }
         for _ in range(args.rounds):
@@ -231,6 +235,15 @@ def main():
             )
             results["split, CPU half (1 thread)"].append(
                 run_ours(root, args.seconds, 1, color_in_model=True)
+            )
+            results["split, CPU half, --noantialias (1 thread)"].append(
+                run_ours(
+                    root,
+                    args.seconds,
+                    1,
+                    color_in_model=True,
+                    antialias=False,
+                )
             )
             results["split, colour layer (CPU)"].append(
                 run_color_layer(args.seconds)

@@ -44,6 +44,10 @@ def _preset(**overrides):
         "blur_p": 0.5,
         "blur_sigma": (0.1, 2.0),
         "flip": True,
+        # False: plain bilinear where a crop shrinks, about 1.9x the pairs
+        # per core of the split path's CPU half, at a measured cost in
+        # fidelity to the official views (BENCHMARKS.md).
+        "antialias": True,
         "mean": IMAGENET_MEAN,
         "std": IMAGENET_STD,
     }
@@ -100,29 +104,35 @@ def _coin(seed, p):
     return _uniform(seed, 0.0, 1.0) < p
 
 
-def random_resized_crop_window(image_shape, seed, scale, ratio):
+def random_resized_crop_window(image_shape, seed, scale, ratio, count=None):
     """torchvision's RandomResizedCrop.get_params, vectorized over 10 tries.
 
     Area fraction ~ U(scale), log aspect ratio ~ U(log ratio); the first of
     10 tries that fits is taken, else a center crop clamped to `ratio`.
+    `count` windows are drawn at once, each on its own draws: one set of
+    ops for a pair's two views (a view's small ops cost as much as its
+    plain resize in tf.data).
 
     Returns:
-        int32 `[top, left, height, width]`.
+        int32 `[top, left, height, width]`, or `count x 4` with a `count`.
     """
+    lead = [] if count is None else [count]
     height = tf.cast(image_shape[0], tf.float32)
     width = tf.cast(image_shape[1], tf.float32)
     area_seed, ratio_seed, top_seed, left_seed = tf.unstack(
         tf.random.experimental.stateless_split(seed, 4)
     )
-    target_area = height * width * _uniform(area_seed, scale[0], scale[1], [10])
+    target_area = (
+        height * width * _uniform(area_seed, scale[0], scale[1], lead + [10])
+    )
     log_ratio = _uniform(
-        ratio_seed, math.log(ratio[0]), math.log(ratio[1]), [10]
+        ratio_seed, math.log(ratio[0]), math.log(ratio[1]), lead + [10]
     )
     aspect = tf.exp(log_ratio)
     w = tf.round(tf.sqrt(target_area * aspect))
     h = tf.round(tf.sqrt(target_area / aspect))
     fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = tf.argmax(tf.cast(fits, tf.int32))
+    first = tf.argmax(tf.cast(fits, tf.int32), axis=-1)
     # Fallback: center crop with the aspect ratio clamped into `ratio`.
     in_ratio = width / height
     fallback_w = tf.where(
@@ -135,25 +145,28 @@ def random_resized_crop_window(image_shape, seed, scale, ratio):
         tf.round(width / ratio[0]),
         height,
     )
-    any_fit = tf.reduce_any(fits)
-    h = tf.where(any_fit, h[first], fallback_h)
-    w = tf.where(any_fit, w[first], fallback_w)
+    any_fit = tf.reduce_any(fits, axis=-1)
+    h = tf.where(any_fit, tf.gather(h, first, batch_dims=len(lead)), fallback_h)
+    w = tf.where(any_fit, tf.gather(w, first, batch_dims=len(lead)), fallback_w)
     # torch.randint(0, H - h + 1): uniform over the valid offsets.
-    top = tf.floor(_uniform(top_seed, 0.0, 1.0) * (height - h + 1))
-    left = tf.floor(_uniform(left_seed, 0.0, 1.0) * (width - w + 1))
+    top = tf.floor(_uniform(top_seed, 0.0, 1.0, lead) * (height - h + 1))
+    left = tf.floor(_uniform(left_seed, 0.0, 1.0, lead) * (width - w + 1))
     top = tf.where(any_fit, top, tf.floor((height - h) / 2))
     left = tf.where(any_fit, left, tf.floor((width - w) / 2))
-    return tf.cast(tf.stack([top, left, h, w]), tf.int32)
+    return tf.cast(tf.stack([top, left, h, w], axis=-1), tf.int32)
 
 
-def _resize(crop, size):
+def _resize(crop, size, antialias=True):
     """Bilinear resize to `size x size`, float [0, 255] in and out.
 
     Antialiased where the crop shrinks, as PIL's bilinear resize behind
     torchvision's RandomResizedCrop on the official code's PIL images.
     Enlarging, antialiasing changes nothing (TF's two paths agree to 5e-5
-    of 255) but costs 5x the time, so it is skipped.
+    of 255) but costs 5x the time, so it is skipped. `antialias=False`
+    skips it everywhere: the cheap resize, which aliases where it shrinks.
     """
+    if not antialias:
+        return tf.image.resize(crop, [size, size])
     shape = tf.shape(crop)
     shrinks = (shape[0] > size) | (shape[1] > size)
     return tf.cond(
@@ -167,17 +180,38 @@ def crop_image(image, seed, config):
     """Random-resized crop of a decoded uint8 `H x W x C` image (C = 1, 3).
 
     Returns:
-        float32 `size x size x 3` in [0, 1].
+        float32 `size x size x 3` in [0, 1], on the uint8 grid.
     """
-    if image.shape[-1] == 1:
-        image = tf.image.grayscale_to_rgb(image)
+    image = _rgb(image)
     window = random_resized_crop_window(
         tf.shape(image), seed, config["scale"], config["ratio"]
     )
+    return tf.cast(_view(image, window, False, config), tf.float32) / 255.0
+
+
+def _rgb(image):
+    if image.shape[-1] == 1:
+        return tf.image.grayscale_to_rgb(image)
+    return image
+
+
+def _view(image, window, flip, config):
+    """The uint8 view of an RGB image: its crop `window` resized, flipped
+    where `flip`."""
     crop = tf.slice(image, [window[0], window[1], 0], [window[2], window[3], 3])
     # Cast the crop, not the whole image: a third less work per view.
-    resized = _resize(tf.cast(crop, tf.float32), config["size"])
-    return tf.clip_by_value(resized / 255.0, 0.0, 1.0)
+    resized = _resize(
+        tf.cast(crop, tf.float32), config["size"], config.get("antialias", True)
+    )
+    # Rounded as PIL's uint8 images are, with no float passes in between:
+    # they cost as much as the plain resize itself.
+    view = tf.saturate_cast(tf.round(resized), tf.uint8)
+    if config["flip"]:
+        # On uint8, a quarter of the bytes of a float view.
+        view = tf.cond(
+            flip, lambda: tf.image.flip_left_right(view), lambda: view
+        )
+    return tf.ensure_shape(view, [config["size"], config["size"], 3])
 
 
 def crop_view(image, seed, config):
@@ -193,22 +227,19 @@ def crop_view(image, seed, config):
     crop_seed, flip_seed = tf.unstack(
         tf.random.experimental.stateless_split(seed, 2)
     )
-    view = crop_image(image, crop_seed, config)
-    if config["flip"]:
-        view = tf.cond(
-            _coin(flip_seed, 0.5),
-            lambda: tf.image.flip_left_right(view),
-            lambda: view,
-        )
-    view = tf.ensure_shape(view, [config["size"], config["size"], 3])
-    return tf.cast(tf.round(view * 255.0), tf.uint8)
+    image = _rgb(image)
+    window = random_resized_crop_window(
+        tf.shape(image), crop_seed, config["scale"], config["ratio"]
+    )
+    return _view(image, window, _coin(flip_seed, 0.5), config)
 
 
 def two_crops(image_or_contents, seed, config, encoded, color_in_model=False):
     """Two independent views `(view_q, view_k)` of one image.
 
-    Each view: `crop_view` (uint8), then unless `color_in_model` the colour
-    half, `color.augment_crops`, with parameters drawn from the view's own
+    Each view: a crop and flip as `crop_view`'s (uint8; the two windows are
+    drawn in one call), then unless `color_in_model` the colour half,
+    `color.augment_crops`, with parameters drawn from the view's own
     stateless seed; with `color_in_model` the crops alone, for a model that
     holds a `color.ColorAugmentation`.
 
@@ -223,7 +254,9 @@ def two_crops(image_or_contents, seed, config, encoded, color_in_model=False):
     Returns:
         Two normalized float32 `size x size x 3` views, or two uint8 crops.
     """
-    seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 4))
+    crop_seed, flip_seed, *color_seeds = tf.unstack(
+        tf.random.experimental.stateless_split(seed, 4)
+    )
     image = image_or_contents
     if encoded:
         # One full decode serves both crops: measured on ~500 x 375 JPEGs,
@@ -233,9 +266,14 @@ def two_crops(image_or_contents, seed, config, encoded, color_in_model=False):
         image = tf.io.decode_image(
             image_or_contents, channels=3, expand_animations=False
         )
+    image = _rgb(image)
+    windows = random_resized_crop_window(
+        tf.shape(image), crop_seed, config["scale"], config["ratio"], count=2
+    )
+    flips = _uniform(flip_seed, 0.0, 1.0, [2]) < 0.5
     views = []
-    for crop_seed, color_seed in ((seeds[0], seeds[1]), (seeds[2], seeds[3])):
-        crop = crop_view(image, crop_seed, config)
+    for index, color_seed in enumerate(color_seeds):
+        crop = _view(image, windows[index], flips[index], config)
         if not color_in_model:
             parameters = color.sample_parameters(
                 config, color.stateless_uniform(color_seed), color.TF_OPS

@@ -46,16 +46,18 @@ def _torchvision_mean_area(height, width, n=20000):
     return total / n / (height * width)
 
 
-def test_random_resized_crop_area_and_ratio():
+@pytest.mark.parametrize("count", [None, 2])
+def test_random_resized_crop_area_and_ratio(count):
     shape = tf.constant([240, 320, 3])
+    # One window per seed, or a pair's two windows per seed (`two_crops`).
     windows = np.array(
         [
             augment.random_resized_crop_window(
-                shape, s, (0.2, 1.0), (0.75, 4 / 3)
+                shape, s, (0.2, 1.0), (0.75, 4 / 3), count=count
             )
-            for s in seeds(800)
+            for s in seeds(800 // (count or 1))
         ]
-    )
+    ).reshape(800, 4)
     top, left, h, w = windows.T
     assert np.all(top >= 0) and np.all(left >= 0)
     assert np.all(top + h <= 240) and np.all(left + w <= 320)
@@ -130,3 +132,56 @@ def test_resize_skips_antialiasing_only_where_it_changes_nothing():
         tf.image.resize(wide, [16, 16], antialias=True),
         atol=1e-3,
     )
+
+
+def _photo_like(rng, height, width):
+    """Smooth colour gradients with edges and noise, uint8: resampling
+    differences show on it as on a photo."""
+    y, x = np.mgrid[0:height, 0:width] / max(height, width)
+    channels = [
+        128 + 100 * np.sin(9 * x + 4 * y),
+        255 * (x + y > 0.7),
+        128 + 60 * np.cos(23 * y),
+    ]
+    image = np.stack(channels, -1) + rng.normal(0, 12, (height, width, 3))
+    return np.clip(np.round(image), 0, 255).astype(np.uint8)
+
+
+def test_resize_matches_pils_bilinear_and_antialias_off_aliases():
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    for height, width in ((300, 280), (120, 410), (60, 50)):
+        image = _photo_like(rng, height, width)
+        # torchvision's RandomResizedCrop on the official code's PIL images.
+        pil = np.asarray(
+            Image.fromarray(image).resize((96, 96), Image.BILINEAR), np.float32
+        )
+        crop = tf.constant(image, tf.float32)
+        ours = np.round(augment._resize(crop, 96).numpy())
+        np.testing.assert_allclose(ours, pil, atol=1.0)
+        assert np.abs(ours - pil).mean() < 0.3
+        aliased = np.round(augment._resize(crop, 96, antialias=False).numpy())
+        if height > 96 or width > 96:
+            # Shrinking without antialiasing samples 4 of the pixels under
+            # each output one: far from PIL.
+            assert np.abs(aliased - pil).mean() > 2.0
+        else:
+            np.testing.assert_allclose(aliased, ours, atol=1.0)
+
+
+def test_antialias_is_an_augmentation_option():
+    config = augment.get_augmentation("mocov2", size=32, antialias=False)
+    assert (
+        not config["antialias"] and augment.AUGMENTATIONS["mocov2"]["antialias"]
+    )
+    image = tf.constant(_photo_like(np.random.default_rng(6), 200, 150))
+    seed = tf.constant([3, 4])
+    sharp = augment.crop_view(image, seed, config).numpy().astype(int)
+    smooth = (
+        augment.crop_view(image, seed, {**config, "antialias": True})
+        .numpy()
+        .astype(int)
+    )
+    assert sharp.shape == smooth.shape == (32, 32, 3)
+    assert np.abs(sharp - smooth).mean() > 2.0

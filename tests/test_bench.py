@@ -193,6 +193,7 @@ def test_gpu_benchmark_tiny(tmp_path, backend):
         assert all(float(r[4]) > 0 for r in steps["torch-fp32"]), table
     if pipeline:
         assert "| split path, CPU half |" in table, table
+        assert "| split path, CPU half, --noantialias |" in table, table
     else:
         assert "Input pipeline: skipped" in table, table
 

@@ -47,6 +47,13 @@ flags.DEFINE_bool(
     "Run colour jitter, grayscale, blur and normalization batched in the "
     "model (for accelerators); the CPU only decodes, crops and flips.",
 )
+flags.DEFINE_bool(
+    "antialias",
+    RUN_DEFAULTS["antialias"],
+    "Antialias the crops' resize as PIL does in the official code; "
+    "--noantialias nearly doubles the pairs per CPU core of "
+    "--color_in_model's CPU half and aliases shrunk crops (BENCHMARKS.md).",
+)
 flags.DEFINE_integer("knn_every", None, "kNN monitor every N epochs (0: off).")
 flags.DEFINE_integer(
     "knn_bank",
