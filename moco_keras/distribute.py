@@ -96,11 +96,13 @@ def check_strategy(name, backend=None):
         )
 
 
-def use_cpu_devices(count):
+def use_cpu_devices(count, check=True):
     """Splits this machine's CPU into `count` devices (to test on a CPU).
 
     TensorFlow: `count` logical CPU devices, before its runtime starts. JAX:
-    `--xla_force_host_platform_device_count`, before its backend starts.
+    `--xla_force_host_platform_device_count`, before its backend starts
+    (`check=False` leaves the check of the count to the caller, for a
+    process that must call `jax.distributed.initialize` first).
     Call it before anything runs on a device.
     """
     backend = keras.backend.backend()
@@ -117,14 +119,77 @@ def use_cpu_devices(count):
         import jax
 
         jax.config.update("jax_platforms", "cpu")
-        if len(jax.devices()) != count:
-            raise RuntimeError(
-                f"Asked for {count} CPU devices, JAX has {jax.devices()}: its "
-                "backend had started before. Set XLA_FLAGS="
-                f"{flag} in the environment instead."
-            )
+        if check:
+            _check_local_devices(count)
     else:
         raise ValueError(f"No CPU devices to split under {backend}.")
+
+
+def _check_local_devices(count):
+    import jax
+
+    if len(jax.local_devices()) != count:
+        flag = f"--xla_force_host_platform_device_count={count}"
+        raise RuntimeError(
+            f"Asked for {count} CPU devices, JAX has {jax.local_devices()}: "
+            "its backend had started before. Set XLA_FLAGS="
+            f"{flag} in the environment instead."
+        )
+
+
+def is_multi_process():
+    """Whether `KERAS_DISTRIBUTION_*` describe a job of several processes
+    (one per host) for `--strategy=data_parallel`."""
+    addresses = os.environ.get("KERAS_DISTRIBUTION_JOB_ADDRESSES", "")
+    processes = os.environ.get("KERAS_DISTRIBUTION_NUM_PROCESSES")
+    if processes is not None:
+        return int(processes) > 1
+    return "," in addresses
+
+
+def process_shard():
+    """`(index, count)` of this process among the JAX job's processes, the
+    `shard` of `pipelines.two_view_dataset`; None with one process."""
+    if keras.backend.backend() != "jax":
+        return None
+    import jax
+
+    if jax.process_count() == 1:
+        return None
+    return jax.process_index(), jax.process_count()
+
+
+def _start_jax_processes(cpu_devices):
+    """`jax.distributed` over the processes of `KERAS_DISTRIBUTION_*`."""
+    missing = [
+        name
+        for name in (
+            "KERAS_DISTRIBUTION_JOB_ADDRESSES",
+            "KERAS_DISTRIBUTION_NUM_PROCESSES",
+            "KERAS_DISTRIBUTION_PROCESS_ID",
+        )
+        if name not in os.environ
+    ]
+    if missing:
+        raise ValueError(
+            f"--strategy=data_parallel over several processes needs "
+            f"{', '.join(missing)} in the environment of every process: "
+            "the coordinator's host:port (process 0's), the number of "
+            "processes and this one's index, e.g. "
+            "KERAS_DISTRIBUTION_JOB_ADDRESSES=10.0.0.1:1234 "
+            "KERAS_DISTRIBUTION_NUM_PROCESSES=2 "
+            "KERAS_DISTRIBUTION_PROCESS_ID=0."
+        )
+    import jax
+
+    if cpu_devices:
+        use_cpu_devices(cpu_devices, check=False)
+    # Collectives across processes on CPU devices (tests, CPU clusters);
+    # GPUs and TPUs bring their own (NCCL, ICI) and ignore this.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    keras.distribution.initialize()
+    if cpu_devices:
+        _check_local_devices(cpu_devices)
 
 
 def make_strategy(name, cpu_devices=0):
@@ -136,26 +201,33 @@ def make_strategy(name, cpu_devices=0):
             the cluster from `TF_CONFIG`, with `patch_keras_multi_worker`;
             `"tpu"`: `TPUStrategy` on the TPU of `TPU_NAME` (or the local
             one); `"data_parallel"` (JAX): sets
-            `keras.distribution.DataParallel` over all devices (all
-            processes, after `keras.distribution.initialize()` when
-            `KERAS_DISTRIBUTION_JOB_ADDRESSES` is set) and returns None;
-            `"none"`: None.
-        cpu_devices: split the CPU into this many devices first (0: no).
+            `keras.distribution.DataParallel` over all devices of all
+            processes and returns None. Several processes (hosts) when
+            `KERAS_DISTRIBUTION_*` name more than one
+            (`keras.distribution.initialize`): each process then feeds its
+            share of every global batch (`process_shard`); `"none"`: None.
+        cpu_devices: split the CPU into this many devices first (0: no);
+            per process.
 
     Returns:
         A `tf.distribute.Strategy`, or None (build and fit as usual).
     """
     check_strategy(name)
+    if name == "data_parallel":
+        if is_multi_process():
+            _start_jax_processes(cpu_devices)
+        elif cpu_devices:
+            use_cpu_devices(cpu_devices)
+        # Each process reads its own share of every batch (`process_shard`,
+        # `distribute_dataset`): Keras' auto-sharding would have every
+        # process read and decode the whole global batch and drop the rest.
+        keras.distribution.set_distribution(
+            keras.distribution.DataParallel(auto_shard_dataset=False)
+        )
+        return None
     if cpu_devices:
         use_cpu_devices(cpu_devices)
     if name == "none":
-        return None
-    if name == "data_parallel":
-        if os.environ.get("KERAS_DISTRIBUTION_JOB_ADDRESSES"):
-            # Several hosts: jax.distributed, from the KERAS_DISTRIBUTION_*
-            # variables (keras.distribution.initialize documents them).
-            keras.distribution.initialize()
-        keras.distribution.set_distribution(keras.distribution.DataParallel())
         return None
     import tensorflow as tf
 
@@ -232,8 +304,12 @@ def distribute_dataset(strategy, dataset_fn):
     Returns:
         What `model.fit` takes: the global batches on one worker (a local
         strategy splits each batch over its devices), or a distributed
-        dataset in which each worker decodes its own images only.
+        dataset in which each worker decodes its own images only; under
+        JAX with several processes, this process's share (Keras assembles
+        the global batch from the processes' shares in process order).
     """
+    if strategy is None:
+        return dataset_fn(process_shard())
     multi_worker = strategy is not None and (
         strategy.extended._in_multi_worker_mode()
     )

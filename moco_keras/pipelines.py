@@ -55,11 +55,11 @@ def two_view_dataset(
         skip_batches: with `epoch`, start after this many batches; the
             skipped images are not read.
         shard: `(index, count)`: this worker's share of every batch, for
-            `count` workers that each read their own images
-            (`distribute.distribute_dataset`): images `index`, `index +
-            count`, ... of the epoch's order, in batches of
-            `batch_size // count`. `batch_size` and `skip_batches` stay
-            global. None: all of them.
+            `count` workers (or JAX processes) that each read their own
+            images (`distribute.distribute_dataset`): rows `index * b` to
+            `(index + 1) * b - 1` of every global batch, `b = batch_size //
+            count`, so the shares in worker order are the global batch.
+            `batch_size` and `skip_batches` stay global. None: all of them.
 
     Returns:
         A `tf.data.Dataset` of `(view_q, view_k)`, each
@@ -86,8 +86,20 @@ def two_view_dataset(
             )
         # The order is the same on every worker (same seed and epoch), and
         # nothing is read yet: each image is read and decoded by one worker.
-        dataset = dataset.shard(count, index)
-        batch_size //= count
+        # Contiguous blocks: the workers' shares, in worker order, are the
+        # global batch of one process, row for row (so are its BN groups).
+        share = batch_size // count
+        dataset = (
+            dataset.batch(batch_size, drop_remainder=True)
+            .map(
+                lambda keys, pair_seeds: (
+                    keys[index * share : (index + 1) * share],
+                    pair_seeds[index * share : (index + 1) * share],
+                )
+            )
+            .unbatch()
+        )
+        batch_size = share
     dataset = dataset.map(
         lambda key, pair_seed: augment.two_crops(
             source.read(key)[0],

@@ -571,6 +571,13 @@ def pretrain(config):
     paths, strategy = set_up(config)
     devices = distribute.device_count(strategy)
     check_devices(config, devices)
+    check(
+        not config["knn_every"] or distribute.process_shard() is None,
+        "The kNN monitor embeds its images in one process; this "
+        "--strategy=data_parallel job has several. Set --knn_every=0 and "
+        "evaluate the checkpoint afterwards (the linear recipe, on one "
+        "host).",
+    )
     source = load_source(
         config["dataset"],
         config["data_dir"],
@@ -965,6 +972,12 @@ def linear_classification(config):
     from moco_keras import distribute
 
     paths, strategy = set_up(config)
+    check(
+        distribute.process_shard() is None,
+        "Linear classification under --strategy=data_parallel runs in one "
+        "process (all of one host's devices); this job has several "
+        "(KERAS_DISTRIBUTION_NUM_PROCESSES). Run it on one host.",
+    )
     check_devices(config, distribute.device_count(strategy))
     # Everything that makes variables (backbone, head, optimizer) belongs to
     # the strategy, and fit may run in its scope too.

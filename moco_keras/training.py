@@ -110,6 +110,7 @@ class Checkpointer(keras.callbacks.Callback):
         self.keep = keep
         self.keep_every_epochs = keep_every_epochs
         self.chief = chief
+        self._saved_step = None
         if not chief:
             return
         os.makedirs(directory, exist_ok=True)
@@ -127,6 +128,14 @@ class Checkpointer(keras.callbacks.Callback):
         self.save(_global_step(self.model))
 
     def save(self, step):
+        # Every process must take the same decision: under JAX with several
+        # processes a save is a collective (Keras creates variables in it),
+        # so a process that skips one while the others save deadlocks them.
+        # The step of an epoch's end is often saved already by
+        # `every_steps`.
+        if step == self._saved_step:
+            return
+        self._saved_step = step
         if not self.chief:
             scratch = tempfile.mkdtemp(prefix="moco-keras-worker-")
             try:
@@ -134,9 +143,7 @@ class Checkpointer(keras.callbacks.Callback):
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
             return
-        path = checkpoint_path(self.directory, step)
-        if not os.path.exists(path):
-            save_atomically(self.model, path)
+        save_atomically(self.model, checkpoint_path(self.directory, step))
         self._prune()
 
     def _keeps_forever(self, step):

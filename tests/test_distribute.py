@@ -15,7 +15,10 @@ import textwrap
 import time
 
 import keras
+import numpy as np
 import pytest
+
+from moco_keras import distribute
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -477,3 +480,178 @@ def test_multi_worker_resumes_after_a_worker_dies(tmp_path):
     scores = json.loads((tmp_path / "lincls" / "results.json").read_text())
     assert scores["backbone_unchanged"] and 0 <= scores["top1"] <= 100
     assert scores["val_images"] == 1000
+
+
+# The JAX job of `test_data_parallel_processes_...`: 2 epochs of 8 steps of
+# the global batch of 32, a checkpoint every 2 steps, queue of 96.
+JAX_PRETRAIN = [
+    "-m",
+    "moco_keras.recipes.pretrain",
+    f"--flagfile={ROOT}/recipes/smoke.flags",
+    "--train_limit=256",
+    "--batch_size=32",
+    "--moco_k=96",
+    "--bn_splits=4",
+    "--knn_every=0",
+    "--checkpoint_steps=2",
+    "--keep_checkpoints=100",
+    "--epochs=2",
+]
+
+
+def _start_jax_process(index, port, workdir, log):
+    """Process `index` of a 2-process `--strategy=data_parallel` job, two
+    CPU devices each, its coordinator (process 0) on 127.0.0.1:`port`."""
+    env = {
+        **os.environ,
+        "KERAS_BACKEND": "jax",
+        "PYTHONPATH": ROOT,
+        "KERAS_DISTRIBUTION_JOB_ADDRESSES": f"127.0.0.1:{port}",
+        "KERAS_DISTRIBUTION_NUM_PROCESSES": "2",
+        "KERAS_DISTRIBUTION_PROCESS_ID": str(index),
+    }
+    return subprocess.Popen(
+        [
+            sys.executable,
+            *JAX_PRETRAIN,
+            f"--workdir={workdir}",
+            "--strategy=data_parallel",
+            "--cpu_devices=2",
+        ],
+        env=env,
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.process
+@pytest.mark.backends("jax")
+def test_data_parallel_processes_resume_and_equal_one_process(tmp_path):
+    """Two JAX processes of two CPU devices each (`keras.distribution` over
+    4 global devices) run the pretraining recipe; one is killed with
+    SIGKILL mid-epoch, the restarted job resumes and finishes. Its first
+    steps equal one process's run with split BN of 4 groups (the weights
+    then drift apart as rounding differences grow: 5e-7 after 4 steps,
+    4e-3 after 8, in a BN variance of this tiny network). Then the linear
+    recipe on its checkpoint."""
+    workdir = tmp_path / "run"
+    checkpoints = workdir / "checkpoints"
+    one = subprocess.run(
+        [sys.executable, *JAX_PRETRAIN, f"--workdir={tmp_path / 'one'}"],
+        env={**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": ROOT},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        check=False,
+    )
+    assert one.returncode == 0, one.stderr[-4000:]
+    logs = [open(tmp_path / f"process{i}.log", "w") for i in range(4)]
+    processes = []
+    try:
+        port = _free_ports(1)[0]
+        processes = [
+            _start_jax_process(i, port, workdir, logs[i]) for i in (0, 1)
+        ]
+        deadline = time.time() + 300
+        # Kill process 1 once step 6 is saved, in the first epoch's middle.
+        while not (checkpoints / "ckpt-000000006.keras").exists():
+            assert time.time() < deadline, "no checkpoint of step 6 in 300 s"
+            assert all(p.poll() is None for p in processes), (
+                tmp_path / "process0.log"
+            ).read_text()[-3000:]
+            time.sleep(0.2)
+        os.killpg(processes[1].pid, signal.SIGKILL)
+        processes[1].wait()
+        # Process 0 would wait on its peer's collectives: a cluster manager
+        # restarting the job stops it.
+        _kill(processes[0])
+        first = sorted(p.name for p in checkpoints.glob("ckpt-*.keras"))
+        assert "ckpt-000000016.keras" not in first
+        port = _free_ports(1)[0]
+        processes = [
+            _start_jax_process(i, port, workdir, logs[2 + i]) for i in (0, 1)
+        ]
+        codes = [_wait(p, 300) for p in processes]
+        texts = [(tmp_path / f"process{i}.log").read_text() for i in (2, 3)]
+        assert codes == [0, 0], texts[0][-3000:] + texts[1][-3000:]
+    finally:
+        for process in processes:
+            _kill(process)
+        for log in logs:
+            log.close()
+    results = json.loads((workdir / "results.json").read_text())
+    resumed = results["resumed_from_step"]
+    assert resumed >= 6 and resumed % 2 == 0
+    assert results["strategy"] == "data_parallel"
+    assert results["devices"] == 4
+    assert results["checkpoint"].endswith("ckpt-000000016.keras")
+    for text in texts:
+        assert f"Resuming from {checkpoints}/ckpt-{resumed:09d}.keras" in text
+        assert "over 4 device(s)" in text
+    assert "this worker writes nothing" in texts[1]
+    rows = (workdir / "epochs.csv").read_text().strip().splitlines()
+    assert len(rows) == 3  # header and the two epochs
+    # Only process 0 wrote files: nothing but its checkpoints and logs.
+    assert not list(workdir.glob("**/.tmp-*"))
+
+    import moco_keras  # noqa: F401 (registers MoCo for load_model)
+
+    numpy = keras.ops.convert_to_numpy
+    final = keras.saving.load_model(results["checkpoint"])
+    # Every step enqueued the whole global batch: 16 steps x 32 keys, mod 96.
+    assert int(numpy(final.queue_ptr.value)) == 512 % 96
+    for step in (2, 4):
+        name = f"ckpt-{step:09d}.keras"
+        parallel = keras.saving.load_model(checkpoints / name)
+        single = keras.saving.load_model(
+            tmp_path / "one" / "checkpoints" / name
+        )
+        assert int(numpy(parallel.queue_ptr.value)) == step * 32 % 96
+        gap = np.abs(numpy(parallel.queue) - numpy(single.queue)).max()
+        assert gap < 1e-5, (step, gap)
+        for mine, theirs in zip(parallel.weights, single.weights, strict=True):
+            gap = np.abs(numpy(mine) - numpy(theirs)).max()
+            assert gap < 1e-5, (step, mine.path, gap)
+
+    lincls = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moco_keras.recipes.lincls",
+            f"--flagfile={ROOT}/recipes/lincls_smoke.flags",
+            f"--pretrained={workdir}",
+            f"--workdir={tmp_path / 'lincls'}",
+            "--train_limit=512",
+            "--val_limit=500",
+            "--epochs=1",
+            "--cos",
+        ],
+        env={**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": ROOT},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert lincls.returncode == 0, lincls.stderr[-4000:]
+    scores = json.loads((tmp_path / "lincls" / "results.json").read_text())
+    assert scores["backbone_unchanged"] and 0 <= scores["top1"] <= 100
+
+
+def test_several_jax_processes_are_read_from_the_environment(monkeypatch):
+    for name in ("JOB_ADDRESSES", "NUM_PROCESSES", "PROCESS_ID"):
+        monkeypatch.delenv(f"KERAS_DISTRIBUTION_{name}", raising=False)
+    assert not distribute.is_multi_process()
+    assert distribute.process_shard() is None  # this test's one process
+    monkeypatch.setenv("KERAS_DISTRIBUTION_JOB_ADDRESSES", "h1:1234,h2:1234")
+    assert distribute.is_multi_process()
+    monkeypatch.setenv("KERAS_DISTRIBUTION_NUM_PROCESSES", "1")
+    assert not distribute.is_multi_process()
+    monkeypatch.setenv("KERAS_DISTRIBUTION_NUM_PROCESSES", "2")
+    monkeypatch.delenv("KERAS_DISTRIBUTION_JOB_ADDRESSES")
+    with pytest.raises(ValueError, match="KERAS_DISTRIBUTION_JOB_ADDRESSES"):
+        distribute._start_jax_processes(0)
