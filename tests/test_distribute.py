@@ -391,68 +391,9 @@ def _kill(process):
         process.wait()
 
 
-@pytest.mark.slow
-@pytest.mark.process
-@pytest.mark.backends("tensorflow")
-def test_multi_worker_resumes_after_a_worker_dies(tmp_path):
-    """Two workers train; one is killed mid-epoch; the restarted job resumes
-    from the last checkpoint the chief wrote and finishes the run. Then the
-    linear classification recipe runs on it under MirroredStrategy."""
-    workdir = tmp_path / "run"
-    checkpoints = workdir / "checkpoints"
-    logs = [open(tmp_path / f"worker{i}.log", "w") for i in range(4)]
-    processes = []
-    try:
-        ports = _free_ports(2)
-        processes = [_start_worker(i, ports, workdir, logs[i]) for i in (0, 1)]
-        deadline = time.time() + 240
-        # 16 steps in all (2 epochs of 8), a checkpoint every 2: kill worker 1
-        # once step 6 is saved, in the middle of the first epoch.
-        while not (checkpoints / "ckpt-000000006.keras").exists():
-            assert time.time() < deadline, "no checkpoint of step 6 in 240 s"
-            assert all(p.poll() is None for p in processes), (
-                tmp_path / "worker0.log"
-            ).read_text()[-3000:]
-            time.sleep(0.2)
-        os.killpg(processes[1].pid, signal.SIGKILL)
-        processes[1].wait()
-        # The survivor would stop by itself once TF's coordination service
-        # misses the peer's heartbeats (about 20 s); a cluster manager
-        # restarting the job stops it at once.
-        _kill(processes[0])
-        first = sorted(p.name for p in checkpoints.glob("ckpt-*.keras"))
-        assert "ckpt-000000016.keras" not in first
-        # The job restarts (all workers, as a cluster manager would).
-        ports = _free_ports(2)
-        processes = [
-            _start_worker(i, ports, workdir, logs[2 + i]) for i in (0, 1)
-        ]
-        codes = [_wait(p, 240) for p in processes]
-        texts = [(tmp_path / f"worker{i}.log").read_text() for i in (2, 3)]
-        assert codes == [0, 0], texts[0][-3000:] + texts[1][-3000:]
-    finally:
-        for process in processes:
-            _kill(process)
-        for log in logs:
-            log.close()
-    results = json.loads((workdir / "results.json").read_text())
-    resumed = results["resumed_from_step"]
-    assert resumed >= 6 and resumed % 2 == 0
-    assert results["strategy"] == "multi_worker"
-    assert results["devices"] == 2
-    assert results["checkpoint"].endswith("ckpt-000000016.keras")
-    for text in texts:
-        assert f"Resuming from {checkpoints}/ckpt-{resumed:09d}.keras" in text
-    assert "this worker writes nothing" in texts[1]
-    rows = (workdir / "epochs.csv").read_text().strip().splitlines()
-    assert len(rows) == 3  # header and the two epochs
-    # Every step enqueued the keys of the whole global batch of 32 (the two
-    # workers' shares of 16): 16 steps x 32 keys, modulo K = 96.
-    model = keras.saving.load_model(results["checkpoint"])
-    assert int(keras.ops.convert_to_numpy(model.queue_ptr.value)) == 512 % 96
-
-    # The linear classification recipe on that run, under MirroredStrategy
-    # over 2 CPU devices (the full image path: frozen backbone inside).
+def _lincls_on(workdir, tmp_path, backend, *flags):
+    """The linear classification smoke recipe on a pretraining workdir
+    under `backend`; its results.json."""
     lincls = subprocess.run(
         [
             sys.executable,
@@ -461,15 +402,12 @@ def test_multi_worker_resumes_after_a_worker_dies(tmp_path):
             f"--flagfile={ROOT}/recipes/lincls_smoke.flags",
             f"--pretrained={workdir}",
             f"--workdir={tmp_path / 'lincls'}",
-            "--strategy=mirrored",
-            "--cpu_devices=2",
-            "--nocache_features",
             "--train_limit=512",
-            "--val_limit=1000",
             "--epochs=1",
             "--cos",
+            *flags,
         ],
-        env={**os.environ, "KERAS_BACKEND": "tensorflow", "PYTHONPATH": ROOT},
+        env={**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": ROOT},
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -479,6 +417,97 @@ def test_multi_worker_resumes_after_a_worker_dies(tmp_path):
     assert lincls.returncode == 0, lincls.stderr[-4000:]
     scores = json.loads((tmp_path / "lincls" / "results.json").read_text())
     assert scores["backbone_unchanged"] and 0 <= scores["top1"] <= 100
+    return scores
+
+
+def _check_resumed(workdir, texts, strategy, devices):
+    """The restarted job of `_kill_mid_epoch_and_restart` resumed from an
+    even step from 6 on, in every process, and finished both epochs, its
+    files written by the first process alone; its results.json."""
+    checkpoints = workdir / "checkpoints"
+    results = json.loads((workdir / "results.json").read_text())
+    resumed = results["resumed_from_step"]
+    assert resumed >= 6 and resumed % 2 == 0
+    assert results["strategy"] == strategy
+    assert results["devices"] == devices
+    assert results["checkpoint"].endswith("ckpt-000000016.keras")
+    for text in texts:
+        assert f"Resuming from {checkpoints}/ckpt-{resumed:09d}.keras" in text
+        assert f"over {devices} device(s)" in text
+    assert "this worker writes nothing" in texts[1]
+    rows = (workdir / "epochs.csv").read_text().strip().splitlines()
+    assert len(rows) == 3  # header and the two epochs
+    return results
+
+
+def _kill_mid_epoch_and_restart(tmp_path, checkpoints, start, timeout):
+    """Starts a job of two processes (`start(logs)` gives them), kills
+    process 1 with SIGKILL once step 6 of its 16 (2 epochs of 8, a
+    checkpoint every 2) is saved, mid-epoch, stops process 0, and starts the
+    job again, as a cluster manager would; the restarted processes' logs."""
+    logs = [open(tmp_path / f"process{i}.log", "w") for i in range(4)]
+    processes = []
+    try:
+        processes = start(logs[:2])
+        deadline = time.time() + timeout
+        while not (checkpoints / "ckpt-000000006.keras").exists():
+            assert time.time() < deadline, f"no step 6 saved in {timeout} s"
+            assert all(p.poll() is None for p in processes), (
+                tmp_path / "process0.log"
+            ).read_text()[-3000:]
+            time.sleep(0.2)
+        os.killpg(processes[1].pid, signal.SIGKILL)
+        processes[1].wait()
+        # The survivor would wait on its peer's collectives (TensorFlow's
+        # coordination service stops it after about 20 s of missed
+        # heartbeats); a cluster manager restarting the job stops it at once.
+        _kill(processes[0])
+        first = sorted(p.name for p in checkpoints.glob("ckpt-*.keras"))
+        assert "ckpt-000000016.keras" not in first
+        processes = start(logs[2:])
+        codes = [_wait(p, timeout) for p in processes]
+        texts = [(tmp_path / f"process{i}.log").read_text() for i in (2, 3)]
+        assert codes == [0, 0], texts[0][-3000:] + texts[1][-3000:]
+    finally:
+        for process in processes:
+            _kill(process)
+        for log in logs:
+            log.close()
+    return texts
+
+
+@pytest.mark.slow
+@pytest.mark.process
+@pytest.mark.backends("tensorflow")
+def test_multi_worker_resumes_after_a_worker_dies(tmp_path):
+    """Two workers train; one is killed mid-epoch; the restarted job resumes
+    from the last checkpoint the chief wrote and finishes the run. Then the
+    linear classification recipe runs on it under MirroredStrategy."""
+    workdir = tmp_path / "run"
+    checkpoints = workdir / "checkpoints"
+
+    def start(logs):
+        ports = _free_ports(2)
+        return [_start_worker(i, ports, workdir, logs[i]) for i in (0, 1)]
+
+    texts = _kill_mid_epoch_and_restart(tmp_path, checkpoints, start, 240)
+    results = _check_resumed(workdir, texts, "multi_worker", 2)
+    # Every step enqueued the keys of the whole global batch of 32 (the two
+    # workers' shares of 16): 16 steps x 32 keys, modulo K = 96.
+    model = keras.saving.load_model(results["checkpoint"])
+    assert int(keras.ops.convert_to_numpy(model.queue_ptr.value)) == 512 % 96
+
+    # The linear classification recipe on that run, under MirroredStrategy
+    # over 2 CPU devices (the full image path: frozen backbone inside).
+    scores = _lincls_on(
+        workdir,
+        tmp_path,
+        "tensorflow",
+        "--strategy=mirrored",
+        "--cpu_devices=2",
+        "--nocache_features",
+        "--val_limit=1000",
+    )
     assert scores["val_images"] == 1000
 
 
@@ -549,52 +578,13 @@ def test_data_parallel_processes_resume_and_equal_one_process(tmp_path):
         check=False,
     )
     assert one.returncode == 0, one.stderr[-4000:]
-    logs = [open(tmp_path / f"process{i}.log", "w") for i in range(4)]
-    processes = []
-    try:
+
+    def start(logs):
         port = _free_ports(1)[0]
-        processes = [
-            _start_jax_process(i, port, workdir, logs[i]) for i in (0, 1)
-        ]
-        deadline = time.time() + 300
-        # Kill process 1 once step 6 is saved, in the first epoch's middle.
-        while not (checkpoints / "ckpt-000000006.keras").exists():
-            assert time.time() < deadline, "no checkpoint of step 6 in 300 s"
-            assert all(p.poll() is None for p in processes), (
-                tmp_path / "process0.log"
-            ).read_text()[-3000:]
-            time.sleep(0.2)
-        os.killpg(processes[1].pid, signal.SIGKILL)
-        processes[1].wait()
-        # Process 0 would wait on its peer's collectives: a cluster manager
-        # restarting the job stops it.
-        _kill(processes[0])
-        first = sorted(p.name for p in checkpoints.glob("ckpt-*.keras"))
-        assert "ckpt-000000016.keras" not in first
-        port = _free_ports(1)[0]
-        processes = [
-            _start_jax_process(i, port, workdir, logs[2 + i]) for i in (0, 1)
-        ]
-        codes = [_wait(p, 300) for p in processes]
-        texts = [(tmp_path / f"process{i}.log").read_text() for i in (2, 3)]
-        assert codes == [0, 0], texts[0][-3000:] + texts[1][-3000:]
-    finally:
-        for process in processes:
-            _kill(process)
-        for log in logs:
-            log.close()
-    results = json.loads((workdir / "results.json").read_text())
-    resumed = results["resumed_from_step"]
-    assert resumed >= 6 and resumed % 2 == 0
-    assert results["strategy"] == "data_parallel"
-    assert results["devices"] == 4
-    assert results["checkpoint"].endswith("ckpt-000000016.keras")
-    for text in texts:
-        assert f"Resuming from {checkpoints}/ckpt-{resumed:09d}.keras" in text
-        assert "over 4 device(s)" in text
-    assert "this worker writes nothing" in texts[1]
-    rows = (workdir / "epochs.csv").read_text().strip().splitlines()
-    assert len(rows) == 3  # header and the two epochs
+        return [_start_jax_process(i, port, workdir, logs[i]) for i in (0, 1)]
+
+    texts = _kill_mid_epoch_and_restart(tmp_path, checkpoints, start, 300)
+    results = _check_resumed(workdir, texts, "data_parallel", 4)
     # Only process 0 wrote files: nothing but its checkpoints and logs.
     assert not list(workdir.glob("**/.tmp-*"))
 
@@ -617,29 +607,7 @@ def test_data_parallel_processes_resume_and_equal_one_process(tmp_path):
             gap = np.abs(numpy(mine) - numpy(theirs)).max()
             assert gap < 1e-5, (step, mine.path, gap)
 
-    lincls = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "moco_keras.recipes.lincls",
-            f"--flagfile={ROOT}/recipes/lincls_smoke.flags",
-            f"--pretrained={workdir}",
-            f"--workdir={tmp_path / 'lincls'}",
-            "--train_limit=512",
-            "--val_limit=500",
-            "--epochs=1",
-            "--cos",
-        ],
-        env={**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": ROOT},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert lincls.returncode == 0, lincls.stderr[-4000:]
-    scores = json.loads((tmp_path / "lincls" / "results.json").read_text())
-    assert scores["backbone_unchanged"] and 0 <= scores["top1"] <= 100
+    _lincls_on(workdir, tmp_path, "jax", "--val_limit=500")
 
 
 def test_several_jax_processes_are_read_from_the_environment(monkeypatch):
