@@ -44,7 +44,7 @@ def _preset(**overrides):
         "blur_p": 0.5,
         "blur_sigma": (0.1, 2.0),
         "flip": True,
-        # False: plain bilinear where a crop shrinks, about 1.9x the pairs
+        # False: plain bilinear where a crop shrinks, about 1.6x the pairs
         # per core of the split path's CPU half, at a measured cost in
         # fidelity to the official views (BENCHMARKS.md).
         "antialias": True,

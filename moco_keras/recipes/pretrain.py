@@ -51,7 +51,7 @@ flags.DEFINE_bool(
     "antialias",
     RUN_DEFAULTS["antialias"],
     "Antialias the crops' resize as PIL does in the official code; "
-    "--noantialias nearly doubles the pairs per CPU core of "
+    "--noantialias gives 1.6x the pairs per CPU core of "
     "--color_in_model's CPU half and aliases shrunk crops (BENCHMARKS.md).",
 )
 flags.DEFINE_integer("knn_every", None, "kNN monitor every N epochs (0: off).")
