@@ -38,7 +38,7 @@ def _plot(path, history, knn_curves, references, subtitle):
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    fig, (ax_loss, ax_knn) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_loss, ax_knn) = plt.subplots(1, 2, figsize=(12, 4))
     epochs = [int(epoch) + 1 for epoch in history["epoch"]]
     ax_loss.plot(epochs, history["loss"], marker="o")
     ax_loss.set(xlabel="epoch", ylabel="InfoNCE loss", title="MoCo v2 loss")
@@ -52,7 +52,8 @@ def _plot(path, history, knn_curves, references, subtitle):
             top1, color="gray", linestyle=style, label=f"{label} {top1:.1f} %"
         )
     ax_knn.set(xlabel="epoch", ylabel="kNN top-1 (%)", title="kNN accuracy")
-    ax_knn.legend(fontsize="small")
+    # Beside the panel: inside, it would hide the lines it names.
+    ax_knn.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1, 1))
     for ax in (ax_loss, ax_knn):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs
     fig.suptitle(subtitle, fontsize="medium")
