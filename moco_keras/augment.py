@@ -176,19 +176,6 @@ def _resize(crop, size, antialias=True):
     )
 
 
-def crop_image(image, seed, config):
-    """Random-resized crop of a decoded uint8 `H x W x C` image (C = 1, 3).
-
-    Returns:
-        float32 `size x size x 3` in [0, 1], on the uint8 grid.
-    """
-    image = _rgb(image)
-    window = random_resized_crop_window(
-        tf.shape(image), seed, config["scale"], config["ratio"]
-    )
-    return tf.cast(_view(image, window, False, config), tf.float32) / 255.0
-
-
 def _rgb(image):
     if image.shape[-1] == 1:
         return tf.image.grayscale_to_rgb(image)

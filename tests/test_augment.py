@@ -111,7 +111,11 @@ def test_crop_view_is_the_uint8_crop_then_flip():
         view = augment.crop_view(image, seed, config).numpy()
         assert view.dtype == np.uint8 and view.shape == (16, 16, 3)
         crop_seed = tf.random.experimental.stateless_split(seed, 2)[0]
-        crop = augment.crop_image(image, crop_seed, config).numpy() * 255.0
+        top, left, h, w = augment.random_resized_crop_window(
+            image.shape, crop_seed, config["scale"], config["ratio"]
+        ).numpy()
+        window = tf.cast(image[top : top + h, left : left + w], tf.float32)
+        crop = np.round(augment._resize(window, 16).numpy())
         if np.abs(view - crop).max() > 0.51:
             np.testing.assert_allclose(view, crop[:, ::-1], atol=0.51)
             flipped += 1
