@@ -34,11 +34,14 @@ def knn_predict(features, bank, bank_labels, num_classes, k=200, t=0.1):
     return ops.sum(votes * weights, axis=1)  # N x classes
 
 
-def embed(encoder, images, batch_size=512):
-    """L2-normalized `encoder` outputs of `images`, in inference mode."""
+def embed(encoder, images, batch_size=512, normalize=True):
+    """`encoder` outputs of `images` in inference mode, L2-normalized unless
+    `normalize` is False."""
     # `predict` runs compiled and without gradient tracking on each backend.
     features = encoder.predict(images, batch_size=batch_size, verbose=0)
     features = np.asarray(features, np.float32)
+    if not normalize:
+        return features
     norms = np.linalg.norm(features, axis=1, keepdims=True)
     return features / np.maximum(norms, 1e-12)
 

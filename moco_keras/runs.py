@@ -178,6 +178,10 @@ def check_pretraining(config):
     )
     check(config["moco_t"] > 0, f"--moco_t must be > 0: {config['moco_t']}")
     check(
+        0 < config["crop_min"] <= 1,
+        f"--crop_min is an area fraction in (0, 1]: {config['crop_min']}",
+    )
+    check(
         config["arch"] != "cifar_resnet18" or config["image_size"] <= 64,
         "--arch=cifar_resnet18 has the CIFAR stem (no downsampling): use it "
         f"with small images (--image_size <= 64), not {config['image_size']}.",
@@ -481,6 +485,7 @@ def augmentation_config(config):
         "mean": mean,
         "std": std,
         "antialias": config["antialias"],
+        "scale": (config["crop_min"], 1.0),
     }
     if config["aug_plus"] and not config["blur"]:
         overrides["blur_p"] = 0.0
@@ -704,8 +709,10 @@ def knn_evaluation(
     Args:
         config: a pretraining config (its dataset, size, kNN values).
         encoders: `{name: model}`, each mapping evaluation views to
-            features (e.g. `moco.encoder_q`, or `moco` for the head's
-            embedding).
+            features (e.g. `moco.encoder_q`), or `{name: (backbone, head)}`:
+            the features of the entry named `backbone` (listed before it)
+            through `head` (e.g. `moco.head_q`, the MoCo embedding), which
+            spares a second pass of the images through the backbone.
         linear_probe_of: names of `encoders` to probe linearly too.
         linear_epochs: int, the linear probe's epochs.
 
@@ -718,10 +725,25 @@ def knn_evaluation(
     bank, bank_labels, source = evaluation_arrays(config, "train", bank_limit)
     test, test_labels, _ = evaluation_arrays(config, "val", test_limit)
     classes = len(source.class_names)
-    scores = {}
+    scores, raw = {}, {}
     for name, encoder in encoders.items():
-        bank_features = knn.embed(encoder, bank)
-        test_features = knn.embed(encoder, test)
+        if isinstance(encoder, tuple):
+            backbone, head = encoder
+            check(
+                backbone in raw,
+                f"knn_evaluation: {name!r} takes the features of "
+                f"{backbone!r}, which is not an encoder listed before it.",
+            )
+            raw[name] = [
+                knn.embed(head, x, normalize=False) for x in raw[backbone]
+            ]
+        else:
+            raw[name] = [
+                knn.embed(encoder, x, normalize=False) for x in (bank, test)
+            ]
+        bank_features, test_features = (
+            knn.flatten_normalize(x) for x in raw[name]
+        )
         scores[name] = 100 * knn.knn_accuracy(
             bank_features,
             bank_labels,

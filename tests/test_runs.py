@@ -36,6 +36,8 @@ def test_config_is_the_preset_with_overrides_and_refuses_unknown_keys():
         ({"workdir": None}, "--workdir is required"),
         ({"lr": float("nan")}, "--lr must be a finite number"),
         ({"arch": "cifar_resnet18"}, "with small images"),
+        ({"crop_min": 0.0}, "--crop_min is an area fraction"),
+        ({"crop_min": 1.5}, "--crop_min is an area fraction"),
     ],
 )
 def test_pretrain_flag_contradictions(overrides, message):
@@ -154,3 +156,45 @@ def test_linear_probe_separates_clusters_and_not_shuffled_labels():
     assert runs.linear_probe(shuffled, test, 3, epochs=5) < 60
     with pytest.raises(runs.ConfigError, match="epochs >= 1"):
         runs.linear_probe(train, test, 3, epochs=0)
+
+
+def test_crop_min_is_the_crops_smallest_area():
+    assert runs.augmentation_config(defaults())["scale"] == (0.2, 1.0)
+    config = defaults(crop_min=0.5, aug_plus=True, blur=False)
+    augmentation = runs.augmentation_config(config)
+    assert augmentation["scale"] == (0.5, 1.0)
+    assert augmentation["blur_p"] == 0.0
+
+
+def test_knn_evaluation_of_a_head_reuses_its_backbones_features(tmp_path):
+    from conftest import fake_fashion_mnist
+
+    fake_fashion_mnist(str(tmp_path), n_train=64, n_test=32)
+    config = recipe_defaults(
+        presets.PRETRAINING,
+        "quickstart",
+        data_dir=str(tmp_path),
+        image_size=28,
+        width=4,
+        moco_k=64,
+        batch_size=32,
+        bn_splits=2,
+        knn_k=10,
+    )
+    model = runs.build_moco(config, [], 1)
+    scores = runs.knn_evaluation(
+        config,
+        {
+            "backbone": model.encoder_q,
+            "head": ("backbone", model.head_q),
+            "model": model,
+        },
+        linear_probe_of=("head", "model"),
+        linear_epochs=1,
+    )
+    # The head on the backbone's features is the model's own embedding.
+    assert scores["head"] == scores["model"]
+    assert scores["head linear"] == scores["model linear"]
+    assert 0 <= scores["backbone"] <= 100
+    with pytest.raises(runs.ConfigError, match="'backbone', which is not"):
+        runs.knn_evaluation(config, {"head": ("backbone", model.head_q)})
