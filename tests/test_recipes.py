@@ -123,7 +123,7 @@ def test_smoke_run_writes_the_whole_workdir(smoke_run):
     flags = json.load(open(os.path.join(smoke_run, "flags.json")))
     # Given on the command line, in smoke.flags, and only in the preset.
     assert flags["moco_k"] == 128 and flags["width"] == 4
-    assert flags["preset"] == "quickstart" and flags["moco_t"] == 0.1
+    assert flags["preset"] == "quickstart" and flags["moco_t"] == 0.2
     assert flags["aug_plus"] and flags["mlp"] and not flags["blur"]
     assert "logtostderr" not in flags  # only the recipe's own flags
     steps = [
@@ -137,13 +137,13 @@ def test_smoke_run_writes_the_whole_workdir(smoke_run):
     results = json.load(open(os.path.join(smoke_run, "results.json")))
     assert results["checkpoint"].endswith("ckpt-000000008.keras")
     # TensorBoard: the epoch means, the steps' numbers and lr every 3 steps,
-    # and one grid of 8 view pairs of 32 x 32 crops.
+    # and one grid of 8 view pairs of 28 x 28 crops.
     events = tensorboard_events(os.path.join(smoke_run, "tensorboard", "train"))
     assert [step for step, _ in events["epoch_loss"]] == [0, 1]
     for tag in ("step/loss", "step/acc1", "step/lr"):
         assert [step for step, _ in events[tag]] == [3, 6], tag
     assert 0 < events["step/lr"][0][1] <= flags["lr"]
-    assert events["views/pairs"] == [(0, (8 * 32, 2 * 32))]
+    assert events["views/pairs"] == [(0, (8 * 28, 2 * 28))]
 
 
 @pytest.mark.process
@@ -407,6 +407,7 @@ MOCOV1 = {
     "mlp": False,
     "aug_plus": False,
     "blur": True,
+    "crop_min": 0.2,
     "bn_splits": 8,
     "width": 64,
     "train_limit": 0,

@@ -41,6 +41,12 @@ flags.DEFINE_bool("aug_plus", None, "MoCo v2's augmentation (blur etc.).")
 flags.DEFINE_bool(
     "blur", None, "With --aug_plus: the Gaussian blur (off for tiny images)."
 )
+flags.DEFINE_float(
+    "crop_min",
+    None,
+    "The random crop's smallest area fraction of the image (the papers' "
+    "0.2); milder for tiny images.",
+)
 flags.DEFINE_bool(
     "color_in_model",
     RUN_DEFAULTS["color_in_model"],
