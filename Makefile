@@ -50,7 +50,7 @@ lint: venv
 	$(BIN)/ruff check moco_keras tests bench
 	$(BIN)/ruff format --check moco_keras tests bench
 
-# The main job: MoCo v2 on Fashion-MNIST, then kNN accuracy (~10 min, 2 cores).
+# The main job: MoCo v2 on Fashion-MNIST, then kNN accuracy (~8 min on 2 cores).
 demo: venv fashion-mnist
 	KERAS_BACKEND=$(DEMO_BACKEND) $(BIN)/python -m moco_keras.recipes.quickstart \
 	  --workdir=runs/quickstart $(DEMO_ARGS)

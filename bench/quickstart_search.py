@@ -1,6 +1,7 @@
 r"""The quick start's hyper-parameter search: kNN top-1 against minutes.
 
-    python bench/quickstart_search.py --trials=base,crop50 \
+    python bench/quickstart_search.py \
+        --trials=s28-e3n16,r18-s28-e5n60-crop50-t20 \
         --out=bench/results/quickstart_search.csv
 
 Each trial is the quick start's preset as it was before this search
