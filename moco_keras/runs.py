@@ -59,6 +59,33 @@ RUN_DEFAULTS = {
     "val_limit": 0,
 }
 
+# The config keys whose value may differ when a workdir is run again: how
+# long the run goes on (`epochs`, so a finished run can be extended), what
+# it prints, logs and keeps, how the step is compiled, and where the same
+# data lies. Every other key changes the model, the data or the optimizer's
+# state, and `check_resume` refuses a rerun that changes it.
+RESUMABLE = (
+    "epochs",
+    "workdir",
+    "data_dir",
+    "verbose",
+    "log_every_steps",
+    "checkpoint_steps",
+    "keep_checkpoints",
+    "keep_every_epochs",
+    "jit_compile",
+    "deterministic",
+    "knn_every",
+    "knn_bank",
+    "knn_test",
+    "knn_k",
+    "knn_t",
+)
+
+# The smallest crop the recipes take: 8 x 8 pixels (Fashion-MNIST's 28 is
+# the smallest any preset uses).
+MIN_IMAGE_SIZE = 8
+
 
 class ConfigError(ValueError):
     """A config that cannot run (contradictory values, missing data): the
@@ -148,6 +175,12 @@ def check_common(config):
     check(
         0 < config["crop_fraction"] <= 1,
         f"--crop_fraction must be in (0, 1]: {config['crop_fraction']}",
+    )
+    check(
+        config["image_size"] >= MIN_IMAGE_SIZE,
+        f"--image_size={config['image_size']} is the side of the crops in "
+        f"pixels: it must be >= {MIN_IMAGE_SIZE} (224 for ImageNet, 28 for "
+        "Fashion-MNIST).",
     )
     return milestones
 
@@ -332,6 +365,49 @@ def jit_compile(config):
     return keras.backend.backend() == "jax" or bool(config["jit_compile"])
 
 
+def check_resume(config):
+    """Refuses a rerun of a workdir with values its run did not start with.
+
+    A workdir that holds a checkpoint resumes from it; its `flags.json`
+    holds the values the run started with. Any difference outside
+    `RESUMABLE` would load a checkpoint into another model (a queue of
+    another size: a Keras load error) or go on with other data or another
+    optimizer, so it raises `ConfigError` naming each differing key with
+    both values, before anything is loaded.
+    """
+    from moco_keras import training
+
+    workdir = config["workdir"]
+    path = os.path.join(workdir, "flags.json")
+    checkpoint, _ = training.latest_checkpoint(
+        os.path.join(workdir, "checkpoints")
+    )
+    if checkpoint is None or not os.path.isfile(path):
+        return
+    with open(path) as f:
+        stored = json.load(f)
+    # Compared as they are stored: a tuple is a JSON list.
+    current = json.loads(json.dumps(config))
+    changed = [
+        f"--{key}: {stored[key]!r} in its flags.json, {current[key]!r} now"
+        for key in sorted(stored.keys() & current.keys())
+        if key not in RESUMABLE
+        and key != "preset"  # a name: its values are compared one by one
+        and stored[key] != current[key]
+    ]
+    check(
+        not changed,
+        f"--workdir={workdir} holds a run that started with other values, "
+        f"and it resumes from {checkpoint}:\n  "
+        + "\n  ".join(changed)
+        + "\nThese change the model, the data or the optimizer's state. Give "
+        "the run's own values to resume it, or a new --workdir to start "
+        "another run. A resumed run may change only: "
+        + ", ".join(f"--{key}" for key in RESUMABLE)
+        + ".",
+    )
+
+
 def write_json_atomically(path, payload):
     temporary = path + ".tmp"
     with open(temporary, "w") as f:
@@ -350,6 +426,7 @@ def set_up(config):
 
     from moco_keras import distribute
 
+    check_resume(config)
     try:
         strategy = distribute.make_strategy(
             config["strategy"], cpu_devices=config["cpu_devices"]

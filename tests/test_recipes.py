@@ -186,6 +186,36 @@ def test_killed_run_resumes_to_the_same_weights(smoke_run, tmp_path):
 
 @pytest.mark.process
 @pytest.mark.backends("tensorflow")
+def test_rerun_with_other_values_stops_and_more_epochs_resume(
+    smoke_run, tmp_path
+):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(smoke_run, workdir)
+    refused = run_recipe(
+        "pretrain",
+        *SMOKE,
+        "--moco_k=256",
+        "--width=8",
+        f"--workdir={workdir}",
+        check=False,
+    )
+    assert refused.returncode != 0
+    assert "--moco_k: 128 in its flags.json, 256 now" in refused.stderr
+    assert "--width: 4 in its flags.json, 8 now" in refused.stderr
+    assert "Traceback" not in refused.stderr + refused.stdout
+    assert json.load(open(f"{workdir}/flags.json"))["moco_k"] == 128
+    # One more epoch (4 steps) from the finished run's step 8.
+    resumed = run_recipe(
+        "pretrain", *SMOKE, "--epochs=3", f"--workdir={workdir}"
+    )
+    assert "global step 8" in resumed.stdout
+    steps = [s for s, _ in training.list_checkpoints(f"{workdir}/checkpoints")]
+    assert steps[-1] == 12
+    assert json.load(open(f"{workdir}/flags.json"))["epochs"] == 3
+
+
+@pytest.mark.process
+@pytest.mark.backends("tensorflow")
 def test_lincls_fast_path_agrees_with_the_full_path(smoke_run, tmp_path):
     common_args = [
         "--flagfile=recipes/lincls_smoke.flags",
@@ -360,8 +390,10 @@ def test_a_missing_or_empty_data_dir_ends_with_its_message(tmp_path):
     assert "ROOT/train/n01440764/" in result.stderr  # the expected layout
     assert "Traceback" not in result.stderr + result.stdout
     os.makedirs(tmp_path / "empty" / "train")
+    os.makedirs(tmp_path / "no_images" / "train" / "n01440764")
     for path, message in (
         (tmp_path / "empty", "has no class sub-folders"),
+        (tmp_path / "no_images", "class folder.s. of .*train.*hold no image"),
         (tmp_path / "nowhere", "No data directory at"),
     ):
         with pytest.raises(runs.ConfigError, match=message):
@@ -387,7 +419,8 @@ def flagfile_values(recipe, flagfile):
     return {**defaults(recipe.PRESETS, preset), **given}
 
 
-# The ImageNet recipes against DESIGN.md (the papers and the official code).
+# The ImageNet recipes against the papers (arXiv 1911.05722, 2003.04297) and
+# the official code (facebookresearch/moco `main_moco.py`, `main_lincls.py`).
 MOCOV1 = {
     "arch": "resnet50",
     "dataset": "folder",

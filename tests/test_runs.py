@@ -3,6 +3,8 @@ config, the pieces of a run, linear classification's backbone handling.
 The runs themselves run in fresh processes in tests/test_recipes.py (the
 recipes are their command lines)."""
 
+import os
+
 import keras
 import numpy as np
 import pytest
@@ -38,11 +40,37 @@ def test_config_is_the_preset_with_overrides_and_refuses_unknown_keys():
         ({"arch": "cifar_resnet18"}, "with small images"),
         ({"crop_min": 0.0}, "--crop_min is an area fraction"),
         ({"crop_min": 1.5}, "--crop_min is an area fraction"),
+        ({"image_size": 0}, "--image_size=0 is the side of the crops"),
+        ({"image_size": -224}, "must be >= 8"),
     ],
 )
 def test_pretrain_flag_contradictions(overrides, message):
     with pytest.raises(runs.ConfigError, match=message):
         runs.check_pretraining(defaults(**overrides))
+
+
+def test_rerun_of_a_workdir_refuses_changed_values(tmp_path):
+    """A workdir with a checkpoint resumes only with its own values; the
+    ones of `RESUMABLE` (e.g. `epochs`) may change."""
+    import json
+
+    config = defaults(workdir=str(tmp_path), moco_k=256, width=16)
+    runs.check_resume(config)  # a new workdir
+    runs.write_json_atomically(str(tmp_path / "flags.json"), config)
+    runs.check_resume({**config, "moco_k": 512})  # no checkpoint yet
+    os.makedirs(tmp_path / "checkpoints")
+    (tmp_path / "checkpoints" / "ckpt-000000004.keras").write_bytes(b"")
+    runs.check_resume(json.loads(json.dumps(config)))
+    runs.check_resume({**config, "epochs": 400, "verbose": "2"})
+    with pytest.raises(runs.ConfigError) as error:
+        runs.check_resume({**config, "moco_k": 512, "width": 64, "epochs": 9})
+    message = str(error.value)
+    assert "--moco_k: 256 in its flags.json, 512 now" in message
+    assert "--width: 16 in its flags.json, 64 now" in message
+    assert "--epochs:" not in message  # resumable
+    assert "ckpt-000000004.keras" in message and "a new --workdir" in message
+    for key in runs.RESUMABLE:
+        assert f"--{key}" in message
 
 
 def test_strategy_of_another_backend_is_refused():
