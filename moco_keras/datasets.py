@@ -197,22 +197,36 @@ def list_image_folder(root):
         raise ValueError(
             f"{root!r} has no class sub-folders.\n{_FOLDER_LAYOUT}"
         )
-    paths, labels, empty = [], [], []
+    paths, labels, empty, others = [], [], [], {}
     for label, name in enumerate(class_names):
-        files = sorted(
-            os.path.join(dirpath, f)
-            for dirpath, _, filenames in os.walk(os.path.join(root, name))
-            for f in filenames
-            if f.lower().endswith(IMAGE_EXTENSIONS)
-        )
+        files = []
+        for dirpath, _, filenames in os.walk(os.path.join(root, name)):
+            for f in filenames:
+                if f.lower().endswith(IMAGE_EXTENSIONS):
+                    files.append(os.path.join(dirpath, f))
+                else:
+                    extension = os.path.splitext(f)[1] or "(none)"
+                    others[extension] = others.get(extension, 0) + 1
         if not files:
             empty.append(name)
-        paths.extend(files)
+        paths.extend(sorted(files))
         labels.extend([label] * len(files))
     if not paths:
+        shown = ", ".join(repr(n) for n in class_names[:5])
+        more = (
+            f" and {len(class_names) - 5} more" if len(class_names) > 5 else ""
+        )
+        found = (
+            "they hold "
+            + ", ".join(f"{n} file(s) {e}" for e, n in sorted(others.items()))
+            if others
+            else "they hold no file at all"
+        )
         raise ValueError(
-            f"{root!r} has class folders but no image files with the "
-            f"extensions {IMAGE_EXTENSIONS}.\n{_FOLDER_LAYOUT}"
+            f"The {len(class_names)} class folder(s) of {root!r} ({shown}"
+            f"{more}) hold no image file: {found}. Images are files named "
+            f"*{', *'.join(IMAGE_EXTENSIONS)} (any case), in "
+            f"{os.path.join(root, '<class>')}/ or below it."
         )
     if empty:
         # Kept in the class index so that labels stay those of the folders.

@@ -136,8 +136,18 @@ def test_missing_or_empty_folders_say_what_is_expected(tmp_path):
     with pytest.raises(ValueError, match="no class sub-folders"):
         datasets.image_folder(str(tmp_path))
     os.makedirs(tmp_path / "cls")
-    with pytest.raises(ValueError, match="no image files"):
+    with pytest.raises(ValueError, match="they hold no file at all"):
         datasets.image_folder(str(tmp_path))
+    (tmp_path / "cls" / "notes.txt").write_text("not an image")
+    (tmp_path / "cls" / "README").write_text("not an image")
+    with pytest.raises(ValueError) as error:
+        datasets.image_folder(str(tmp_path))
+    # The cause (what the class folders hold), not the advice for a root
+    # passed in place of ROOT/train.
+    message = str(error.value)
+    assert "class folder(s) of" in message and "'cls'" in message
+    assert "1 file(s) (none), 1 file(s) .txt" in message
+    assert "Pass ROOT/train" not in message
 
 
 def test_fashion_mnist_idx_files(tmp_path):
