@@ -105,7 +105,12 @@ def test_learning_benchmark_smoke(tmp_path):
         # (8.3) while the encoder has not learnt.
         for entry in epochs[1:]:
             assert 0 < entry["loss"] < 9.0
-        assert record["images_per_s"] > 0
+        # The speed is the images of the epoch's whole batches over the
+        # training time, which excludes the evaluations.
+        batch = result["protocol"]["batch_size"]
+        images = record["images_per_s"] * record["train_seconds"]
+        assert images == pytest.approx(512 // batch * batch)
+        assert 0 < record["train_seconds"] < record["wall_seconds"]
         assert record["peak_mib"] > 100
         # The kNN of a random CIFAR ResNet on Fashion-MNIST is far above
         # chance: a broken evaluation (labels misaligned) would not be.
@@ -187,10 +192,18 @@ def test_gpu_benchmark_tiny(tmp_path, backend):
         # The papers' batch and the largest, each with a positive speed.
         assert [int(r[1]) for r in found] == [4, 8], table
         for row in found:
-            assert float(row[2]) > 0 and float(row[5].split()[0]) > 0, table
+            # pairs/s is the batch over the step time, as printed.
+            batch, rate, step_ms = (float(row[i]) for i in (1, 2, 3))
+            assert rate == pytest.approx(1000 * batch / step_ms, rel=0.02)
+            assert float(row[5].split()[0]) > 0, table
     if backend == "torch":
-        # Keras' torch backend against plain PyTorch, same precision.
-        assert all(float(r[4]) > 0 for r in steps["torch-fp32"]), table
+        # Keras' torch backend against plain PyTorch, same precision: the
+        # ratio of the two rows' pairs/s.
+        for ours, plain in zip(
+            steps["torch-fp32"], steps["torch-plain-fp32"], strict=True
+        ):
+            ratio = float(ours[2]) / float(plain[2])
+            assert float(ours[4]) == pytest.approx(ratio, abs=0.01), table
     if pipeline:
         assert "| split path, CPU half |" in table, table
         assert "| split path, CPU half, --noantialias |" in table, table

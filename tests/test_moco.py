@@ -585,7 +585,7 @@ loader = torch.utils.data.DataLoader(
     torch.utils.data.TensorDataset(*tensors), batch_size=8
 )
 encoder = encoders.cifar_resnet18(width=2, bn_splits=2, input_shape=(8, 8, 3))
-model = MoCo(encoder, dim=8, queue_size=16, seed=0)
+model = MoCo(encoder, dim=8, queue_size=40, seed=0)
 model.compile(optimizer=keras.optimizers.SGD(0.1))
 for data in ((views[0], views[1]), (Pairs(),), (loader,)):
     model.fit(*data, batch_size=8 if len(data) == 2 else None, verbose=0)
@@ -608,5 +608,6 @@ def test_fit_runs_without_tensorflow():
         env={**os.environ, "PYTHONPATH": ROOT},
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    # 3 fits of 2 steps; 6 batches of 8 keys through a queue of 16.
-    assert result.stdout.split()[-4:] == ["steps", "6", "ptr", "0"]
+    # 3 fits of 2 steps; 6 batches of 8 keys through a queue of 40 (a
+    # pointer that never moved would be 0).
+    assert result.stdout.split()[-4:] == ["steps", "6", "ptr", "8"]

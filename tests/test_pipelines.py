@@ -66,7 +66,8 @@ def test_fit_on_two_view_pipeline(tmp_path):
     fake_fashion_mnist(str(tmp_path), n_train=32, n_test=4)
     source = datasets.fashion_mnist("train", str(tmp_path))
     pairs = pipelines.two_view_dataset(source, SMALL, batch_size=8, seed=0)
-    model = make_moco(conv_bn_encoder(bn_splits=2, size=16), queue_size=16)
+    model = make_moco(conv_bn_encoder(bn_splits=2, size=16), queue_size=24)
     history = model.fit(pairs, epochs=2, verbose=0, shuffle=False)
     assert np.all(np.isfinite(history.history["loss"]))
-    assert int(keras.ops.convert_to_numpy(model.queue_ptr.value)) == 64 % 16
+    # 2 epochs of 4 batches of 8 keys: 64 keys through a queue of 24.
+    assert int(keras.ops.convert_to_numpy(model.queue_ptr.value)) == 16
