@@ -4,9 +4,9 @@ r"""The quick start's hyper-parameter search: kNN top-1 against minutes.
         --trials=s28-e3n16,r18-s28-e5n60-crop50-t20 \
         --out=bench/results/quickstart_search.csv
 
-Each trial is the quick start's preset as it was before this search
-(`learning.QUICKSTART`, frozen for the learning benchmark; `make demo` now
-runs the winner) with a few values changed (`TRIALS`),
+Each trial is the `fmnist_moco_v2` preset (`learning.QUICKSTART`;
+`make demo` runs the winner, the `quickstart` preset) with a few values
+changed (`TRIALS`),
 run in a process of its own: `runs.pretrain` into a fresh workdir, then the
 kNN top-1 of its trained backbone as `make demo` scores it (k 200, t 0.1,
 the 60k training images as the bank, the 10k test images). One row a trial

@@ -42,6 +42,8 @@ import numpy as np
 from moco_keras import color
 from moco_keras import encoders
 from moco_keras.moco import MoCo
+from moco_keras.presets import MOCOV1
+from moco_keras.presets import MOCOV2
 
 # Input normalization of each source, (mean, std) on [0, 1] pixels.
 NORMALIZATION = {
@@ -402,8 +404,8 @@ def convert(path, bn_splits=1, input_shape=(None, None, 3)):
             dim=dim,
             mlp=mlp,
             queue_size=queue_size,
-            # Not in the checkpoints: the paper's values for v1 and v2.
-            temperature=0.2 if mlp else 0.07,
+            # Not in the checkpoints: the paper's value for v1 or v2.
+            temperature=(MOCOV2 if mlp else MOCOV1)["temperature"],
         )
         for side in ("q", "k"):
             if source == "pytorch":

@@ -18,8 +18,8 @@ flags.DEFINE_string(
     "preset",
     None,
     "The run's preset in moco_keras.presets: pretrain: mocov1 (default), "
-    "mocov2, quickstart; lincls: imagenet (default). Flags given replace "
-    "its values.",
+    "mocov2, quickstart, fmnist_moco_v2; lincls: imagenet (default). Flags "
+    "given replace its values.",
 )
 flags.DEFINE_string("workdir", None, "Where checkpoints and logs go.")
 flags.DEFINE_string(
