@@ -191,6 +191,7 @@ def keras_step_fn(
     size = spec["size"]
     if model_name == "resnet50":
         encoder = encoders.resnet50(
+            width=spec["width"],
             bn_splits=spec["splits"],
             input_shape=(size, size, 3),
             data_format=data_format,

@@ -37,6 +37,10 @@ import pytest  # noqa: E402
 from moco_keras import MoCo  # noqa: E402
 from moco_keras import SplitBatchNormalization  # noqa: E402
 
+# Programs the process tests start (`python tests/scripts/NAME.py`), not
+# modules for pytest to import: one blocks TensorFlow's import at its top.
+collect_ignore = ["scripts"]
+
 
 def pytest_collection_modifyitems(config, items):
     backend = keras.backend.backend()

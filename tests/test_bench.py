@@ -192,9 +192,10 @@ def test_gpu_benchmark_tiny(tmp_path, backend):
         # The papers' batch and the largest, each with a positive speed.
         assert [int(r[1]) for r in found] == [4, 8], table
         for row in found:
-            # pairs/s is the batch over the step time, as printed.
+            # pairs/s is the batch over the step time, as printed (to 0.1).
             batch, rate, step_ms = (float(row[i]) for i in (1, 2, 3))
-            assert rate == pytest.approx(1000 * batch / step_ms, rel=0.02)
+            expected = 1000 * batch / step_ms
+            assert rate == pytest.approx(expected, rel=0.01, abs=0.06), table
             assert float(row[5].split()[0]) > 0, table
     if backend == "torch":
         # Keras' torch backend against plain PyTorch, same precision: the

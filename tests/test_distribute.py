@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 
 import keras
@@ -22,119 +21,12 @@ from moco_keras import distribute
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-MIRRORED = textwrap.dedent(
-    """
-    import json, sys
-    import numpy as np
-    import tensorflow as tf
-
-    import keras
-    from conftest import conv_bn_encoder
-    from keras import ops
-    from moco_keras import MoCo, distribute, moco, optimizers
-
-    strategy = distribute.make_strategy("mirrored", cpu_devices=4)
-
-    def build(bn_splits):
-        keras.utils.set_random_seed(0)
-        encoder = conv_bn_encoder(bn_splits, size=16)
-        model = MoCo(encoder, dim=8, queue_size=64, mlp=True, seed=1)
-        model.compile(optimizer=optimizers.SGD(0.03, momentum=0.9,
-                                               weight_decay=1e-4))
-        return model
-
-    def diff(a, b):
-        return float(np.max(np.abs(
-            ops.convert_to_numpy(a) - ops.convert_to_numpy(b))))
-
-    rng = np.random.default_rng(0)
-    views = rng.normal(size=(2, 3 * 16, 16, 16, 3)).astype("float32")
-    single = build(bn_splits=4)
-    with strategy.scope():
-        mirrored = build(bn_splits=1)
-    results = []
-    # One step, then two more: the same global batches for both models.
-    for first, last in ((0, 16), (16, 48)):
-        pairs = tf.data.Dataset.from_tensor_slices(
-            (views[0, first:last], views[1, first:last])
-        ).batch(16)
-        single_loss = single.fit(pairs, verbose=0).history["loss"][0]
-        mirrored_loss = mirrored.fit(pairs, verbose=0).history["loss"][0]
-        replicas = mirrored.queue.value.values
-        results.append({
-            "replicas": strategy.num_replicas_in_sync,
-            "loss": [single_loss, mirrored_loss],
-            "queue": diff(single.queue, mirrored.queue),
-            "ptr": [int(single.queue_ptr.numpy()),
-                    int(mirrored.queue_ptr.numpy())],
-            "weights": {
-                w.path: diff(w, v)
-                for w, v in zip(single.weights, mirrored.weights, strict=True)
-            },
-            "replica_queues": max(diff(q, replicas[0]) for q in replicas),
-            "replica_ptrs": sorted({
-                int(p.numpy()) for p in mirrored.queue_ptr.value.values
-            }),
-        })
-
-    # Colour ops in the model: every image of the global batch draws its
-    # own, as on one device, though every replica holds the same seed state.
-    from moco_keras import color
-
-    def colour_layer():
-        return color.ColorAugmentation(
-            jitter_p=1.0, grayscale_p=0.0, blur_p=0.0, seed=5
-        )
-
-    with strategy.scope():
-        colour = colour_layer()
-    image = rng.integers(0, 256, (8, 8, 3)).astype("uint8")
-    same = np.broadcast_to(image, (16, 8, 8, 3)).copy()  # 4 per replica
-
-    def per_replica(function, array):
-        batches = strategy.experimental_distribute_dataset(
-            tf.data.Dataset.from_tensor_slices(array).batch(16)
-        )
-        out = strategy.run(tf.function(function), args=(next(iter(batches)),))
-        return [
-            np.concatenate([t.numpy() for t in
-                            strategy.experimental_local_results(part)])
-            for part in (out if isinstance(out, tuple) else (out,))
-        ]
-
-    (views,) = per_replica(lambda x: colour(x, training=True), same)
-    alone = ops.convert_to_numpy(colour_layer()(same, training=True))
-    # The key shuffle: one permutation for all replicas. Keys = the images'
-    # row numbers; each replica gets back its own rows and the global
-    # batch's, in order, only if every replica drew the same permutation.
-    with strategy.scope():
-        generator = keras.random.SeedGenerator(7)
-    rows = np.broadcast_to(
-        np.arange(16, dtype="float32")[:, None, None, None], (16, 2, 2, 3)
-    ).copy()
-
-    def keys(x):
-        context = tf.distribute.get_replica_context()
-        return moco.shuffled_keys(
-            x, lambda v: tf.reshape(v, (-1, 12))[:, :1], generator, context
-        )
-
-    local_keys, global_keys = per_replica(keys, rows)
-    results.append({
-        "distinct_views": len({v.round(4).tobytes() for v in views}),
-        "views_vs_one_device": float(np.max(np.abs(views - alone))),
-        "local_keys": local_keys[:, 0].tolist(),
-        "global_keys": global_keys[:, 0].tolist(),
-    })
-    print(json.dumps(results))
-    """
-)
-
 
 def run_script(script, **env):
-    """Runs `script` in a fresh Python; the JSON of its last output line."""
+    """Runs `tests/scripts/<script>` in a fresh Python; the JSON of its last
+    output line."""
     out = subprocess.run(
-        [sys.executable, "-c", script],
+        [sys.executable, os.path.join(ROOT, "tests", "scripts", script)],
         env={
             **os.environ,
             "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]),
@@ -152,7 +44,7 @@ def run_script(script, **env):
 @pytest.fixture(scope="module")
 def mirrored():
     """[after one step, after three]: single device against 4 replicas."""
-    return run_script(MIRRORED, KERAS_BACKEND="tensorflow")
+    return run_script("mirrored_step.py", KERAS_BACKEND="tensorflow")
 
 
 @pytest.mark.slow
@@ -203,103 +95,6 @@ def test_mirrored_replicas_keep_one_queue(mirrored):
     assert result["weights"][worst] < 1e-4, worst
 
 
-DATA_PARALLEL = textwrap.dedent(
-    """
-    import json
-    import jax
-    import numpy as np
-    import keras
-    from conftest import conv_bn_encoder
-    from keras import ops
-    from moco_keras import MoCo, distribute, optimizers
-
-    def build():
-        keras.utils.set_random_seed(0)
-        encoder = conv_bn_encoder(bn_splits=4, size=16)
-        model = MoCo(encoder, dim=8, queue_size=64, mlp=True, seed=1)
-        model.compile(optimizer=optimizers.SGD(0.03, momentum=0.9,
-                                               weight_decay=1e-4))
-        return model
-
-    def fit(model, views):
-        return model.fit(
-            views[0], views[1], batch_size=16, shuffle=False, verbose=0
-        ).history["loss"]
-
-    rng = np.random.default_rng(0)
-    views = rng.normal(size=(2, 48, 16, 16, 3)).astype("float32")
-    single = build()
-    single_losses = fit(single, views)
-    distribute.make_strategy("data_parallel")
-    parallel = build()
-    parallel_losses = fit(parallel, views)
-    queue = parallel.queue.value
-
-    # The BN groups are the device shards: the global batch lies on the 4
-    # devices in 4 blocks of rows, and split BN's 4 groups are those blocks.
-    # Rows of device d hold values around 10 * d: normalized per shard,
-    # each shard has mean 0; with one BN group over the global batch, or
-    # groups across the shards, they would not.
-    from moco_keras import SplitBatchNormalization, color
-    distribution = keras.distribution.distribution()
-    offsets = np.repeat(10.0 * np.arange(4), 4)[:, None, None, None]
-    x = (rng.normal(size=(16, 4, 4, 2)) + offsets).astype("float32")
-    x = keras.distribution.distribute_tensor(
-        x, distribution.get_data_layout(x.shape)
-    )
-    bn = SplitBatchNormalization(num_splits=4, center=False, scale=False)
-    normalized = bn(x, training=True)
-    shards = {
-        shard.device.id: (shard.index[0].start, shard.index[0].stop,
-                          float(np.abs(np.asarray(shard.data).mean()).max()))
-        for shard in normalized.addressable_shards
-    }
-
-    # Colour ops in the model: the step runs on the global batch, every
-    # image draws its own (16 copies of one image give 16 views).
-    class Record(keras.layers.Layer):
-        def build(self, shape):
-            self.seen = self.add_weight(
-                shape=(16, *shape[1:]), initializer="zeros", trainable=False
-            )
-
-        def call(self, inputs, training=False):
-            if training:
-                self.seen.assign(inputs)
-            return inputs
-
-    inputs = keras.Input((8, 8, 3))
-    recorded = keras.layers.Flatten()(Record(name="record")(inputs))
-    encoder = keras.Model(inputs, keras.layers.Dense(4)(recorded))
-    colour = color.ColorAugmentation(jitter_p=1.0, grayscale_p=0.0,
-                                      blur_p=0.0, seed=5)
-    model = MoCo(encoder, dim=4, queue_size=16, augmentation=colour, seed=1)
-    model.compile(optimizer=optimizers.SGD(0.03, momentum=0.9))
-    same = np.broadcast_to(rng.integers(0, 256, (8, 8, 3)), (16, 8, 8, 3))
-    same = same.astype("uint8")
-    model.fit(same, same, batch_size=16, shuffle=False, verbose=0)
-    seen = ops.convert_to_numpy(model.encoder_q.get_layer("record").seen)
-
-    print(json.dumps({
-        "shards": shards,
-        "distinct_views": len({v.round(4).tobytes() for v in seen}),
-        "devices": len(jax.devices()),
-        "mesh": distribute.device_count(),
-        "queue_devices": len(queue.sharding.device_set),
-        "loss": [single_losses, parallel_losses],
-        "ptr": [int(single.queue_ptr.numpy()), int(parallel.queue_ptr.numpy())],
-        "queue": float(np.max(np.abs(
-            ops.convert_to_numpy(single.queue) - ops.convert_to_numpy(queue)))),
-        "weights": {
-            w.path: float(np.max(np.abs(
-                ops.convert_to_numpy(w) - ops.convert_to_numpy(v))))
-            for w, v in zip(single.weights, parallel.weights, strict=True)
-        },
-    }))
-    """
-)
-
-
 @pytest.mark.slow
 @pytest.mark.process
 @pytest.mark.backends("jax")
@@ -307,7 +102,7 @@ def test_data_parallel_matches_split_bn_on_one_device():
     """JAX over 4 devices: the split-BN groups are the device shards, so the
     sharded program is shuffle BN, and equals the one-device computation."""
     result = run_script(
-        DATA_PARALLEL,
+        "data_parallel_step.py",
         KERAS_BACKEND="jax",
         XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
         "--xla_force_host_platform_device_count=4",

@@ -27,17 +27,6 @@ from moco_keras import training
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGES = np.random.default_rng(0).integers(0, 256, (3, 45, 60, 3), "uint8")
 
-LOAD = """
-import json, sys
-import numpy as np
-import tensorflow as tf
-extractor = tf.saved_model.load(sys.argv[1])
-images = tf.constant(np.load(sys.argv[2]))
-features = extractor.signatures["serving_default"](images=images)["features"]
-np.save(sys.argv[3], features.numpy())
-print(json.dumps(sorted(m for m in sys.modules if m.startswith("moco_keras"))))
-"""
-
 
 def expected_features(backbone, size, mean, std, crop_fraction):
     views = np.stack(
@@ -62,8 +51,7 @@ def export_and_load(tmp_path, pretrained, *flags):
     loaded = subprocess.run(
         [
             sys.executable,
-            "-c",
-            LOAD,
+            os.path.join(ROOT, "tests", "scripts", "load_export.py"),
             str(output),
             str(tmp_path / "images.npy"),
             str(tmp_path / "features.npy"),

@@ -559,48 +559,13 @@ def test_mixed_float16_scales_the_loss_and_trains(dtype_policy):
     assert all(moved)
 
 
-WITHOUT_TENSORFLOW = """
-import sys
-sys.modules["tensorflow"] = None  # `import tensorflow` raises ImportError
-import keras
-import numpy as np
-import torch
-import moco_keras
-from moco_keras import MoCo, encoders
-
-views = np.random.default_rng(0).random((2, 16, 8, 8, 3), "float32")
-
-
-class Pairs(keras.utils.PyDataset):
-    def __len__(self):
-        return 2
-
-    def __getitem__(self, index):
-        rows = slice(8 * index, 8 * index + 8)
-        return views[0, rows], views[1, rows]
-
-
-tensors = [torch.from_numpy(view) for view in views]
-loader = torch.utils.data.DataLoader(
-    torch.utils.data.TensorDataset(*tensors), batch_size=8
-)
-encoder = encoders.cifar_resnet18(width=2, bn_splits=2, input_shape=(8, 8, 3))
-model = MoCo(encoder, dim=8, queue_size=40, seed=0)
-model.compile(optimizer=keras.optimizers.SGD(0.1))
-for data in ((views[0], views[1]), (Pairs(),), (loader,)):
-    model.fit(*data, batch_size=8 if len(data) == 2 else None, verbose=0)
-steps = int(model.optimizer.iterations.numpy())
-print("steps", steps, "ptr", int(model.queue_ptr.numpy()))
-"""
-
-
 @pytest.mark.process
 @pytest.mark.backends("jax", "torch")
 def test_fit_runs_without_tensorflow():
     """What needs no TensorFlow on JAX and torch: the package, MoCo.fit on
     arrays, a keras.utils.PyDataset and a torch DataLoader."""
     result = subprocess.run(
-        [sys.executable, "-c", WITHOUT_TENSORFLOW],
+        [sys.executable, "tests/scripts/fit_without_tensorflow.py"],
         cwd=ROOT,
         capture_output=True,
         text=True,

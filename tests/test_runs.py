@@ -226,3 +226,14 @@ def test_knn_evaluation_of_a_head_reuses_its_backbones_features(tmp_path):
     assert 0 <= scores["backbone"] <= 100
     with pytest.raises(runs.ConfigError, match="'backbone', which is not"):
         runs.knn_evaluation(config, {"head": ("backbone", model.head_q)})
+
+
+def test_readme_lists_the_values_a_resume_may_change():
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    text = open(os.path.join(root, "README.md")).read()
+    paragraph = text[text.index("What may change on a resume") :]
+    paragraph = paragraph[: paragraph.index("\n\n")]
+    listed = re.findall(r"`--(\w+)`", paragraph)
+    assert sorted(listed) == sorted(runs.RESUMABLE)
