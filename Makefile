@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 BACKENDS ?= tensorflow jax torch
-PYTEST_ARGS ?=
+# The ten slowest tests of each backend close its report.
+PYTEST_ARGS ?= --durations=10
 # Test processes per backend (pytest-xdist), a file to each: on 2 cores two
 # of them overlap one's imports, process starts and waits with the other's
 # compute (the TF suite: 20.5 min in one, 11.8 in two, same machine and day;
