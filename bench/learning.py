@@ -33,9 +33,6 @@ import numpy as np
 
 from moco_keras import presets
 
-# bench/torch_moco.py, the official algorithm in plain PyTorch.
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 CONFIGS = ("torch-plain", "tensorflow", "jax", "torch")
 # The protocol "fmnist-moco-v2" (BENCHMARKS.md): the `fmnist_moco_v2`
 # preset for 8 epochs, on the first 20k training images (the subset the

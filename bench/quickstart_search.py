@@ -122,11 +122,9 @@ TRIALS = {
 def run_trial(name, workdir):
     """Pretrains and scores one trial in this process; its row as a dict."""
     import keras
+    import learning
 
     from moco_keras import runs
-
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import learning
 
     overrides = TRIALS[name]
     values = runs.config(

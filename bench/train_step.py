@@ -40,9 +40,6 @@ import time
 
 import numpy as np
 
-# bench/torch_moco.py, the official step in plain PyTorch, sits beside this.
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 MODELS = {
     "resnet50": dict(size=112, batch=32, queue=65536, splits=1, width=64),
     "cifar18": dict(size=32, batch=256, queue=4096, splits=8, width=16),

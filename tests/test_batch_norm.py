@@ -1,8 +1,8 @@
 import keras
 import numpy as np
 import pytest
-from conftest import random_images
-from conftest import run_serialization_test
+from support import random_images
+from support import run_serialization_test
 
 from moco_keras import SplitBatchNormalization
 

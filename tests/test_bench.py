@@ -9,19 +9,16 @@ under each backend.
 """
 
 import json
-import os
 import subprocess
 import sys
 
+# bench/ is on pytest's path (pyproject.toml), as on a script's of its own.
+import learning
 import numpy as np
 import pytest
+from support import ROOT
 
 from moco_keras import knn
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "bench"))
-
-import learning  # noqa: E402
 
 
 def _configs():

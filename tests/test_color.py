@@ -11,10 +11,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import dense_encoder
-from conftest import make_moco
-from conftest import run_serialization_test
 from keras import ops
+from support import dense_encoder
+from support import make_moco
+from support import run_serialization_test
 
 from moco_keras import augment
 from moco_keras import color

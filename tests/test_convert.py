@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 from absl import app
-from conftest import parsed_flags
-from conftest import run_module
+from support import parsed_flags
+from support import run_module
 from torch_checkpoints import TorchResNet
 from torch_checkpoints import classifier_head
 from torch_checkpoints import official_state

@@ -7,9 +7,9 @@ import os
 
 import numpy as np
 import pytest
-from conftest import fake_fashion_mnist
-from conftest import register_tfds_dataset
 from PIL import Image
+from support import fake_fashion_mnist
+from support import register_tfds_dataset
 
 from moco_keras import augment
 from moco_keras import datasets

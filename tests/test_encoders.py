@@ -1,7 +1,7 @@
 import keras
 import numpy as np
 import pytest
-from conftest import random_images
+from support import random_images
 
 from moco_keras import SplitBatchNormalization
 from moco_keras import encoders

@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import run_module
+from support import run_module
 from torch_checkpoints import TorchResNet
 from torch_checkpoints import classifier_head
 from torch_checkpoints import paddle_names

@@ -1,9 +1,9 @@
 import keras
 import numpy as np
 import pytest
-from conftest import conv_bn_encoder
-from conftest import make_moco
-from conftest import random_images
+from support import conv_bn_encoder
+from support import make_moco
+from support import random_images
 
 from moco_keras import knn
 

@@ -6,15 +6,15 @@ import sys
 import keras
 import numpy as np
 import pytest
-from conftest import ROOT
-from conftest import conv_bn_encoder
-from conftest import dense_encoder
-from conftest import make_moco
-from conftest import random_images
-from conftest import run_model_saving_test
-from conftest import run_serialization_test
-from conftest import snapshot
-from conftest import to_numpy
+from support import ROOT
+from support import conv_bn_encoder
+from support import dense_encoder
+from support import make_moco
+from support import random_images
+from support import run_model_saving_test
+from support import run_serialization_test
+from support import snapshot
+from support import to_numpy
 
 from moco_keras import MOCOV1
 from moco_keras import MOCOV2

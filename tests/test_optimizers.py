@@ -3,7 +3,7 @@ import math
 import keras
 import numpy as np
 import pytest
-from conftest import run_serialization_test
+from support import run_serialization_test
 
 from moco_keras import optimizers
 

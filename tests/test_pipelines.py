@@ -4,9 +4,9 @@ same seed and epoch, new views for a new epoch, worker shards, `fit`."""
 import keras
 import numpy as np
 import pytest
-from conftest import conv_bn_encoder
-from conftest import fake_fashion_mnist
-from conftest import make_moco
+from support import conv_bn_encoder
+from support import fake_fashion_mnist
+from support import make_moco
 
 from moco_keras import augment
 from moco_keras import datasets

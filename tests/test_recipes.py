@@ -18,11 +18,11 @@ import time
 import keras
 import numpy as np
 import pytest
-from conftest import fake_fashion_mnist
-from conftest import parsed_flags
-from conftest import recipe_defaults as defaults
-from conftest import tensorboard_events
 from PIL import Image
+from support import fake_fashion_mnist
+from support import parsed_flags
+from support import recipe_defaults as defaults
+from support import tensorboard_events
 
 from moco_keras import datasets
 from moco_keras import pipelines

@@ -8,7 +8,7 @@ import os
 import keras
 import numpy as np
 import pytest
-from conftest import recipe_defaults
+from support import recipe_defaults
 
 from moco_keras import presets
 from moco_keras import runs
@@ -115,8 +115,8 @@ def test_linear_classifier_starts_as_main_lincls():
 
 
 def test_backbone_check_reads_the_checkpoint_back(tmp_path):
-    from conftest import conv_bn_encoder
-    from conftest import make_moco
+    from support import conv_bn_encoder
+    from support import make_moco
 
     path = str(tmp_path / "ckpt-000000001.keras")
     make_moco(conv_bn_encoder(bn_splits=2)).save(path)
@@ -195,7 +195,7 @@ def test_crop_min_is_the_crops_smallest_area():
 
 
 def test_knn_evaluation_of_a_head_reuses_its_backbones_features(tmp_path):
-    from conftest import fake_fashion_mnist
+    from support import fake_fashion_mnist
 
     fake_fashion_mnist(str(tmp_path), n_train=64, n_test=32)
     config = recipe_defaults(

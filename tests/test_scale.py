@@ -15,9 +15,9 @@ import time
 
 import numpy as np
 import pytest
-from conftest import recipe_defaults
-from conftest import register_tfds_dataset
 from PIL import Image
+from support import recipe_defaults
+from support import register_tfds_dataset
 
 from moco_keras import augment
 from moco_keras import color

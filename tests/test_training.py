@@ -5,9 +5,9 @@ import os
 import keras
 import numpy as np
 import pytest
-from conftest import make_moco
-from conftest import random_images
-from conftest import tensorboard_events
+from support import make_moco
+from support import random_images
+from support import tensorboard_events
 
 from moco_keras import training
 

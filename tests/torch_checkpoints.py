@@ -4,19 +4,15 @@ ResNet layout (the residual blocks of the plain-PyTorch reference,
 `bench/torch_moco.py`) with random weights and BN statistics, and the
 files' formats."""
 
-import os
 import pickle
-import sys
 
 import torch
 from torch import nn
 
-sys.path.insert(
-    0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench")
-)
-
-from torch_moco import Basic  # noqa: E402
-from torch_moco import Bottleneck  # noqa: E402
+# bench/torch_moco.py, the official code's blocks (bench/ is on pytest's
+# path, pyproject.toml).
+from torch_moco import Basic
+from torch_moco import Bottleneck
 
 
 class TorchResNet(nn.Module):

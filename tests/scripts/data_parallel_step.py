@@ -6,8 +6,8 @@ import json
 import jax
 import keras
 import numpy as np
-from conftest import conv_bn_encoder
 from keras import ops
+from support import conv_bn_encoder
 
 from moco_keras import MoCo
 from moco_keras import distribute
