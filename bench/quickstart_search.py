@@ -124,6 +124,7 @@ def run_trial(name, workdir):
     import keras
     import learning
 
+    from moco_keras import evaluation
     from moco_keras import runs
 
     overrides = TRIALS[name]
@@ -138,7 +139,7 @@ def run_trial(name, workdir):
     pretrain_seconds = time.time() - started
     started = time.time()
     trained = keras.saving.load_model(run["checkpoint"])
-    scores = runs.knn_evaluation(values, {"trained": trained.encoder_q})
+    scores = evaluation.knn_evaluation(values, {"trained": trained.encoder_q})
     return {
         "trial": name,
         "values": json.dumps(overrides, sort_keys=True),

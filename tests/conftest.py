@@ -15,7 +15,10 @@ A test deselected under a backend is not skipped: `make test` runs it under
 its own.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # XLA's CPU compiler at LLVM -O0 under the JAX backend: the suite's programs
 # are tiny and run for a few steps, so compiling is most of their time, and
@@ -24,6 +27,18 @@ import os
 os.environ["XLA_FLAGS"] = (
     f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0"
 ).strip()
+
+# One persistent JAX compilation cache for the suite's run: its workers and
+# the processes they start inherit the folder, so a train step that several
+# tests build alike (the same tiny model) is compiled once.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(
+        prefix="moco-keras-jax-cache-"
+    )
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    atexit.register(
+        shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True
+    )
 
 import keras  # noqa: E402
 import pytest  # noqa: E402

@@ -588,6 +588,7 @@ def test_quickstart_runs_end_to_end(tmp_path):
             "--knn_k=5",
             "--knn_bank=48",
             "--knn_test=16",
+            "--linear_epochs=2",
         ],
         capture_output=True,
         text=True,
@@ -615,6 +616,7 @@ def test_quickstart_runs_end_to_end(tmp_path):
         assert (workdir / name).stat().st_size > 0
     assert (workdir / "knn.csv").stat().st_size > 0
     results = json.loads((workdir / "results.json").read_text())
+    assert results["linear_epochs"] == 2
     for name in ("trained", "random"):
         assert 0 <= results[f"linear_top1_{name}"] <= 100
         assert f"{results[f'linear_top1_{name}']:6.2f} %" in result.stdout

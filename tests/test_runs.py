@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from support import recipe_defaults
 
+from moco_keras import evaluation
 from moco_keras import presets
 from moco_keras import runs
 
@@ -178,12 +179,12 @@ def test_linear_probe_separates_clusters_and_not_shuffled_labels():
     centres = rng.normal(size=(3, 16)) * 3
     features = (centres[labels] + rng.normal(size=(600, 16))).astype("float32")
     train, test = (features[:450], labels[:450]), (features[450:], labels[450:])
-    assert runs.linear_probe(train, test, 3, epochs=5) > 95
+    assert evaluation.linear_probe(train, test, 3, epochs=5) > 95
     # Labels that the features do not predict: chance, not a leak.
     shuffled = (features[:450], rng.permutation(labels[:450]))
-    assert runs.linear_probe(shuffled, test, 3, epochs=5) < 60
+    assert evaluation.linear_probe(shuffled, test, 3, epochs=5) < 60
     with pytest.raises(runs.ConfigError, match="epochs >= 1"):
-        runs.linear_probe(train, test, 3, epochs=0)
+        evaluation.linear_probe(train, test, 3, epochs=0)
 
 
 def test_crop_min_is_the_crops_smallest_area():
@@ -210,7 +211,7 @@ def test_knn_evaluation_of_a_head_reuses_its_backbones_features(tmp_path):
         knn_k=10,
     )
     model = runs.build_moco(config, [], 1)
-    scores = runs.knn_evaluation(
+    scores = evaluation.knn_evaluation(
         config,
         {
             "backbone": model.encoder_q,
@@ -225,7 +226,7 @@ def test_knn_evaluation_of_a_head_reuses_its_backbones_features(tmp_path):
     assert scores["head linear"] == scores["model linear"]
     assert 0 <= scores["backbone"] <= 100
     with pytest.raises(runs.ConfigError, match="'backbone', which is not"):
-        runs.knn_evaluation(config, {"head": ("backbone", model.head_q)})
+        evaluation.knn_evaluation(config, {"head": ("backbone", model.head_q)})
 
 
 def test_readme_lists_the_values_a_resume_may_change():
