@@ -5,14 +5,12 @@ Real Fashion-MNIST subsets (Debian's `dataset-fashion-mnist`, which
 `recipes/lincls_smoke.flags`, and a generated ImageNet-style folder.
 """
 
-import atexit
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import keras
@@ -46,19 +44,15 @@ SMOKE = [
     "--verbose=0",
 ]
 TIMEOUT = 600
-# JAX compiles the same train step in each subprocess; a persistent cache
-# shared by this session's runs compiles it once.
-JAX_CACHE = tempfile.mkdtemp(prefix="moco-jax-cache-")
-atexit.register(shutil.rmtree, JAX_CACHE, ignore_errors=True)
+# The recipes compile alike train steps: the suite's JAX compilation cache
+# (conftest.py) is in os.environ, so they compile each once.
 ENV = {
     **os.environ,
     # The killed-run test compares weights bit for bit: TensorFlow's oneDNN
     # kernels (the package's default) broke that under --deterministic on
-    # an AVX2 AMD EPYC (2026-12-02: 2 runs in 3 off by up to 5e-5; with
-    # oneDNN off it passed).
+    # an AVX2 AMD EPYC (2 runs in 3 off by up to 5e-5; with oneDNN off it
+    # passed).
     "TF_ENABLE_ONEDNN_OPTS": "0",
-    "JAX_COMPILATION_CACHE_DIR": JAX_CACHE,
-    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
 }
 
 
