@@ -80,70 +80,61 @@ _MOCOV1_IMAGENET = {
     "keep_every_epochs": 10,
 }
 
+_MOCOV2_IMAGENET = {
+    **_MOCOV1_IMAGENET,
+    # The v2 paper's four changes: MLP head, T 0.2, blur augmentation, cosine.
+    **_moco_flags(MOCOV2),
+    "aug_plus": True,
+    "cos": True,
+}
+
+# MoCo v2 on Fashion-MNIST on a CPU: a width-16 ResNet, lr 0.06 for a batch
+# of 512 (scaled to the batch), wd 5e-4, a queue of 4096 keys, m 0.99, no
+# blur on images this small, the kNN monitor every epoch.
+_MOCOV2_FASHION_MNIST = {
+    **_MOCOV2_IMAGENET,
+    "width": 16,
+    "dataset": "fashion_mnist",
+    "crop_fraction": 1.0,
+    "lr": 0.06,
+    "lr_batch_size": 512,
+    "wd": 5e-4,
+    "moco_k": 4096,
+    "moco_m": 0.99,
+    "blur": False,
+    "knn_every": 1,
+    "keep_every_epochs": 0,
+}
+
 PRETRAINING = {
     "mocov1": _MOCOV1_IMAGENET,
-    # The v2 paper's four changes: MLP head, T 0.2, blur augmentation, cosine.
-    "mocov2": {
-        **_MOCOV1_IMAGENET,
-        **_moco_flags(MOCOV2),
-        "aug_plus": True,
-        "cos": True,
-    },
-    # MoCo v2 on Fashion-MNIST on 2 CPU cores (`make demo`, the notebooks):
-    # values measured to pass raw pixels' kNN within 10 minutes
+    "mocov2": _MOCOV2_IMAGENET,
+    # `make demo` and `recipes/quickstart.flags` on 2 CPU cores: values
+    # measured to pass raw pixels' kNN within 10 minutes
     # (bench/quickstart_search.py, BENCHMARKS.md "Learning: the quick
-    # start"): a width-16 ResNet-18 with torchvision's stem (1/16 of the CIFAR
-    # stem's compute, so 5 epochs of all 60k images fit) at the images' 28 px,
-    # crops of half the image or more, v2's T 0.2; lr 0.06 for a batch of
-    # 512, scaled to the batch; no blur on 28 px.
+    # start"): ResNet-18 with torchvision's stem (1/16 of the CIFAR stem's
+    # compute, so 5 epochs of all 60k images fit) at the images' 28 px,
+    # crops of half the image or more, v2's T 0.2.
     "quickstart": {
-        **_MOCOV1_IMAGENET,
-        **_moco_flags(MOCOV2),
+        **_MOCOV2_FASHION_MNIST,
         "arch": "resnet18",
-        "width": 16,
-        "dataset": "fashion_mnist",
         "image_size": 28,
-        "crop_fraction": 1.0,
         "crop_min": 0.5,
         "train_limit": 60000,
         "epochs": 5,
-        "lr": 0.06,
-        "lr_batch_size": 512,
-        "cos": True,
-        "wd": 5e-4,
-        "moco_k": 4096,
-        "moco_m": 0.99,
-        "moco_t": 0.2,
-        "aug_plus": True,
-        "blur": False,
-        "knn_every": 1,
-        "keep_every_epochs": 0,
     },
     # The learning benchmark's protocol (bench/learning.py, "fmnist-moco-v2"
-    # in BENCHMARKS.md), fixed so that its tables stay comparable with the
-    # official code's: a width-16 CIFAR ResNet-18 on Fashion-MNIST padded to
-    # 32 px, T 0.1, the first 20k training images.
+    # in BENCHMARKS.md) and the notebooks' network, fixed so that the
+    # benchmark's tables stay comparable with the official code's: the
+    # official CIFAR demo's ResNet-18 stem on Fashion-MNIST padded to 32 px,
+    # T 0.1, 20k training images.
     "fmnist_moco_v2": {
-        **_MOCOV1_IMAGENET,
-        **_moco_flags(MOCOV2),
+        **_MOCOV2_FASHION_MNIST,
         "arch": "cifar_resnet18",
-        "width": 16,
-        "dataset": "fashion_mnist",
         "image_size": 32,
-        "crop_fraction": 1.0,
         "train_limit": 20000,
         "epochs": 4,
-        "lr": 0.06,
-        "lr_batch_size": 512,
-        "cos": True,
-        "wd": 5e-4,
-        "moco_k": 4096,
-        "moco_m": 0.99,
         "moco_t": 0.1,
-        "aug_plus": True,
-        "blur": False,
-        "knn_every": 1,
-        "keep_every_epochs": 0,
     },
 }
 
