@@ -45,7 +45,7 @@ def knn_evaluation(
     bank_limit=0,
     test_limit=0,
     linear_probe_of=(),
-    linear_epochs=10,
+    linear_epochs=LINEAR_EPOCHS,
 ):
     """kNN top-1 (%) of frozen features on the config's dataset, and the
     linear probe's.

@@ -1,5 +1,7 @@
-"""The protocols, one function each: pretraining, linear classification and
-kNN evaluation, each from one config dict.
+"""The protocols, one function each: pretraining and linear classification,
+each from one config dict, and the run-keeping they share (checks, the
+workdir, the resume contract, callbacks). The kNN evaluation and the quick
+start's protocol are in `moco_keras.evaluation`.
 
 A config is a preset of `moco_keras.presets` (`PRETRAINING`,
 `LINEAR_CLASSIFICATION`) with what the run changes: the official scripts'
