@@ -95,7 +95,7 @@ class MoCo(keras.Model):
         seed=None,
         **kwargs,
     ):
-        _check_arguments(dim, mlp, queue_size, momentum, temperature)
+        check_arguments(dim, mlp, queue_size, momentum, temperature)
         super().__init__(**kwargs)
         if not isinstance(encoder, keras.layers.Layer):
             raise TypeError(
@@ -391,7 +391,11 @@ def shuffled_keys(images, encode, seed_generator, context=None):
 _SEED_STATE = "seed_generator_state"
 
 
-def _check_arguments(dim, mlp, queue_size, momentum, temperature):
+def check_arguments(dim, mlp, queue_size, momentum, temperature):
+    """Raises `ValueError` unless these are valid `MoCo` arguments.
+
+    `MoCo` calls it first; the recipes call it before they read any data.
+    """
     if not isinstance(dim, int) or dim < 1:
         raise ValueError(
             f"`dim` must be a positive int (128 in the paper). Received: "

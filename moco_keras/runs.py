@@ -207,11 +207,22 @@ def check_pretraining(config):
         f"--bn_splits={splits} does not divide the global batch of {batch}: "
         f"split BN needs equal groups. Pick a divisor of {batch}.",
     )
-    check(
-        0 <= config["moco_m"] <= 1,
-        f"--moco_m must be in [0, 1]: {config['moco_m']}",
-    )
-    check(config["moco_t"] > 0, f"--moco_t must be > 0: {config['moco_t']}")
+    from moco_keras import moco
+    from moco_keras import presets
+
+    arguments = {
+        argument: config[flag]
+        for flag, argument in presets.MOCO_ARGUMENTS.items()
+    }
+    try:
+        moco.check_arguments(**arguments)
+    except ValueError as error:
+        flag = next(
+            flag
+            for flag, argument in presets.MOCO_ARGUMENTS.items()
+            if f"Received: {argument}=" in str(error)
+        )
+        check(False, f"--{flag}={config[flag]}: {error}")
     check(
         0 < config["crop_min"] <= 1,
         f"--crop_min is an area fraction in (0, 1]: {config['crop_min']}",

@@ -42,6 +42,10 @@ def test_config_is_the_preset_with_overrides_and_refuses_unknown_keys():
         ({"crop_min": 0.0}, "--crop_min is an area fraction"),
         ({"crop_min": 1.5}, "--crop_min is an area fraction"),
         ({"image_size": 0}, "--image_size=0 is the side of the crops"),
+        # The MoCo arguments, checked by MoCo's own check before any data.
+        ({"moco_t": 0.0}, r"--moco_t=0.0: `temperature` \(T\) must be"),
+        ({"moco_m": 1.5}, r"--moco_m=1.5: `momentum` \(m\) must be"),
+        ({"moco_dim": 0}, r"--moco_dim=0: `dim` must be a positive int"),
         ({"image_size": -224}, "must be >= 8"),
     ],
 )
