@@ -26,18 +26,16 @@ export TF_ENABLE_ONEDNN_OPTS ?= 1
 
 venv: $(VENV)/.installed
 
-# --no-compile: Python compiles the modules a process imports as it imports
-# them, not all of TensorFlow's, JAX's and torch's at install (half the
-# install's time).
+# Installed byte-compiled: where PYTHONDONTWRITEBYTECODE is set, a module
+# pip did not compile is compiled again by every process that imports it.
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet --no-compile -c constraints.txt \
-	  -e ".[cpu,jax,torch,test]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[cpu,jax,torch,test]"
 	# keras-hub (export --format=keras_hub) without its dependency chain
 	# tensorflow-text -> tensorflow, whose wheel clashes with tensorflow-cpu:
 	# the packages its import needs, pinned, with --no-deps.
-	$(BIN)/python -m pip install --quiet --no-compile --no-deps -c constraints.txt \
+	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt \
 	  keras-hub tensorflow-text kagglehub kagglesdk tokenizers sentencepiece \
 	  huggingface_hub regex pyyaml
 	touch $@
