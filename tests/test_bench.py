@@ -200,10 +200,13 @@ def test_gpu_benchmark_tiny(tmp_path, backend):
         for ours, plain in zip(
             steps["torch-fp32"], steps["torch-plain-fp32"], strict=True
         ):
-            # From the printed pairs/s, each rounded to 0.1 (up to 0.7 % at
-            # the tiny size's 7 pairs/s); the table's from the unrounded.
-            ratio = float(ours[2]) / float(plain[2])
-            assert float(ours[4]) == pytest.approx(ratio, rel=0.03), table
+            # The table's ratio is from the unrounded speeds, rounded to 0.01;
+            # the printed pairs/s are each rounded to 0.1. So the printed
+            # ratio lies within the bounds those roundings allow.
+            rate, plain_rate = float(ours[2]), float(plain[2])
+            low = (rate - 0.05) / (plain_rate + 0.05) - 0.005
+            high = (rate + 0.05) / (plain_rate - 0.05) + 0.005
+            assert low <= float(ours[4]) <= high, table
     if pipeline:
         assert "| split path, CPU half |" in table, table
         assert "| split path, CPU half, --noantialias |" in table, table
