@@ -32,18 +32,22 @@ import time
 import numpy as np
 
 from moco_keras import presets
+from moco_keras.recipes import common
 
 CONFIGS = ("torch-plain", "tensorflow", "jax", "torch")
 # The protocol "fmnist-moco-v2" (BENCHMARKS.md): the `fmnist_moco_v2`
 # preset for 8 epochs, on the first 20k training images (the subset the
 # recorded tables used), kNN against all 60k / 10k.
 QUICKSTART = presets.get(presets.PRETRAINING, "fmnist_moco_v2")
+# Its values by the recipes' flag names (the official scripts'), which the
+# plain PyTorch configuration reads too.
+_FLAGS = common.flag_values(QUICKSTART)
 PROTOCOL = {
-    "train_images": QUICKSTART["train_limit"],
+    "train_images": _FLAGS["train_limit"],
     "epochs": 8,
     "eval_every": 2,
     **{
-        key: QUICKSTART[key]
+        key: _FLAGS[key]
         for key in (
             "batch_size",
             "width",
@@ -59,7 +63,7 @@ PROTOCOL = {
             "knn_t",
         )
     },
-    "dim": QUICKSTART["moco_dim"],
+    "dim": _FLAGS["moco_dim"],
     "bank": 60000,
     "test": 10000,
     "seed": 0,
@@ -168,22 +172,22 @@ def eval_epochs(protocol):
 def run_keras(protocol, sets, log):
     import keras
 
-    from moco_keras import runs
+    from moco_keras import pretraining
 
     keras.utils.set_random_seed(protocol["seed"])
     steps = sets["steps_per_epoch"]
-    # The quick start's model and optimizer, as `runs.pretrain` builds them.
-    config = runs.config(
+    # The quick start's model and optimizer, as `pretraining.pretrain`
+    # builds them.
+    config = common.with_flags(
         QUICKSTART,
         **{
             key: protocol[key]
             for key in PROTOCOL
-            if key in QUICKSTART and key != "train_limit"
+            if key in _FLAGS and key != "train_limit"
         },
-        seed=protocol["seed"],
         moco_dim=protocol["dim"],
     )
-    model = runs.build_moco(config, [], steps)
+    model = pretraining.build_moco(config, [], steps)
 
     def embed(images):
         features = model.encoder_q.predict(images, batch_size=512, verbose=0)

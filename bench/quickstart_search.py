@@ -7,8 +7,8 @@ r"""The quick start's hyper-parameter search: kNN top-1 against minutes.
 Each trial is the `fmnist_moco_v2` preset (`learning.QUICKSTART`;
 `make demo` runs the winner, the `quickstart` preset) with a few values
 changed (`TRIALS`),
-run in a process of its own: `runs.pretrain` into a fresh workdir, then the
-kNN top-1 of its trained backbone as `make demo` scores it (k 200, t 0.1,
+run in a process of its own: `pretraining.pretrain` into a fresh workdir, then
+the kNN top-1 of its trained backbone as `make demo` scores it (k 200, t 0.1,
 the 60k training images as the bank, the 10k test images). One row a trial
 is appended to `--out`: the values, the pretraining seconds (kNN monitor
 included), the evaluation seconds and the kNN. Raw pixels score 78.85 % on
@@ -125,17 +125,15 @@ def run_trial(name, workdir):
     import learning
 
     from moco_keras import evaluation
-    from moco_keras import runs
+    from moco_keras import pretraining
+    from moco_keras.recipes import common
 
     overrides = TRIALS[name]
-    values = runs.config(
-        learning.QUICKSTART,
-        workdir=workdir,
-        verbose=2,
-        **overrides,
+    values = common.with_flags(
+        learning.QUICKSTART, workdir=workdir, verbose="2", **overrides
     )
     started = time.time()
-    run = runs.pretrain(values)
+    run = pretraining.pretrain(values)
     pretrain_seconds = time.time() - started
     started = time.time()
     trained = keras.saving.load_model(run["checkpoint"])

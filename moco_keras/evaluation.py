@@ -3,7 +3,7 @@
 `knn_evaluation`: kNN top-1 of encoders on a config's dataset (weighted
 voting, as the official CIFAR demo), optionally with `linear_probe`, a
 linear classifier on the same cached features (`main_lincls.py`'s
-classifier and optimizer). `quickstart`: pretraining (`runs.pretrain`),
+classifier and optimizer). `quickstart`: pretraining (`pretraining.pretrain`),
 then the kNN and linear-probe top-1 of the trained encoder against the
 same encoder at its random initialisation and against raw pixels: what
 `make demo` (`python -m moco_keras.recipes.quickstart`) runs and prints.
@@ -14,7 +14,9 @@ Example:
 from moco_keras import evaluation, presets, runs
 
 config = runs.config(
-    presets.PRETRAINING["quickstart"], workdir="runs/fmnist", epochs=1
+    presets.PRETRAINING["quickstart"],
+    run={"workdir": "runs/fmnist"},
+    schedule={"epochs": 1},
 )
 results = evaluation.quickstart(config)
 print(evaluation.summary(config, results))
@@ -30,7 +32,9 @@ import numpy as np
 
 from moco_keras import datasets
 from moco_keras import knn
+from moco_keras import linear_classification
 from moco_keras import presets
+from moco_keras import pretraining
 from moco_keras import runs
 from moco_keras import training
 
@@ -52,8 +56,8 @@ def knn_evaluation(
 
     The bank is `bank_limit` training images (0: all), the test set
     `test_limit` validation images (0: all), both class-stratified draws in
-    their evaluation views; weighted voting with `knn_k` neighbours and
-    temperature `knn_t`, as the official CIFAR demo. The encoders named in
+    their evaluation views; weighted voting with `knn.k` neighbours and
+    temperature `knn.t`, as the official CIFAR demo. The encoders named in
     `linear_probe_of` also get `linear_probe` on the same features (the
     bank as its training set).
 
@@ -101,8 +105,8 @@ def knn_evaluation(
             test_features,
             test_labels,
             classes,
-            config["knn_k"],
-            config["knn_t"],
+            config["knn"]["k"],
+            config["knn"]["t"],
         )
         if name in linear_probe_of:
             scores[f"{name} linear"] = linear_probe(
@@ -110,7 +114,7 @@ def knn_evaluation(
                 (test_features, test_labels),
                 classes,
                 linear_epochs,
-                seed=config["seed"],
+                seed=config["run"]["seed"],
             )
     return scores
 
@@ -135,25 +139,27 @@ def linear_probe(train, test, classes, epochs, seed=0):
     """
     runs.check(epochs >= 1, f"The linear probe needs epochs >= 1: {epochs}")
     probe = runs.config(
-        presets.get(presets.LINEAR_CLASSIFICATION, "imagenet"), epochs=epochs
+        presets.LINEAR_CLASSIFICATION["imagenet"], schedule={"epochs": epochs}
     )
     milestones = sorted(
         {m for m in (int(0.6 * epochs), int(0.8 * epochs)) if m}
     )
     features, labels = train
-    steps_per_epoch = -(-len(features) // probe["batch_size"])
+    steps_per_epoch = -(-len(features) // probe["data"]["batch_size"])
     keras.utils.set_random_seed(seed)
     model = keras.Sequential(
         [
             keras.Input((features.shape[-1],)),
-            runs.linear_head(features.shape[-1], classes),
+            linear_classification.linear_head(features.shape[-1], classes),
         ]
     )
-    runs.compile_classifier(model, probe, milestones, steps_per_epoch, classes)
+    linear_classification.compile_classifier(
+        model, probe, milestones, steps_per_epoch, classes
+    )
     model.fit(
         features,
         labels,
-        batch_size=probe["batch_size"],
+        batch_size=probe["data"]["batch_size"],
         epochs=epochs,
         shuffle=True,
         verbose=0,
@@ -199,14 +205,14 @@ def plot_curves(path, history, knn_curves, references, subtitle):
 def quickstart(config, linear_epochs=LINEAR_EPOCHS, progress=None):
     """Pretraining on Fashion-MNIST, then kNN and linear-probe top-1.
 
-    `runs.pretrain(config)` (checkpoints, resume, logs in its workdir);
-    before it the kNN of raw pixels, after it the kNN (k `knn_k`, t
-    `knn_t`, the 60k training images as the bank, the 10k test images) of
+    `pretraining.pretrain(config)` (checkpoints, resume, logs in its workdir);
+    before it the kNN of raw pixels, after it the kNN (k `knn.k`, t
+    `knn.t`, the 60k training images as the bank, the 10k test images) of
     the trained encoder's backbone and MoCo head, and of the same encoder at
     its random initialisation (the run's own: seeded and built as
-    `runs.pretrain` builds it), and a linear probe of both backbones. Adds
-    to the workdir `curves.png` with the kNN beside the loss, `knn.csv`,
-    and the numbers in `results.json`.
+    `pretraining.pretrain` builds it), and a linear probe of both
+    backbones. Adds to the workdir `curves.png` with the kNN beside the
+    loss, `knn.csv`, and the numbers in `results.json`.
 
     Args:
         config: a pretraining config on `fashion_mnist`
@@ -216,16 +222,16 @@ def quickstart(config, linear_epochs=LINEAR_EPOCHS, progress=None):
             it, flushed, with the seconds since the start).
 
     Returns:
-        The run's `results.json` as a dict: `runs.pretrain`'s, plus
+        The run's `results.json` as a dict: `pretraining.pretrain`'s, plus
         `knn_top1_{trained,random,raw_pixels}`,
         `knn_top1_head_{trained,random}`, `linear_top1_{trained,random}`
         and `wall_seconds`.
     """
-    milestones = runs.check_pretraining(config)
+    milestones = pretraining.check_pretraining(config)
     runs.check(
-        config["dataset"] == "fashion_mnist",
+        config["data"]["dataset"] == "fashion_mnist",
         "The quick start evaluates on Fashion-MNIST's 60k / 10k images; "
-        f"--dataset={config['dataset']} is for recipes/pretrain.",
+        f"--dataset={config['data']['dataset']} is for recipes/pretrain.",
     )
     started = time.time()
     if progress is None:
@@ -234,18 +240,20 @@ def quickstart(config, linear_epochs=LINEAR_EPOCHS, progress=None):
             # Flushed: under `make demo` stdout is a pipe, block-buffered.
             print(f"[{time.time() - started:5.0f} s] {message}", flush=True)
 
+    epochs = config["schedule"]["epochs"]
     progress(
-        f"Quick start: MoCo v2 on Fashion-MNIST, {config['epochs']} epochs "
-        f"on the {keras.backend.backend()} backend"
+        f"Quick start: MoCo v2 on Fashion-MNIST, {epochs} epochs on the "
+        f"{keras.backend.backend()} backend"
     )
-    # The run's own initial weights: `runs.pretrain` seeds and builds alike.
-    keras.utils.set_random_seed(config["seed"])
-    initial = runs.build_moco(config, milestones, 1)
+    # The run's own initial weights: `pretraining.pretrain` seeds and builds
+    # alike.
+    keras.utils.set_random_seed(config["run"]["seed"])
+    initial = pretraining.build_moco(config, milestones, 1)
     train_images, train_labels = datasets.load_fashion_mnist(
-        "train", config["data_dir"]
+        "train", config["data"]["data_dir"]
     )
     test_images, test_labels = datasets.load_fashion_mnist(
-        "test", config["data_dir"]
+        "test", config["data"]["data_dir"]
     )
     sizes = f"bank {len(train_images)}, test {len(test_images)} images"
     progress(f"kNN of raw pixels ({sizes})")
@@ -255,12 +263,12 @@ def quickstart(config, linear_epochs=LINEAR_EPOCHS, progress=None):
         knn.flatten_normalize(test_images),
         test_labels,
         10,
-        config["knn_k"],
-        config["knn_t"],
+        config["knn"]["k"],
+        config["knn"]["t"],
     )
     progress(f"raw pixels: kNN top-1 {pixel_knn:.2f} %; pretraining")
     # The pretraining recipe's run: checkpoints, resume, CSV, TensorBoard.
-    run = runs.pretrain(config)
+    run = pretraining.pretrain(config)
     trained = keras.saving.load_model(run["checkpoint"])
     progress(
         f"kNN of the trained and of the random encoder, backbone and head, "
@@ -279,7 +287,7 @@ def quickstart(config, linear_epochs=LINEAR_EPOCHS, progress=None):
         linear_probe_of=("trained", "random"),
         linear_epochs=linear_epochs,
     )
-    workdir = config["workdir"]
+    workdir = config["run"]["workdir"]
     history = training.read_csv_log(os.path.join(workdir, "epochs.csv"))
     monitor = [
         (int(epoch) + 1, top1)
@@ -291,13 +299,13 @@ def quickstart(config, linear_epochs=LINEAR_EPOCHS, progress=None):
     knn_curves = {
         "backbone, 60k bank": [
             (0, scores["random"]),
-            (config["epochs"], scores["trained"]),
+            (config["schedule"]["epochs"], scores["trained"]),
         ],
         "head, 60k bank": [
             (0, scores["random head"]),
-            (config["epochs"], scores["trained head"]),
+            (config["schedule"]["epochs"], scores["trained head"]),
         ],
-        f"backbone, monitor ({config['knn_bank']} bank)": [
+        f"backbone, monitor ({config['knn']['bank']} bank)": [
             (epoch, 100 * accuracy) for epoch, accuracy in monitor
         ],
     }
@@ -341,13 +349,13 @@ def summary(config, results):
             "",
             "Top-1 on the Fashion-MNIST test set: kNN (k=%d, t=%g, the 60k "
             "training images as the bank) of the backbone and of the MoCo "
-            "head;" % (config["knn_k"], config["knn_t"]),
+            "head;" % (config["knn"]["k"], config["knn"]["t"]),
             "linear: a linear probe of the frozen backbone (main_lincls."
             "py's classifier and lr, %d epochs on cached features)."
             % results["linear_epochs"],
             f"  {'':<30}{'kNN':>12}{'kNN head':>12}{'linear':>12}",
             row(
-                f"MoCo v2 encoder, {config['epochs']} epochs",
+                f"MoCo v2 encoder, {config['schedule']['epochs']} epochs",
                 results["knn_top1_trained"],
                 results["knn_top1_head_trained"],
                 results["linear_top1_trained"],
@@ -359,7 +367,7 @@ def summary(config, results):
                 results["linear_top1_random"],
             ),
             row("raw pixels", results["knn_top1_raw_pixels"]),
-            f"Outputs in {config['workdir']}; total time "
+            f"Outputs in {config['run']['workdir']}; total time "
             f"{results['wall_seconds']:.0f} s",
         ]
     )

@@ -1,26 +1,43 @@
 """MoCo v1 and v2, and the runs built on them, as plain dicts.
 
-Two levels, each value written once:
+Each value is written once, here, at one of two levels:
 
 - `MOCOV1`, `MOCOV2` (`PRESETS`): `MoCo` constructor arguments. The values
   of the papers and the official code (facebookresearch/moco
   `main_moco.py`): v1 (arXiv 1911.05722) has a linear head and temperature
   0.07; v2 (arXiv 2003.04297) a 2-layer MLP head and temperature 0.2. Both
   use 128-d features, a queue of 65536 keys and key encoder momentum 0.999.
-- `PRETRAINING`, `LINEAR_CLASSIFICATION`: whole runs (model, augmentation,
-  optimizer, schedule, data), keyed by the official scripts' flag names
-  (`moco_k`, `moco_m`, `moco_t`, `mlp`, `aug_plus`, `cos`, ...), which are
-  the recipes' flags (`--preset=mocov2`) and the keys of a run's
-  `flags.json`. A recipe's flag given on the command line or in a flagfile
-  replaces the preset's value; `recipes/*.flags` hold only what differs.
+- `PRETRAINING`, `LINEAR_CLASSIFICATION`: whole runs, one section per part
+  of the library that takes them, each section's keys its arguments:
+
+  - `model`: `MoCo(encoder, **config["model"])` (`MOCOV1` / `MOCOV2`);
+  - `encoder`: `encoders.get_encoder(**config["encoder"], ...)`;
+  - `augmentation`: the views (`aug_plus` picks v2's, `crop_min` is
+    RandomResizedCrop's smallest area, ...);
+  - `data`: the dataset, its size, the crop size and the global batch;
+  - `optimizer`: `optimizers.SGD`'s lr (for `lr_batch_size` images, scaled
+    linearly to the batch when > 0), momentum and weight decay;
+  - `schedule`: `optimizers.EpochSchedule`'s epochs, milestones, cosine;
+  - `knn`: the kNN monitor (`knn.KNNMonitor`: every, k, t; bank and test
+    image counts);
+  - `classifier`: linear classification's backbone and training views;
+  - `run`: how it executes and what it keeps (`RUN`): workdir, seed,
+    devices, precision, checkpoints, logs.
+
+The recipes' flags keep the official scripts' names (`--moco_t`,
+`--aug_plus`, `--cos`, ...); one table,
+`moco_keras.recipes.common.FLAGS_TO_CONFIG`, maps each onto its section and
+key. `runs.config` merges overrides into a preset.
 
 Example:
 
->>> PRETRAINING["mocov2"]["moco_t"], PRETRAINING["mocov2"]["aug_plus"]
-(0.2, True)
->>> MOCOV2["temperature"] == PRETRAINING["mocov2"]["moco_t"]
+>>> PRETRAINING["mocov2"]["model"]["temperature"]
+0.2
+>>> PRETRAINING["mocov2"]["model"] == MOCOV2
 True
 """
+
+import copy
 
 MOCOV1 = {
     "dim": 128,
@@ -34,77 +51,97 @@ MOCOV2 = {**MOCOV1, "mlp": True, "temperature": 0.2}
 
 PRESETS = {"mocov1": MOCOV1, "mocov2": MOCOV2}
 
-# The recipe flags that are `MoCo` arguments: flag name -> argument name.
-MOCO_ARGUMENTS = {
-    "moco_dim": "dim",
-    "mlp": "mlp",
-    "moco_k": "queue_size",
-    "moco_m": "momentum",
-    "moco_t": "temperature",
+# How a run executes, for every protocol; none of it changes what it learns
+# but `seed`.
+RUN = {
+    "workdir": None,
+    "seed": 0,
+    "strategy": "none",
+    "cpu_devices": 0,
+    "mixed_precision": None,
+    "jit_compile": False,
+    "deterministic": False,
+    "verbose": "auto",
+    "checkpoint_steps": 0,
+    "keep_checkpoints": 3,
+    "keep_every_epochs": 0,
+    "log_every_steps": 10,
 }
 
-
-def _moco_flags(preset):
-    return {flag: preset[argument] for flag, argument in MOCO_ARGUMENTS.items()}
-
+# ImageNet as the official code reads it: a folder of class folders, views
+# of 224 px, evaluation by resize 256 and center crop 224.
+_IMAGENET = {
+    "dataset": "folder",
+    "data_dir": None,
+    "image_size": 224,
+    "crop_fraction": 0.875,
+    "train_limit": 0,
+    "val_split": "validation",
+    "val_limit": 0,
+    "batch_size": 256,
+}
 
 # MoCo v1 on ImageNet as `main_moco.py` runs it (arXiv 1911.05722): ResNet-50,
 # batch 256 on 8 GPUs (8 BN groups), SGD lr 0.03, x0.1 at 120 and 160.
 _MOCOV1_IMAGENET = {
-    "arch": "resnet50",
-    "width": 64,
-    "dataset": "folder",
-    "image_size": 224,
-    "crop_fraction": 0.875,
-    "train_limit": 0,
-    "epochs": 200,
-    "batch_size": 256,
-    "lr": 0.03,
-    "lr_batch_size": 0,
-    "schedule": ["120", "160"],
-    "cos": False,
-    "momentum": 0.9,
-    "wd": 1e-4,
-    **_moco_flags(MOCOV1),
-    "aug_plus": False,
-    "blur": True,
-    # RandomResizedCrop's smallest area fraction (MoCo v3's --crop-min).
-    "crop_min": 0.2,
-    "bn_splits": 8,
-    "knn_every": 0,
-    "knn_bank": 5000,
-    "knn_test": 1000,
-    # The kNN of the official CIFAR demo: 200 neighbours, temperature 0.1.
-    "knn_k": 200,
-    "knn_t": 0.1,
-    "keep_every_epochs": 10,
+    "model": MOCOV1,
+    "encoder": {"arch": "resnet50", "width": 64, "bn_splits": 8},
+    "augmentation": {
+        "aug_plus": False,
+        "blur": True,
+        # RandomResizedCrop's smallest area fraction (MoCo v3's --crop-min).
+        "crop_min": 0.2,
+        # Colour jitter, grayscale, blur and normalization batched in the
+        # model (for accelerators); the CPU only decodes, crops and flips.
+        "color_in_model": False,
+        # The crops' resize antialiased as PIL's in the official code.
+        "antialias": True,
+    },
+    "data": _IMAGENET,
+    "optimizer": {
+        "lr": 0.03,
+        "lr_batch_size": 0,
+        "momentum": 0.9,
+        "weight_decay": 1e-4,
+    },
+    "schedule": {"epochs": 200, "milestones": [120, 160], "cosine": False},
+    # The kNN of the official CIFAR demo: 200 neighbours, temperature 0.1;
+    # off on ImageNet (the linear recipe is the number reported).
+    "knn": {"every": 0, "bank": 5000, "test": 1000, "k": 200, "t": 0.1},
+    "run": {**RUN, "keep_every_epochs": 10},
 }
 
-_MOCOV2_IMAGENET = {
-    **_MOCOV1_IMAGENET,
-    # The v2 paper's four changes: MLP head, T 0.2, blur augmentation, cosine.
-    **_moco_flags(MOCOV2),
-    "aug_plus": True,
-    "cos": True,
-}
+
+def merge(preset, **sections):
+    """A deep copy of `preset` with the keys of `sections` replaced, section
+    by section: `merge(p, model={"queue_size": 4096})`."""
+    merged = copy.deepcopy(preset)
+    for name, values in sections.items():
+        merged[name] = {**merged.get(name, {}), **values}
+    return merged
+
+
+# The v2 paper's four changes: MLP head, T 0.2, blur augmentation, cosine.
+_MOCOV2_IMAGENET = merge(
+    _MOCOV1_IMAGENET,
+    model=MOCOV2,
+    augmentation={"aug_plus": True},
+    schedule={"cosine": True},
+)
 
 # MoCo v2 on Fashion-MNIST on a CPU: a width-16 ResNet, lr 0.06 for a batch
 # of 512 (scaled to the batch), wd 5e-4, a queue of 4096 keys, m 0.99, no
 # blur on images this small, the kNN monitor every epoch.
-_MOCOV2_FASHION_MNIST = {
-    **_MOCOV2_IMAGENET,
-    "width": 16,
-    "dataset": "fashion_mnist",
-    "crop_fraction": 1.0,
-    "lr": 0.06,
-    "lr_batch_size": 512,
-    "wd": 5e-4,
-    "moco_k": 4096,
-    "moco_m": 0.99,
-    "blur": False,
-    "knn_every": 1,
-    "keep_every_epochs": 0,
-}
+_MOCOV2_FASHION_MNIST = merge(
+    _MOCOV2_IMAGENET,
+    model={"queue_size": 4096, "momentum": 0.99},
+    encoder={"width": 16},
+    augmentation={"blur": False},
+    data={"dataset": "fashion_mnist", "crop_fraction": 1.0},
+    optimizer={"lr": 0.06, "lr_batch_size": 512, "weight_decay": 5e-4},
+    knn={"every": 1},
+    run={"keep_every_epochs": 0},
+)
 
 PRETRAINING = {
     "mocov1": _MOCOV1_IMAGENET,
@@ -115,57 +152,56 @@ PRETRAINING = {
     # start"): ResNet-18 with torchvision's stem (1/16 of the CIFAR stem's
     # compute, so 5 epochs of all 60k images fit) at the images' 28 px,
     # crops of half the image or more, v2's T 0.2.
-    "quickstart": {
-        **_MOCOV2_FASHION_MNIST,
-        "arch": "resnet18",
-        "image_size": 28,
-        "crop_min": 0.5,
-        "train_limit": 60000,
-        "epochs": 5,
-    },
+    "quickstart": merge(
+        _MOCOV2_FASHION_MNIST,
+        encoder={"arch": "resnet18"},
+        augmentation={"crop_min": 0.5},
+        data={"image_size": 28, "train_limit": 60000},
+        schedule={"epochs": 5},
+    ),
     # The learning benchmark's protocol (bench/learning.py, "fmnist-moco-v2"
     # in BENCHMARKS.md) and the notebooks' network, fixed so that the
     # benchmark's tables stay comparable with the official code's: the
     # official CIFAR demo's ResNet-18 stem on Fashion-MNIST padded to 32 px,
     # T 0.1, 20k training images.
-    "fmnist_moco_v2": {
-        **_MOCOV2_FASHION_MNIST,
-        "arch": "cifar_resnet18",
-        "image_size": 32,
-        "train_limit": 20000,
-        "epochs": 4,
-        "moco_t": 0.1,
-    },
+    "fmnist_moco_v2": merge(
+        _MOCOV2_FASHION_MNIST,
+        model={"temperature": 0.1},
+        encoder={"arch": "cifar_resnet18"},
+        data={"image_size": 32, "train_limit": 20000},
+        schedule={"epochs": 4},
+    ),
 }
 
 LINEAR_CLASSIFICATION = {
     # `main_lincls.py`: frozen backbone, lr 30, momentum 0.9, wd 0, batch
     # 256, 100 epochs, x0.1 at 60 and 80, RandomResizedCrop(0.08-1) + flip.
     "imagenet": {
-        "dataset": "folder",
-        "image_size": 224,
-        "crop_fraction": 0.875,
-        "train_limit": 0,
-        "epochs": 100,
-        "batch_size": 256,
-        "lr": 30.0,
-        "lr_batch_size": 0,
-        "schedule": ["60", "80"],
-        "cos": False,
-        "momentum": 0.9,
-        "wd": 0.0,
-        "train_augment": True,
-        "cache_features": False,
-        "keep_every_epochs": 0,
+        "classifier": {
+            # A pretraining workdir, a MoCo `.keras` checkpoint, or a
+            # directory that recipes/convert wrote.
+            "pretrained": None,
+            "train_augment": True,
+            "cache_features": False,
+        },
+        "data": _IMAGENET,
+        "optimizer": {
+            "lr": 30.0,
+            "lr_batch_size": 0,
+            "momentum": 0.9,
+            "weight_decay": 0.0,
+        },
+        "schedule": {"epochs": 100, "milestones": [60, 80], "cosine": False},
+        "run": RUN,
     },
 }
 
 
 def get(table, name):
-    """A copy of preset `name` of `table` (`PRETRAINING`, ...), or a
+    """A deep copy of preset `name` of `table` (`PRETRAINING`, ...), or a
     `ValueError` that lists the names."""
     if name not in table:
         raise ValueError(
             f"Unknown preset {name!r}: expected one of {sorted(table)}."
         )
-    return dict(table[name])
+    return copy.deepcopy(table[name])

@@ -154,25 +154,18 @@ def fake_fashion_mnist(directory, n_train=96, n_test=32):
         write_idx(directory, prefix, images, labels)
 
 
-def recipe_defaults(table=None, preset="mocov1", **overrides):
-    """A recipe's values as `common.recipe_values` resolves them with no
-    flag given: the flags' defaults, preset `preset` of `table` (default
-    `presets.PRETRAINING`), then `overrides`."""
+def recipe_defaults(table=None, preset="mocov1", **flags):
+    """A recipe's config with `flags` given (by flag name, as on the command
+    line) and no other: preset `preset` of `table` (default
+    `presets.PRETRAINING`), each flag put in place by the recipes' one
+    table (`common.with_flags`). `--workdir` and `--data_dir` default to
+    placeholders."""
     from moco_keras import presets
     from moco_keras.recipes import common
-    from moco_keras.recipes import lincls
-    from moco_keras.recipes import pretrain
 
-    modules = (common.__name__, pretrain.__name__, lincls.__name__)
-    values = {
-        flag.name: flag.default
-        for module in modules
-        for flag in common.FLAGS.get_flags_for_module(module)
-    }
-    values.update(presets.get(table or presets.PRETRAINING, preset))
-    values.update(preset=preset, workdir="/tmp/unused", data_dir="/data")
-    values.update(overrides)
-    return values
+    given = {"workdir": "/tmp/unused", "data_dir": "/data", **flags}
+    preset = presets.get(table or presets.PRETRAINING, preset)
+    return common.with_flags(preset, **given)
 
 
 def register_tfds_dataset(class_name, examples, class_names):

@@ -77,8 +77,10 @@ def test_exported_moco_encoder_matches_keras(tmp_path):
     run = tmp_path / "run"
     os.makedirs(run / "checkpoints")
     model.save(training.checkpoint_path(str(run / "checkpoints"), 7))
-    with open(run / "flags.json", "w") as f:
-        json.dump({"dataset": "fashion_mnist", "crop_fraction": 1.0}, f)
+    with open(run / "config.json", "w") as f:
+        json.dump(
+            {"data": {"dataset": "fashion_mnist", "crop_fraction": 1.0}}, f
+        )
     features = export_and_load(tmp_path, run)
     assert features.shape == (3, 32)
     expected = expected_features(

@@ -24,6 +24,7 @@ from support import tensorboard_events
 
 from moco_keras import datasets
 from moco_keras import pipelines
+from moco_keras import pretraining
 from moco_keras import runs
 from moco_keras import training
 from moco_keras.recipes import common
@@ -107,19 +108,22 @@ def smoke_run(tmp_path_factory):
 def test_smoke_run_writes_the_whole_workdir(smoke_run):
     names = set(os.listdir(smoke_run))
     assert {
-        "flags.json",
+        "config.json",
         "epochs.csv",
         "curves.png",
         "tensorboard",
         "checkpoints",
         "results.json",
     } <= names
-    flags = json.load(open(os.path.join(smoke_run, "flags.json")))
-    # Given on the command line, in smoke.flags, and only in the preset.
+    config = json.load(open(os.path.join(smoke_run, "config.json")))
+    flags = common.flag_values(config)
+    # Given on the command line, in smoke.flags, and only in the preset
+    # (quickstart's, which smoke.flags names: its crops of half the image).
     assert flags["moco_k"] == 128 and flags["width"] == 4
-    assert flags["preset"] == "quickstart" and flags["moco_t"] == 0.2
+    assert flags["crop_min"] == 0.5 and flags["moco_t"] == 0.2
     assert flags["aug_plus"] and flags["mlp"] and not flags["blur"]
-    assert "logtostderr" not in flags  # only the recipe's own flags
+    # The preset's sections, nothing of absl's own flags (--logtostderr).
+    assert sorted(config) == sorted(pretrain.PRESETS["quickstart"])
     steps = [
         s for s, _ in training.list_checkpoints(f"{smoke_run}/checkpoints")
     ]
@@ -194,10 +198,11 @@ def test_rerun_with_other_values_stops_and_more_epochs_resume(
         check=False,
     )
     assert refused.returncode != 0
-    assert "--moco_k: 128 in its flags.json, 256 now" in refused.stderr
-    assert "--width: 4 in its flags.json, 8 now" in refused.stderr
+    assert "--moco_k: 128 in its config.json, 256 now" in refused.stderr
+    assert "--width: 4 in its config.json, 8 now" in refused.stderr
     assert "Traceback" not in refused.stderr + refused.stdout
-    assert json.load(open(f"{workdir}/flags.json"))["moco_k"] == 128
+    config = json.load(open(f"{workdir}/config.json"))
+    assert config["model"]["queue_size"] == 128
     # One more epoch (4 steps) from the finished run's step 8.
     resumed = run_recipe(
         "pretrain", *SMOKE, "--epochs=3", f"--workdir={workdir}"
@@ -205,7 +210,8 @@ def test_rerun_with_other_values_stops_and_more_epochs_resume(
     assert "global step 8" in resumed.stdout
     steps = [s for s, _ in training.list_checkpoints(f"{workdir}/checkpoints")]
     assert steps[-1] == 12
-    assert json.load(open(f"{workdir}/flags.json"))["epochs"] == 3
+    config = json.load(open(f"{workdir}/config.json"))
+    assert config["schedule"]["epochs"] == 3
 
 
 @pytest.mark.process
@@ -394,10 +400,10 @@ def test_a_missing_or_empty_data_dir_ends_with_its_message(tmp_path):
             runs.load_source("folder", str(path), "train")
 
 
-def flagfile_values(recipe, flagfile):
+def flagfile_config(recipe, flagfile):
     """What `--flagfile=recipes/<flagfile>` resolves to in `recipe`: the
-    flag defaults, the file's preset (else the recipe's), then the file's
-    other flags (includes expanded by absl), without touching the
+    file's preset (else the recipe's) and its config with the file's other
+    flags (includes expanded by absl) in place, without touching the
     process's parsed flags."""
     args = common.FLAGS.read_flags_from_files(
         [f"--flagfile={ROOT}/recipes/{flagfile}"], force_gnu=True
@@ -410,7 +416,8 @@ def flagfile_values(recipe, flagfile):
         parser = common.FLAGS[name]
         given[name] = parser.parser.parse(text or "true")
     preset = given.pop("preset", recipe.DEFAULT_PRESET)
-    return {**defaults(recipe.PRESETS, preset), **given}
+    given = {"workdir": None, "data_dir": None, **given}
+    return preset, defaults(recipe.PRESETS, preset, **given)
 
 
 # The ImageNet recipes against the papers (arXiv 1911.05722, 2003.04297) and
@@ -423,7 +430,7 @@ MOCOV1 = {
     "batch_size": 256,
     "lr": 0.03,
     "lr_batch_size": 0,
-    "schedule": ["120", "160"],
+    "schedule": [120, 160],
     "cos": False,
     "momentum": 0.9,
     "wd": 1e-4,
@@ -449,7 +456,7 @@ LINCLS = {
     "batch_size": 256,
     "lr": 30.0,
     "lr_batch_size": 0,
-    "schedule": ["60", "80"],
+    "schedule": [60, 80],
     "cos": False,
     "momentum": 0.9,
     "wd": 0.0,
@@ -469,7 +476,8 @@ LINCLS = {
     ],
 )
 def test_imagenet_flagfiles_hold_the_papers_values(recipe, flagfile, expected):
-    values = flagfile_values(recipe, flagfile)
+    _, config = flagfile_config(recipe, flagfile)
+    values = common.flag_values(config)
     assert {name: values[name] for name in expected} == expected
     text = open(os.path.join(ROOT, "recipes", flagfile)).read()
     # Each opens with the command, the hardware, the time and the target.
@@ -480,7 +488,7 @@ def test_imagenet_flagfiles_hold_the_papers_values(recipe, flagfile, expected):
         augmentation = pipelines.linear_augmentation(224, (0,) * 3, (1,) * 3)
         assert augmentation["scale"] == (0.08, 1.0)
         return
-    augmentation = runs.augmentation_config(values)
+    augmentation = pretraining.augmentation_config(config)
     assert augmentation["size"] == 224
     assert augmentation["scale"] == (0.2, 1.0)
     assert augmentation["mean"] == (0.485, 0.456, 0.406)
@@ -511,12 +519,11 @@ def test_presets_are_the_one_source_of_the_recipes_values():
         (pretrain, "quickstart.flags", "quickstart"),
         (lincls, "lincls.flags", "imagenet"),
     ):
-        values = flagfile_values(recipe, flagfile)
-        assert values["preset"] == name
-        preset = recipe.PRESETS[name]
-        assert {key: values[key] for key in preset} == preset, flagfile
+        preset, config = flagfile_config(recipe, flagfile)
+        assert preset == name
+        assert config == recipe.PRESETS[name], flagfile
     # The recipes' MoCo arguments are MoCo.from_preset's.
-    model = runs.build_moco(
+    model = pretraining.build_moco(
         recipe_defaults_of(
             "mocov2", arch="cifar_resnet18", image_size=8, width=2, moco_k=256
         ),
@@ -530,31 +537,47 @@ def test_presets_are_the_one_source_of_the_recipes_values():
     )
     for argument in ("dim", "mlp", "momentum", "temperature"):
         assert getattr(model, argument) == getattr(reference, argument)
-    assert set(presets.MOCO_ARGUMENTS.values()) == set(presets.MOCOV1)
+    model_keys = {
+        key
+        for section, key in common.FLAGS_TO_CONFIG.values()
+        if section == "model"
+    }
+    assert model_keys == set(presets.MOCOV1)
     with pytest.raises(ValueError, match="expected one of"):
         presets.get(presets.PRETRAINING, "mocov3")
 
 
 def test_flags_given_replace_the_presets_values_and_only_those():
-    # Given: --width; from the preset: the rest of the quickstart run; from
-    # the flags' own defaults: what no preset holds (--seed).
-    with parsed_flags("--preset=quickstart", "--width=4", "--workdir=w"):
-        values = common.recipe_values([pretrain.__name__], pretrain.PRESETS)
+    # Given: --width and --workdir; the rest is the quickstart preset's.
     quickstart = pretrain.PRESETS["quickstart"]
-    assert values["width"] == 4 and values["workdir"] == "w"
-    assert {k: values[k] for k in quickstart if k != "width"} == {
-        k: v for k, v in quickstart.items() if k != "width"
-    }
-    assert values["seed"] == 0 and values["preset"] == "quickstart"
+    with parsed_flags("--preset=quickstart", "--width=4", "--workdir=w"):
+        config = common.recipe_config(pretrain.PRESETS)
+    assert config["encoder"]["width"] == 4 and config["run"]["workdir"] == "w"
+    assert config == runs.config(
+        quickstart, encoder={"width": 4}, run={"workdir": "w"}
+    )
+    assert config["run"]["seed"] == 0 and quickstart["encoder"]["width"] == 16
     # A flag given with the preset's own value is still the given one.
-    with parsed_flags("--preset=mocov2", "--nocos"):
-        values = common.recipe_values([pretrain.__name__], pretrain.PRESETS)
-    assert values["cos"] is False and values["mlp"] is True
+    with parsed_flags("--preset=mocov2", "--nocos", "--schedule=3,1"):
+        config = common.recipe_config(pretrain.PRESETS)
+    assert config["schedule"]["cosine"] is False and config["model"]["mlp"]
+    assert config["schedule"]["milestones"] == [3, 1]  # ints, as given
     with (
         parsed_flags("--preset=mocov3"),
         pytest.raises(runs.ConfigError, match="--preset=mocov3"),
     ):
-        common.recipe_values([pretrain.__name__], pretrain.PRESETS)
+        common.recipe_config(pretrain.PRESETS)
+    # A flag that the recipe's config has no place for is refused, not lost.
+    with (
+        parsed_flags("--preset=imagenet", "--moco_k=16"),
+        pytest.raises(runs.ConfigError, match="--moco_k has no effect"),
+    ):
+        common.recipe_config(lincls.PRESETS)
+    with (
+        parsed_flags("--preset=imagenet", "--schedule=60,eighty"),
+        pytest.raises(runs.ConfigError, match="--schedule must list epochs"),
+    ):
+        common.recipe_config(lincls.PRESETS)
 
 
 def recipe_defaults_of(preset, **overrides):
@@ -606,7 +629,7 @@ def test_quickstart_runs_end_to_end(tmp_path):
         for phase in phases
     ]
     assert found == sorted(found), lines
-    for name in ("flags.json", "epochs.csv", "curves.png", "results.json"):
+    for name in ("config.json", "epochs.csv", "curves.png", "results.json"):
         assert (workdir / name).stat().st_size > 0
     assert (workdir / "knn.csv").stat().st_size > 0
     results = json.loads((workdir / "results.json").read_text())

@@ -1,7 +1,7 @@
-"""The run functions of `moco_keras.runs`, in this process: the checks of a
-config, the pieces of a run, linear classification's backbone handling.
-The runs themselves run in fresh processes in tests/test_recipes.py (the
-recipes are their command lines)."""
+"""The protocols' pieces, in this process: `moco_keras.runs` (a config's
+checks, the resume contract), `pretraining` and `linear_classification`
+(their checks, model, backbone handling). The runs themselves run in fresh
+processes in tests/test_recipes.py (the recipes are their command lines)."""
 
 import os
 
@@ -11,20 +11,31 @@ import pytest
 from support import recipe_defaults
 
 from moco_keras import evaluation
+from moco_keras import linear_classification
 from moco_keras import presets
+from moco_keras import pretraining
 from moco_keras import runs
+from moco_keras.recipes import common
 
 
-def defaults(preset="mocov1", **overrides):
-    return recipe_defaults(presets.PRETRAINING, preset, **overrides)
+def defaults(preset="mocov1", **flags):
+    return recipe_defaults(presets.PRETRAINING, preset, **flags)
+
+
+def lincls_defaults(**flags):
+    return recipe_defaults(presets.LINEAR_CLASSIFICATION, "imagenet", **flags)
 
 
 def test_config_is_the_preset_with_overrides_and_refuses_unknown_keys():
-    config = runs.config(presets.PRETRAINING["mocov2"], workdir="w", moco_k=64)
-    assert config["moco_t"] == 0.2 and config["moco_k"] == 64
-    assert config["workdir"] == "w" and config["seed"] == 0
-    with pytest.raises(runs.ConfigError, match="Unknown config keys"):
-        runs.config(presets.PRETRAINING["mocov2"], moco_kk=64)
+    preset = presets.PRETRAINING["mocov2"]
+    config = runs.config(preset, run={"workdir": "w"}, model={"queue_size": 64})
+    assert config["model"] == {**presets.MOCOV2, "queue_size": 64}
+    assert config["run"]["workdir"] == "w" and config["run"]["seed"] == 0
+    assert preset["model"]["queue_size"] == 65536  # the preset unchanged
+    with pytest.raises(runs.ConfigError, match="Unknown keys .'queue'. in"):
+        runs.config(preset, model={"queue": 64})
+    with pytest.raises(runs.ConfigError, match="Unknown config section"):
+        runs.config(preset, classifier={"pretrained": "w"})
 
 
 @pytest.mark.parametrize(
@@ -43,15 +54,15 @@ def test_config_is_the_preset_with_overrides_and_refuses_unknown_keys():
         ({"crop_min": 1.5}, "--crop_min is an area fraction"),
         ({"image_size": 0}, "--image_size=0 is the side of the crops"),
         # The MoCo arguments, checked by MoCo's own check before any data.
-        ({"moco_t": 0.0}, r"--moco_t=0.0: `temperature` \(T\) must be"),
-        ({"moco_m": 1.5}, r"--moco_m=1.5: `momentum` \(m\) must be"),
-        ({"moco_dim": 0}, r"--moco_dim=0: `dim` must be a positive int"),
+        ({"moco_t": 0.0}, r"model.temperature: `temperature` \(T\) must"),
+        ({"moco_m": 1.5}, r"model.momentum: `momentum` \(m\) must be"),
+        ({"moco_dim": 0}, r"model.dim: `dim` must be a positive int"),
         ({"image_size": -224}, "must be >= 8"),
     ],
 )
 def test_pretrain_flag_contradictions(overrides, message):
     with pytest.raises(runs.ConfigError, match=message):
-        runs.check_pretraining(defaults(**overrides))
+        pretraining.check_pretraining(defaults(**overrides))
 
 
 def test_rerun_of_a_workdir_refuses_changed_values(tmp_path):
@@ -61,30 +72,40 @@ def test_rerun_of_a_workdir_refuses_changed_values(tmp_path):
 
     config = defaults(workdir=str(tmp_path), moco_k=256, width=16)
     runs.check_resume(config)  # a new workdir
-    runs.write_json_atomically(str(tmp_path / "flags.json"), config)
-    runs.check_resume({**config, "moco_k": 512})  # no checkpoint yet
+    runs.write_json_atomically(str(tmp_path / "config.json"), config)
+    changed = runs.config(config, model={"queue_size": 512})
+    runs.check_resume(changed)  # no checkpoint yet
     os.makedirs(tmp_path / "checkpoints")
     (tmp_path / "checkpoints" / "ckpt-000000004.keras").write_bytes(b"")
     runs.check_resume(json.loads(json.dumps(config)))
-    runs.check_resume({**config, "epochs": 400, "verbose": "2"})
+    runs.check_resume(
+        runs.config(config, schedule={"epochs": 400}, run={"verbose": "2"})
+    )
     with pytest.raises(runs.ConfigError) as error:
-        runs.check_resume({**config, "moco_k": 512, "width": 64, "epochs": 9})
+        runs.check_resume(
+            runs.config(changed, encoder={"width": 64}, schedule={"epochs": 9})
+        )
     message = str(error.value)
-    assert "--moco_k: 256 in its flags.json, 512 now" in message
-    assert "--width: 16 in its flags.json, 64 now" in message
-    assert "--epochs:" not in message  # resumable
-    assert "ckpt-000000004.keras" in message and "a new --workdir" in message
+    assert "model.queue_size: 256 in its config.json, 512 now" in message
+    assert "encoder.width: 16 in its config.json, 64 now" in message
+    assert "schedule.epochs:" not in message  # resumable
+    assert "ckpt-000000004.keras" in message
+    assert "a new run.workdir" in message
     for key in runs.RESUMABLE:
-        assert f"--{key}" in message
+        assert key in message
+    # The recipes print it in flag names.
+    printed = common.in_flag_names(message)
+    assert "--moco_k: 256 in its config.json, 512 now" in printed
+    assert "a new --workdir" in printed and "--epochs" in printed
 
 
 def test_strategy_of_another_backend_is_refused():
     backend = keras.backend.backend()
     other = "data_parallel" if backend == "tensorflow" else "mirrored"
     with pytest.raises(runs.ConfigError, match=f"this process runs {backend}"):
-        runs.check_pretraining(defaults(strategy=other))
+        pretraining.check_pretraining(defaults(strategy=other))
     with pytest.raises(runs.ConfigError, match="Unknown strategy 'horovod'"):
-        runs.check_pretraining(defaults(strategy="horovod"))
+        pretraining.check_pretraining(defaults(strategy="horovod"))
 
 
 def test_batch_and_bn_groups_must_split_over_the_devices():
@@ -97,20 +118,20 @@ def test_batch_and_bn_groups_must_split_over_the_devices():
 
 
 def test_valid_flags_pass_and_cos_ignores_the_schedule():
-    assert runs.check_pretraining(defaults()) == [120, 160]
-    runs.check_pretraining(defaults(cos=True, schedule=["500"]))
-    assert runs.check_linear_classification(
-        defaults(schedule=["60", "80"], epochs=100, train_augment=False)
+    assert pretraining.check_pretraining(defaults()) == [120, 160]
+    pretraining.check_pretraining(defaults(cos=True, schedule=["500"]))
+    assert linear_classification.check_linear_classification(
+        lincls_defaults(schedule=["60", "80"], epochs=100, train_augment=False)
     ) == [60, 80]
     with pytest.raises(runs.ConfigError, match="--notrain_augment"):
-        runs.check_linear_classification(
-            defaults(cache_features=True, train_augment=True)
+        linear_classification.check_linear_classification(
+            lincls_defaults(cache_features=True, train_augment=True)
         )
 
 
 def test_linear_classifier_starts_as_main_lincls():
     """fc.weight ~ N(0, 0.01), fc.bias = 0 (main_lincls.py)."""
-    head = runs.linear_head(2048, 1000)
+    head = linear_classification.linear_head(2048, 1000)
     head.build((None, 2048))
     kernel = keras.ops.convert_to_numpy(head.kernel)
     assert kernel.std() == pytest.approx(0.01, rel=0.01)
@@ -125,40 +146,42 @@ def test_backbone_check_reads_the_checkpoint_back(tmp_path):
 
     path = str(tmp_path / "ckpt-000000001.keras")
     make_moco(conv_bn_encoder(bn_splits=2)).save(path)
-    backbone, normalization = runs.load_backbone(path)
+    backbone, normalization = linear_classification.load_backbone(path)
     assert normalization is None
-    runs.check_backbone_unchanged(backbone, path)
+    linear_classification.check_backbone_unchanged(backbone, path)
     # Changed after loading: found.
     variable = backbone.weights[3]
     variable.assign(variable.value + 1.0)
     with pytest.raises(RuntimeError, match="differs from .* in 1 of"):
-        runs.check_backbone_unchanged(backbone, path)
+        linear_classification.check_backbone_unchanged(backbone, path)
     # Loaded wrong (another model's weights): found too, which a copy taken
     # after loading would not see.
     other = str(tmp_path / "other.keras")
     keras.utils.set_random_seed(1)
     make_moco(conv_bn_encoder(bn_splits=2)).save(other)
-    wrong, _ = runs.load_backbone(other)
+    wrong, _ = linear_classification.load_backbone(other)
     with pytest.raises(RuntimeError, match="loaded wrong or changed"):
-        runs.check_backbone_unchanged(wrong, path)
+        linear_classification.check_backbone_unchanged(wrong, path)
 
 
 def test_pretrained_must_be_a_moco_checkpoint(tmp_path):
     with pytest.raises(runs.ConfigError, match="does not exist"):
-        runs.resolve_pretrained(str(tmp_path / "missing.keras"))
+        linear_classification.resolve_pretrained(
+            str(tmp_path / "missing.keras")
+        )
     with pytest.raises(runs.ConfigError, match="without MoCo checkpoints"):
-        runs.resolve_pretrained(str(tmp_path))
+        linear_classification.resolve_pretrained(str(tmp_path))
     text = tmp_path / "notes.keras"
     text.write_text("not a zip")
     with pytest.raises(runs.ConfigError, match="is not a MoCo checkpoint"):
-        runs.load_backbone(str(text))
+        linear_classification.load_backbone(str(text))
     inputs = keras.Input((4,))
     plain = keras.Model(inputs, keras.layers.Dense(2)(inputs))
     plain.save(tmp_path / "plain.keras")
     with pytest.raises(
         runs.ConfigError, match="holds a Functional, not a MoCo"
     ):
-        runs.load_backbone(str(tmp_path / "plain.keras"))
+        linear_classification.load_backbone(str(tmp_path / "plain.keras"))
 
 
 def test_a_jax_run_compiles_its_step_and_the_others_follow_the_config():
@@ -170,11 +193,11 @@ def test_a_jax_run_compiles_its_step_and_the_others_follow_the_config():
         moco_k=16,
         bn_splits=1,
     )
-    model = runs.build_moco(config, [], 1)
+    model = pretraining.build_moco(config, [], 1)
     jax = keras.backend.backend() == "jax"
     # Keras' JAX trainer runs an uncompiled step op by op.
     assert model.jit_compile is jax
-    assert runs.jit_compile({**config, "jit_compile": True})
+    assert runs.jit_compile(runs.config(config, run={"jit_compile": True}))
 
 
 def test_linear_probe_separates_clusters_and_not_shuffled_labels():
@@ -192,9 +215,9 @@ def test_linear_probe_separates_clusters_and_not_shuffled_labels():
 
 
 def test_crop_min_is_the_crops_smallest_area():
-    assert runs.augmentation_config(defaults())["scale"] == (0.2, 1.0)
+    assert pretraining.augmentation_config(defaults())["scale"] == (0.2, 1.0)
     config = defaults(crop_min=0.5, aug_plus=True, blur=False)
-    augmentation = runs.augmentation_config(config)
+    augmentation = pretraining.augmentation_config(config)
     assert augmentation["scale"] == (0.5, 1.0)
     assert augmentation["blur_p"] == 0.0
 
@@ -214,7 +237,7 @@ def test_knn_evaluation_of_a_head_reuses_its_backbones_features(tmp_path):
         bn_splits=2,
         knn_k=10,
     )
-    model = runs.build_moco(config, [], 1)
+    model = pretraining.build_moco(config, [], 1)
     scores = evaluation.knn_evaluation(
         config,
         {
@@ -241,4 +264,5 @@ def test_readme_lists_the_values_a_resume_may_change():
     paragraph = text[text.index("What may change on a resume") :]
     paragraph = paragraph[: paragraph.index("\n\n")]
     listed = re.findall(r"`--(\w+)`", paragraph)
-    assert sorted(listed) == sorted(runs.RESUMABLE)
+    resumable = [common.CONFIG_TO_FLAGS[key] for key in runs.RESUMABLE]
+    assert sorted(listed) == sorted(resumable)

@@ -23,7 +23,7 @@ from moco_keras import augment
 from moco_keras import color
 from moco_keras import datasets
 from moco_keras import pipelines
-from moco_keras import runs
+from moco_keras import pretraining
 
 CLASSES, PER_CLASS, VAL_PER_CLASS = 100, 300, 4
 BATCH = 256
@@ -183,7 +183,7 @@ def test_train_limit_and_knn_bank_are_stratified_draws(sorted_folder):
         knn_every=1,
         seed=0,
     )
-    monitor = runs.knn_monitor(values)
+    monitor = pretraining.knn_monitor(values)
     bank_counts = np.bincount(monitor.bank_labels, minlength=CLASSES)
     assert bank_counts.tolist() == [5] * CLASSES  # the first 500: 2 classes
     assert np.bincount(monitor.test_labels).tolist() == [2] * CLASSES

@@ -1,19 +1,28 @@
-"""The flags shared by the recipes, and how they become a run's config.
+"""The flags shared by the recipes, and the one table from flags to config.
 
-A recipe is a command-line wrapper: its absl flags (the official scripts'
-names) are resolved against its `--preset` (`recipe_values`) into the
-config of a run function of `moco_keras.runs`; `run` reports a config that
-cannot run (`runs.ConfigError`) as a usage error, without a traceback.
+A recipe is a command-line wrapper: its absl flags keep the official
+scripts' names (`--moco_t`, `--aug_plus`, `--cos`, `--wd`, ...);
+`FLAGS_TO_CONFIG` maps each onto a section and key of the config
+(`moco_keras.presets`), and `recipe_config` puts the flags given, on the
+command line or in a flagfile, into the `--preset`'s config; `run`
+reports a config that cannot run (`runs.ConfigError`) as a usage error,
+without a traceback, naming the flags.
 """
 
+import copy
+import re
+
+from absl import app
 from absl import flags
 
-from moco_keras.runs import RUN_DEFAULTS
+from moco_keras import presets
+from moco_keras import runs
 
 FLAGS = flags.FLAGS
 
-# Shared by the recipes. A flag whose default is None here takes its value
-# from the recipe's preset (`moco_keras.presets`, `--preset`) unless given.
+# Shared by the recipes. A flag of `FLAGS_TO_CONFIG` takes its value from
+# the recipe's preset (`--preset`) unless given: its default here is None,
+# and `run` shows the preset's as the default in --help.
 flags.DEFINE_string(
     "preset",
     None,
@@ -52,9 +61,7 @@ flags.DEFINE_list(
 flags.DEFINE_bool("cos", None, "Cosine lr schedule (then --schedule is off).")
 flags.DEFINE_float("momentum", None, "SGD momentum.")
 flags.DEFINE_float("wd", None, "Weight decay (L2, coupled as torch's SGD).")
-flags.DEFINE_integer(
-    "seed", RUN_DEFAULTS["seed"], "Seed of weights, data order and draws."
-)
+flags.DEFINE_integer("seed", None, "Seed of weights, data order and draws.")
 flags.DEFINE_float(
     "crop_fraction",
     None,
@@ -70,17 +77,17 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_integer(
     "checkpoint_steps",
-    RUN_DEFAULTS["checkpoint_steps"],
+    None,
     "Also checkpoint every N steps (0: per epoch).",
 )
 flags.DEFINE_integer(
     "log_every_steps",
-    RUN_DEFAULTS["log_every_steps"],
+    None,
     "TensorBoard: the step's loss, accuracy and lr every N steps.",
 )
 flags.DEFINE_integer(
     "keep_checkpoints",
-    RUN_DEFAULTS["keep_checkpoints"],
+    None,
     "Newest checkpoints to keep.",
 )
 flags.DEFINE_integer(
@@ -88,30 +95,30 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_enum(
     "mixed_precision",
-    RUN_DEFAULTS["mixed_precision"],
+    None,
     ["mixed_float16", "mixed_bfloat16"],
     "Keras dtype policy (GPUs: mixed_float16 / mixed_bfloat16).",
 )
 flags.DEFINE_bool(
     "jit_compile",
-    RUN_DEFAULTS["jit_compile"],
+    None,
     "Compile the train step: XLA (TensorFlow), torch.compile (torch). The "
     "JAX backend always compiles it.",
 )
 flags.DEFINE_bool(
     "deterministic",
-    RUN_DEFAULTS["deterministic"],
+    None,
     "TensorFlow backend: deterministic kernels (bitwise-repeatable runs).",
 )
 flags.DEFINE_enum(
     "verbose",
-    RUN_DEFAULTS["verbose"],
+    None,
     ["auto", "0", "1", "2"],
     "fit verbosity.",
 )
 flags.DEFINE_enum(
     "strategy",
-    RUN_DEFAULTS["strategy"],
+    None,
     ["none", "mirrored", "multi_worker", "tpu", "data_parallel"],
     "Devices: 'none' (one device), 'mirrored' (all GPUs of this machine), "
     "'multi_worker' (several machines, TF_CONFIG), 'tpu' (TensorFlow "
@@ -121,7 +128,7 @@ flags.DEFINE_enum(
 # recipes/lincls and recipes/export.
 flags.DEFINE_string(
     "pretrained",
-    RUN_DEFAULTS["pretrained"],
+    None,
     "A pretraining workdir (its newest checkpoint is used), a MoCo "
     "checkpoint file (`.keras`), or a directory that recipes/convert wrote "
     "(official PyTorch or PaddleFleetX weights, with their normalization).",
@@ -131,51 +138,154 @@ flags.DEFINE_string(
 )
 flags.DEFINE_integer(
     "cpu_devices",
-    RUN_DEFAULTS["cpu_devices"],
+    None,
     "Split the CPU into this many devices (to try --strategy on a CPU).",
 )
 
 
-def recipe_values(modules, table):
-    """The run's values: the flags of `modules` (and of this one) that were
-    given, on the command line or in a flagfile; for the others the value
-    of the `--preset` of `table` (`moco_keras.presets`), else the flag's
-    default. `preset` holds the preset's name."""
-    from moco_keras import presets
-    from moco_keras import runs
+# The one table from the recipes' flags to the config: flag -> (section,
+# key). The sections and keys are the library's (`moco_keras.presets`).
+FLAGS_TO_CONFIG = {
+    # `MoCo(encoder, **config["model"])`.
+    "moco_dim": ("model", "dim"),
+    "mlp": ("model", "mlp"),
+    "moco_k": ("model", "queue_size"),
+    "moco_m": ("model", "momentum"),
+    "moco_t": ("model", "temperature"),
+    "arch": ("encoder", "arch"),
+    "width": ("encoder", "width"),
+    "bn_splits": ("encoder", "bn_splits"),
+    "aug_plus": ("augmentation", "aug_plus"),
+    "blur": ("augmentation", "blur"),
+    "crop_min": ("augmentation", "crop_min"),
+    "color_in_model": ("augmentation", "color_in_model"),
+    "antialias": ("augmentation", "antialias"),
+    "dataset": ("data", "dataset"),
+    "data_dir": ("data", "data_dir"),
+    "image_size": ("data", "image_size"),
+    "crop_fraction": ("data", "crop_fraction"),
+    "train_limit": ("data", "train_limit"),
+    "val_split": ("data", "val_split"),
+    "val_limit": ("data", "val_limit"),
+    "batch_size": ("data", "batch_size"),
+    "lr": ("optimizer", "lr"),
+    "lr_batch_size": ("optimizer", "lr_batch_size"),
+    "momentum": ("optimizer", "momentum"),
+    "wd": ("optimizer", "weight_decay"),
+    "epochs": ("schedule", "epochs"),
+    "schedule": ("schedule", "milestones"),
+    "cos": ("schedule", "cosine"),
+    "knn_every": ("knn", "every"),
+    "knn_bank": ("knn", "bank"),
+    "knn_test": ("knn", "test"),
+    "knn_k": ("knn", "k"),
+    "knn_t": ("knn", "t"),
+    "pretrained": ("classifier", "pretrained"),
+    "train_augment": ("classifier", "train_augment"),
+    "cache_features": ("classifier", "cache_features"),
+    "workdir": ("run", "workdir"),
+    "seed": ("run", "seed"),
+    "strategy": ("run", "strategy"),
+    "cpu_devices": ("run", "cpu_devices"),
+    "mixed_precision": ("run", "mixed_precision"),
+    "jit_compile": ("run", "jit_compile"),
+    "deterministic": ("run", "deterministic"),
+    "verbose": ("run", "verbose"),
+    "checkpoint_steps": ("run", "checkpoint_steps"),
+    "keep_checkpoints": ("run", "keep_checkpoints"),
+    "keep_every_epochs": ("run", "keep_every_epochs"),
+    "log_every_steps": ("run", "log_every_steps"),
+}
 
-    names = {flag.name for flag in FLAGS.get_flags_for_module(__name__)}
-    for module in modules:
-        names |= {flag.name for flag in FLAGS.get_flags_for_module(module)}
+CONFIG_TO_FLAGS = {
+    f"{section}.{key}": flag for flag, (section, key) in FLAGS_TO_CONFIG.items()
+}
+
+
+def config_value(name, value):
+    """A flag's value as the config holds it: `--schedule` lists epochs."""
+    if name != "schedule":
+        return value
     try:
-        preset = presets.get(table, FLAGS.preset)
+        return [int(epoch) for epoch in value or []]
+    except ValueError:
+        raise runs.ConfigError(
+            f"--schedule must list epochs (e.g. 120,160): {value}"
+        ) from None
+
+
+def with_flags(config, **values):
+    """A copy of `config` with `values`, by flag name as on the command
+    line, in place: `with_flags(preset, moco_k=4096, cos=False)`.
+
+    Raises:
+        runs.ConfigError: a flag that `config` has no place for (e.g.
+            `--moco_k` in a linear classification config).
+    """
+    config = copy.deepcopy(config)
+    for name, value in values.items():
+        section, key = FLAGS_TO_CONFIG[name]
+        if section not in config:
+            raise runs.ConfigError(
+                f"--{name} has no effect in this recipe (its config has no "
+                f"{section!r} section: {sorted(config)}); drop it."
+            )
+        config[section][key] = config_value(name, value)
+    return config
+
+
+def recipe_config(table):
+    """The run's config: the `--preset` of `table` (`moco_keras.presets`)
+    with the flags given, on the command line or in a flagfile, in place of
+    its values (`with_flags`)."""
+    try:
+        config = presets.get(table, FLAGS.preset)
     except ValueError as error:
         raise runs.ConfigError(f"--preset={FLAGS.preset}: {error}") from None
-    values = {}
-    for name in sorted(names):
-        flag = FLAGS[name]
-        given = flag.present or name not in preset
-        values[name] = flag.value if given else preset[name]
-    return values
+    given = {
+        name: FLAGS[name].value
+        for name in FLAGS_TO_CONFIG
+        if name in FLAGS and FLAGS[name].present
+    }
+    return with_flags(config, **given)
+
+
+def flag_values(config):
+    """`{flag: value}` of the flags that `config` holds a value of."""
+    return {
+        name: config[section][key]
+        for name, (section, key) in FLAGS_TO_CONFIG.items()
+        if section in config
+    }
+
+
+def in_flag_names(message):
+    """`message` with each config value it names (`model.queue_size`) as
+    the flag that sets it (`--moco_k`)."""
+    return re.sub(
+        r"\b([a-z]+\.[a-z_]+)\b",
+        lambda m: (
+            f"--{CONFIG_TO_FLAGS[m[1]]}" if m[1] in CONFIG_TO_FLAGS else m[0]
+        ),
+        message,
+    )
 
 
 def run(main, table, preset):
     """`app.run(main)`, `preset` of `table` the default `--preset`.
 
     Its values become the flags' defaults too, so that `--help` shows them.
+    A `runs.ConfigError` ends the run with its message in flag names.
     """
-    from absl import app
-
-    from moco_keras import runs
 
     def checked_main(argv):
         try:
             return main(argv)
         except runs.ConfigError as error:
-            raise app.UsageError(str(error)) from None
+            raise app.UsageError(in_flag_names(str(error))) from None
 
     FLAGS.set_default("preset", preset)
-    for name, value in table[preset].items():
+    for name, value in flag_values(table[preset]).items():
         if name in FLAGS:
             FLAGS.set_default(name, value)
     app.run(checked_main)

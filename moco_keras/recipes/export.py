@@ -11,7 +11,7 @@ and returns `features` (`N x 2048` for ResNet-50): the evaluation transform
 with the statistics the encoder was trained with) runs inside. Load it with
 `tf.saved_model.load(DIR)` in any TensorFlow process. For a run of
 `recipes/pretrain`, `--dataset`, `--image_size` and `--crop_fraction`
-default to the run's own (its `flags.json`), so the export preprocesses as
+default to the run's own (its `config.json`), so the export preprocesses as
 the run did; given on the command line, they win. Runs under the
 TensorFlow and JAX backends. `--format=keras_hub` writes a keras-hub preset
 of the backbone instead (any backend).
@@ -22,6 +22,7 @@ import os
 
 from absl import flags
 
+from moco_keras import linear_classification
 from moco_keras import runs
 from moco_keras.recipes import common
 
@@ -37,6 +38,8 @@ flags.DEFINE_enum(
 )
 
 
+# The pretraining run's values the export preprocesses with, in its
+# config's `data` section.
 RUN_FLAGS = ("dataset", "image_size", "crop_fraction")
 
 
@@ -47,10 +50,10 @@ def preprocessing_flags(pretrained, checkpoint):
     run = {}
     # A workdir, or a checkpoint in its checkpoints/ folder.
     for directory in (pretrained, os.path.dirname(os.path.dirname(checkpoint))):
-        path = os.path.join(directory, "flags.json")
+        path = os.path.join(directory, runs.CONFIG_FILE)
         if os.path.isfile(path):
             with open(path) as f:
-                run = json.load(f)
+                run = json.load(f)["data"]
             break
     return {
         name: FLAGS[name].value
@@ -63,8 +66,8 @@ def preprocessing_flags(pretrained, checkpoint):
 def main(argv):
     del argv
     runs.check(FLAGS.output, "--output=DIRECTORY is required.")
-    checkpoint = runs.resolve_pretrained(FLAGS.pretrained)
-    backbone, normalization = runs.load_backbone(checkpoint)
+    checkpoint = linear_classification.resolve_pretrained(FLAGS.pretrained)
+    backbone, normalization = linear_classification.load_backbone(checkpoint)
     values = preprocessing_flags(FLAGS.pretrained, checkpoint)
     mean, std = normalization or runs.dataset_stats(values["dataset"])
     from moco_keras import export
@@ -110,6 +113,6 @@ def main(argv):
 if __name__ == "__main__":
     from moco_keras import presets
 
-    # Without a pretraining run's flags.json: the ImageNet preset's
+    # Without a pretraining run's config.json: the ImageNet preset's
     # preprocessing.
     common.run(main, presets.PRETRAINING, "mocov1")

@@ -18,15 +18,16 @@ layer trains on them (no random crops, so use it with
 `--notrain_augment` semantics in mind); with `--notrain_augment`, the full
 path gives the same result (tested).
 
-The flags are resolved against `--preset` (moco_keras.presets) and run by
-`moco_keras.runs.linear_classification`.
+The flags are put into the `--preset`'s config (moco_keras.presets) by the
+one table `common.FLAGS_TO_CONFIG`, and run by
+`moco_keras.linear_classification.linear_classification`.
 """
 
 from absl import flags
 
+from moco_keras import linear_classification
 from moco_keras import presets
 from moco_keras.recipes import common
-from moco_keras.runs import RUN_DEFAULTS
 
 FLAGS = flags.FLAGS
 
@@ -44,12 +45,12 @@ flags.DEFINE_bool(
 )
 flags.DEFINE_string(
     "val_split",
-    RUN_DEFAULTS["val_split"],
+    None,
     "The tfds split used for validation.",
 )
 flags.DEFINE_integer(
     "val_limit",
-    RUN_DEFAULTS["val_limit"],
+    None,
     "Validate on N validation images drawn at random, each class in "
     "proportion (0: all, as the papers report).",
 )
@@ -60,9 +61,7 @@ DEFAULT_PRESET = "imagenet"
 
 def main(argv):
     del argv
-    from moco_keras import runs
-
-    runs.linear_classification(common.recipe_values([__name__], PRESETS))
+    linear_classification.linear_classification(common.recipe_config(PRESETS))
 
 
 if __name__ == "__main__":

@@ -6,19 +6,19 @@ r"""MoCo v1 / v2 pretraining, with the official script's flags.
 Flags follow `main_moco.py` (`--arch`, `--epochs`, `--batch_size`, `--lr`,
 `--schedule`, `--cos`, `--momentum`, `--wd`, `--moco_dim`, `--moco_k`,
 `--moco_m`, `--moco_t`, `--mlp`, `--aug_plus`) plus the dataset, split BN and
-run-keeping flags, resolved against `--preset` (moco_keras.presets) and run
-by `moco_keras.runs.pretrain`. The workdir gets `flags.json`, `epochs.csv`,
-`curves.png`, `tensorboard/`, `checkpoints/ckpt-<step>.keras` and
-`results.json`. Run the
-same command again after the run dies and it resumes from the newest
-checkpoint, mid-epoch included.
+run-keeping flags, put into the `--preset`'s config (moco_keras.presets) by the
+one table `common.FLAGS_TO_CONFIG`, and run by
+`moco_keras.pretraining.pretrain`. The workdir gets `config.json`,
+`epochs.csv`, `curves.png`, `tensorboard/`, `checkpoints/ckpt-<step>.keras` and
+`results.json`. Run the same command again after the run dies and it resumes
+from the newest checkpoint, mid-epoch included.
 """
 
 from absl import flags
 
 from moco_keras import presets
+from moco_keras import pretraining
 from moco_keras.recipes import common
-from moco_keras.runs import RUN_DEFAULTS
 
 FLAGS = flags.FLAGS
 
@@ -49,13 +49,13 @@ flags.DEFINE_float(
 )
 flags.DEFINE_bool(
     "color_in_model",
-    RUN_DEFAULTS["color_in_model"],
+    None,
     "Run colour jitter, grayscale, blur and normalization batched in the "
     "model (for accelerators); the CPU only decodes, crops and flips.",
 )
 flags.DEFINE_bool(
     "antialias",
-    RUN_DEFAULTS["antialias"],
+    None,
     "Antialias the crops' resize as PIL does in the official code; "
     "--noantialias gives 1.6x the pairs per CPU core of "
     "--color_in_model's CPU half and aliases shrunk crops (BENCHMARKS.md).",
@@ -79,9 +79,7 @@ DEFAULT_PRESET = "mocov1"
 
 def main(argv):
     del argv
-    from moco_keras import runs
-
-    runs.pretrain(common.recipe_values([__name__], PRESETS))
+    pretraining.pretrain(common.recipe_config(PRESETS))
 
 
 if __name__ == "__main__":

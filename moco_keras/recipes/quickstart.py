@@ -2,16 +2,16 @@ r"""Quick start: MoCo v2 on Fashion-MNIST on a CPU, then kNN accuracy.
 
     python -m moco_keras.recipes.quickstart --workdir=runs/quickstart
 
-Runs `pretrain --preset=quickstart` (`moco_keras.runs.pretrain`: a width-16
-ResNet-18 on 28 px views, MoCo v2 with split BN of 8 groups, K 4096, m 0.99,
-T 0.2, crops of half the image or more, cosine lr, 5 epochs of the 60k
+Runs `pretrain --preset=quickstart` (`moco_keras.pretraining.pretrain`: a
+width-16 ResNet-18 on 28 px views, MoCo v2 with split BN of 8 groups, K 4096, m
+0.99, T 0.2, crops of half the image or more, cosine lr, 5 epochs of the 60k
 Fashion-MNIST training images; checkpoints, and resume when run again; the
-values were chosen by `bench/quickstart_search.py`), then prints
-the kNN top-1 (k 200, t 0.1, weighted voting, all 60k training images as
-the bank, the 10k test images) of the trained encoder, of the same encoder
-at random initialisation, and of raw pixels, and the top-1 of a linear
-probe of the trained and of the random backbone (main_lincls.py's
-classifier and optimizer on cached features, `--linear_epochs` epochs):
+values were chosen by `bench/quickstart_search.py`), then prints the kNN top-1
+(k 200, t 0.1, weighted voting, all 60k training images as the bank, the 10k
+test images) of the trained encoder, of the same encoder at random
+initialisation, and of raw pixels, and the top-1 of a linear probe of the
+trained and of the random backbone (main_lincls.py's classifier and optimizer
+on cached features, `--linear_epochs` epochs):
 `moco_keras.evaluation.quickstart`.
 The workdir is a pretraining run's, its `curves.png` the loss and kNN
 curves, and `results.json` and `knn.csv` add the kNN numbers.
@@ -32,9 +32,9 @@ flags.DEFINE_integer(
 
 def main(argv):
     del argv
-    values = common.recipe_values([pretrain.__name__], pretrain.PRESETS)
-    results = evaluation.quickstart(values, flags.FLAGS.linear_epochs)
-    print(evaluation.summary(values, results))
+    config = common.recipe_config(pretrain.PRESETS)
+    results = evaluation.quickstart(config, flags.FLAGS.linear_epochs)
+    print(evaluation.summary(config, results))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,273 @@
+"""MoCo pretraining from one config, as the official `main_moco.py` runs it.
+
+`pretrain(config)` reads top to bottom: check the config, set up the
+workdir and devices, read the data, build `MoCo(encoder, **config["model"])`
+with its optimizer, and `fit` with checkpoints, logs and the kNN monitor,
+resuming the workdir's run where it stopped. The config is a
+`moco_keras.presets.PRETRAINING` preset (`runs.config` changes it); the
+run-keeping is `moco_keras.runs`.
+
+Example:
+
+```python
+from moco_keras import pretraining, presets, runs
+
+config = runs.config(
+    presets.PRETRAINING["quickstart"],
+    run={"workdir": "runs/fmnist"},
+    schedule={"epochs": 1},
+)
+results = pretraining.pretrain(config)
+```
+"""
+
+import re
+import time
+
+import keras
+
+from moco_keras import augment
+from moco_keras import color
+from moco_keras import distribute
+from moco_keras import encoders
+from moco_keras import knn
+from moco_keras import moco
+from moco_keras import pipelines
+from moco_keras import runs
+from moco_keras import training
+from moco_keras.runs import check
+
+
+def check_pretraining(config):
+    """Every contradiction of a pretraining config, before any data is read.
+
+    Returns:
+        The lr milestones as ints.
+    """
+    milestones = runs.check_common(config)
+    batch, k = config["data"]["batch_size"], config["model"]["queue_size"]
+    check(
+        k % batch == 0,
+        f"--moco_k={k} is not divisible by the global --batch_size={batch}; "
+        "the official code asserts it so that each step replaces whole "
+        f"batches of keys. Use e.g. --moco_k={max(batch, k // batch * batch)}.",
+    )
+    encoder = config["encoder"]
+    splits = encoder["bn_splits"]
+    check(
+        splits >= 1 and batch % splits == 0,
+        f"--bn_splits={splits} does not divide the global batch of {batch}: "
+        f"split BN needs equal groups. Pick a divisor of {batch}.",
+    )
+    try:
+        moco.check_arguments(**config["model"])
+    except ValueError as error:
+        # Named as `section.key`, which the recipes print as the flag.
+        argument = re.search(r"Received: (\w+)=", str(error))
+        check(False, f"model.{argument[1] if argument else ''}: {error}")
+    crop_min = config["augmentation"]["crop_min"]
+    check(
+        0 < crop_min <= 1,
+        f"--crop_min is an area fraction in (0, 1]: {crop_min}",
+    )
+    size = config["data"]["image_size"]
+    check(
+        encoder["arch"] != "cifar_resnet18" or size <= 64,
+        "--arch=cifar_resnet18 has the CIFAR stem (no downsampling): use it "
+        f"with small images (--image_size <= 64), not {size}.",
+    )
+    return milestones
+
+
+def augmentation_config(config):
+    """The `augment` preset of the config: v2's (`aug_plus`) or v1's, at the
+    config's size and its dataset's normalization."""
+    views = config["augmentation"]
+    mean, std = runs.dataset_stats(config["data"]["dataset"])
+    overrides = {
+        "size": config["data"]["image_size"],
+        "mean": mean,
+        "std": std,
+        "antialias": views["antialias"],
+        "scale": (views["crop_min"], 1.0),
+    }
+    if views["aug_plus"] and not views["blur"]:
+        overrides["blur_p"] = 0.0
+    name = "mocov2" if views["aug_plus"] else "mocov1"
+    return augment.get_augmentation(name, **overrides)
+
+
+def build_moco(config, milestones, steps_per_epoch, replicas=1):
+    """The compiled MoCo model of a pretraining config.
+
+    Args:
+        replicas: `tf.distribute` replicas the model runs on; each normalizes
+            `bn_splits / replicas` groups of its slice. (JAX's data parallel
+            runs the global batch as one program: its split BN groups, all
+            `bn_splits`, line up with the device shards.)
+    """
+    size = config["data"]["image_size"]
+    seed = config["run"]["seed"]
+    encoder = encoders.get_encoder(
+        config["encoder"]["arch"],
+        width=config["encoder"]["width"],
+        bn_splits=config["encoder"]["bn_splits"] // replicas,
+        input_shape=(size, size, 3),
+    )
+    augmentation = None
+    if config["augmentation"]["color_in_model"]:
+        augmentation = color.ColorAugmentation.from_augmentation(
+            augmentation_config(config), seed=seed
+        )
+    model = moco.MoCo(
+        encoder, **config["model"], augmentation=augmentation, seed=seed
+    )
+    model.compile(
+        optimizer=runs.optimizer(config, milestones, steps_per_epoch),
+        jit_compile=runs.jit_compile(config),
+    )
+    return model
+
+
+def knn_monitor(config):
+    """The kNN callback on `knn.bank` training and `knn.test` val images."""
+    settings = config["knn"]
+    bank, bank_labels, source = runs.evaluation_arrays(
+        config, "train", settings["bank"]
+    )
+    test, test_labels, _ = runs.evaluation_arrays(
+        config, "val", settings["test"]
+    )
+    return knn.KNNMonitor(
+        bank,
+        bank_labels,
+        test,
+        test_labels,
+        len(source.class_names),
+        every=settings["every"],
+        k=settings["k"],
+        t=settings["t"],
+    )
+
+
+def pretrain(config):
+    """MoCo pretraining of `config` in its workdir, resumed if it exists.
+
+    Args:
+        config: a `PRETRAINING` preset with `run.workdir` (`runs.config`).
+
+    Returns:
+        The run's `results.json` as a dict (the chief's; other workers get
+        None): final loss and acc1, the kNN top-1 of the last monitor
+        evaluation, the newest checkpoint, the step it resumed from.
+    """
+    milestones = check_pretraining(config)
+    data, run = config["data"], config["run"]
+    paths, strategy = runs.set_up(config)
+    devices = distribute.device_count(strategy)
+    runs.check_devices(config, devices)
+    check(
+        not config["knn"]["every"] or distribute.process_shard() is None,
+        "The kNN monitor embeds its images in one process; this "
+        "--strategy=data_parallel job has several. Set --knn_every=0 and "
+        "evaluate the checkpoint afterwards (the linear recipe, on one "
+        "host).",
+    )
+    source = runs.data_source(config, "train", data["train_limit"])
+    batch_size = data["batch_size"]
+    steps_per_epoch = source.num_examples // batch_size
+    check(
+        steps_per_epoch >= 1,
+        f"{source.num_examples} training images make no full batch of "
+        f"{batch_size}; lower --batch_size.",
+    )
+    with distribute.scope(strategy):
+        model = build_moco(
+            config,
+            milestones,
+            steps_per_epoch,
+            replicas=devices if strategy is not None else 1,
+        )
+    augmentation = augmentation_config(config)
+    color_in_model = config["augmentation"]["color_in_model"]
+
+    def epoch_dataset(epoch, skip):
+        return distribute.distribute_dataset(
+            strategy,
+            lambda shard: pipelines.two_view_dataset(
+                source,
+                augmentation,
+                batch_size,
+                seed=run["seed"],
+                color_in_model=color_in_model,
+                epoch=epoch,
+                skip_batches=skip,
+                shard=shard,
+            ),
+        )
+
+    extra = [knn_monitor(config)] if config["knn"]["every"] else []
+    views = None
+    fresh = training.latest_checkpoint(paths["checkpoints"])[0] is None
+    if paths["chief"] and fresh:
+        # A new run shows the views of epoch 0's first images (before the
+        # in-model colour ops with color_in_model), from a pipeline of its
+        # own so that the training pipeline's draws stay as they are.
+        views = next(
+            iter(
+                pipelines.two_view_dataset(
+                    source,
+                    augmentation,
+                    min(batch_size, 8),
+                    seed=run["seed"],
+                    color_in_model=color_in_model,
+                    epoch=0,
+                )
+            )
+        )
+    version = "v2" if config["augmentation"]["aug_plus"] else "v1"
+    run_callbacks = runs.callbacks(
+        paths,
+        steps_per_epoch,
+        config,
+        f"MoCo {version} pretraining",
+        extra=extra,
+        queue_size=config["model"]["queue_size"],
+        views=views,
+    )
+    epochs = config["schedule"]["epochs"]
+    print(
+        f"MoCo pretraining: {source.num_examples} images, {epochs} epochs "
+        f"of {steps_per_epoch} steps, backend {keras.backend.backend()}, "
+        f"strategy {run['strategy']} over {devices} device(s), workdir "
+        f"{run['workdir']}"
+    )
+    started = time.time()
+    start_step = runs.fit(
+        model, epoch_dataset, config, steps_per_epoch, paths, run_callbacks
+    )
+    if not paths["chief"]:
+        print("Done (this worker writes nothing; the chief has the results).")
+        return None
+    columns = training.read_csv_log(paths["csv"])
+    results = {
+        "final_loss": columns.get("loss", [None])[-1],
+        "final_acc1": columns.get("acc1", [None])[-1],
+        "epochs": epochs,
+        "resumed_from_step": start_step,
+        "seconds_this_session": round(time.time() - started, 1),
+        "backend": keras.backend.backend(),
+        "strategy": run["strategy"],
+        "devices": devices,
+        "checkpoint": training.latest_checkpoint(paths["checkpoints"])[0],
+    }
+    if extra:
+        results["knn_top1"] = (
+            extra[0].accuracies[-1][1] if (extra[0].accuracies) else None
+        )
+    runs.write_json_atomically(paths["results"], results)
+    print(
+        f"Done: loss {results['final_loss']:.4f}, acc1 "
+        f"{results['final_acc1']:.2f}; checkpoint {results['checkpoint']}"
+    )
+    return results
