@@ -5,10 +5,12 @@ BIN := $(VENV)/bin
 BACKENDS ?= tensorflow jax torch
 # The ten slowest tests of each backend close its report.
 PYTEST_ARGS ?= --durations=10
-# Test processes per backend (pytest-xdist), a file to each: on 2 cores two
-# of them overlap one's imports, process starts and waits with the other's
-# compute (the TF suite: 20.5 min in one, 11.8 in two, same machine and day;
-# 2026-12-01, tiered suite: 685 s in two, 787 s in three).
+# Test processes per backend (pytest-xdist): on 2 cores two of them overlap
+# one's imports, process starts and waits with the other's compute (the TF
+# suite: 20.5 min in one, 11.8 in two, same machine and day; 2026-12-01,
+# tiered suite: 685 s in two, 787 s in three). A test at a time to the first
+# process free (the long process tests first, conftest.py), tests that share
+# a module fixture as one group (`xdist_group`).
 PYTEST_WORKERS ?= 2
 # The quick start runs on any backend (make demo DEMO_BACKEND=jax); on a CPU,
 # TensorFlow trains it as fast as torch and embeds faster (BENCHMARKS.md).
@@ -46,7 +48,7 @@ test: venv lint fashion-mnist
 	@set -e; for backend in $(BACKENDS); do \
 	  echo "=== KERAS_BACKEND=$$backend"; \
 	  KERAS_BACKEND=$$backend $(BIN)/python -m pytest \
-	    -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS); \
+	    -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS); \
 	done
 
 lint: venv

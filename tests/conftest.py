@@ -12,7 +12,9 @@ torch (`make test` runs all three). Two tiers:
   backend whose code path it is there to check.
 
 A test deselected under a backend is not skipped: `make test` runs it under
-its own.
+its own. Tests that share a module-scoped fixture (one smoke run, one
+generated folder) carry `@pytest.mark.xdist_group(NAME)`, so that `make
+test`'s `--dist loadgroup` runs them in one process and builds it once.
 """
 
 import atexit
@@ -67,7 +69,12 @@ def pytest_collection_modifyitems(config, items):
             deselected.append(item)
     if deselected:
         config.hook.pytest_deselected(items=deselected)
-        items[:] = selected
+    # The process tests first: each takes seconds to minutes, the
+    # in-process ones about a second, so under `--dist loadgroup` the two
+    # test processes start on the long ones and even out on the short ones
+    # (the same order in every process, as pytest-xdist requires).
+    selected.sort(key=lambda item: item.get_closest_marker("process") is None)
+    items[:] = selected
 
 
 @pytest.fixture(autouse=True)

@@ -50,6 +50,7 @@ def mirrored():
 @pytest.mark.slow
 @pytest.mark.process
 @pytest.mark.backends("tensorflow")
+@pytest.mark.xdist_group("mirrored")
 def test_mirrored_step_equals_split_bn_on_one_device(mirrored):
     result = mirrored[0]
     assert result["replicas"] == 4
@@ -69,6 +70,7 @@ def test_mirrored_step_equals_split_bn_on_one_device(mirrored):
 @pytest.mark.slow
 @pytest.mark.process
 @pytest.mark.backends("tensorflow")
+@pytest.mark.xdist_group("mirrored")
 def test_mirrored_replicas_draw_their_own_colours_and_one_permutation(
     mirrored,
 ):
@@ -85,6 +87,7 @@ def test_mirrored_replicas_draw_their_own_colours_and_one_permutation(
 @pytest.mark.slow
 @pytest.mark.process
 @pytest.mark.backends("tensorflow")
+@pytest.mark.xdist_group("mirrored")
 def test_mirrored_replicas_keep_one_queue(mirrored):
     result = mirrored[1]
     assert result["replica_queues"] == 0.0

@@ -105,6 +105,7 @@ def smoke_run(tmp_path_factory):
 
 @pytest.mark.process
 @pytest.mark.backends("tensorflow")
+@pytest.mark.xdist_group("smoke_run")
 def test_smoke_run_writes_the_whole_workdir(smoke_run):
     names = set(os.listdir(smoke_run))
     assert {
@@ -146,6 +147,7 @@ def test_smoke_run_writes_the_whole_workdir(smoke_run):
 
 @pytest.mark.process
 @pytest.mark.backends("tensorflow")
+@pytest.mark.xdist_group("smoke_run")
 def test_killed_run_resumes_to_the_same_weights(smoke_run, tmp_path):
     workdir = str(tmp_path / "run")
     first = os.path.join(workdir, "checkpoints", "ckpt-000000002.keras")
@@ -184,6 +186,7 @@ def test_killed_run_resumes_to_the_same_weights(smoke_run, tmp_path):
 
 @pytest.mark.process
 @pytest.mark.backends("tensorflow")
+@pytest.mark.xdist_group("smoke_run")
 def test_rerun_with_other_values_stops_and_more_epochs_resume(
     smoke_run, tmp_path
 ):
@@ -216,6 +219,7 @@ def test_rerun_with_other_values_stops_and_more_epochs_resume(
 
 @pytest.mark.process
 @pytest.mark.backends("tensorflow")
+@pytest.mark.xdist_group("smoke_run")
 def test_lincls_fast_path_agrees_with_the_full_path(smoke_run, tmp_path):
     common_args = [
         "--flagfile=recipes/lincls_smoke.flags",

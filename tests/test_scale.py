@@ -108,6 +108,7 @@ def classes_of_views(views):
     return distance.argmin(1)
 
 
+@pytest.mark.xdist_group("sorted_folder")
 def test_pretraining_batches_hold_as_many_classes_as_a_uniform_draw(
     sorted_folder,
 ):
@@ -134,6 +135,7 @@ def test_pretraining_batches_hold_as_many_classes_as_a_uniform_draw(
     assert not np.array_equal(epochs[0][0], epochs[1][0])  # a new order
 
 
+@pytest.mark.xdist_group("sorted_folder")
 def test_linear_classification_batches_are_uniform_too(sorted_folder):
     source = datasets.image_folder(str(sorted_folder), split="train")
     augmentation = pipelines.linear_augmentation(8, (0.0,) * 3, (1.0,) * 3)
@@ -172,6 +174,7 @@ def test_linear_classification_batches_are_uniform_too(sorted_folder):
     )
 
 
+@pytest.mark.xdist_group("sorted_folder")
 def test_train_limit_and_knn_bank_are_stratified_draws(sorted_folder):
     values = recipe_defaults(
         dataset="folder",
