@@ -17,18 +17,13 @@ started with, which `lincls` and `export` read back), `epochs.csv`,
 from its newest checkpoint, mid-epoch included, provided the config differs
 only in `RESUMABLE` (`check_resume`); a finished run only reports.
 
-Example:
+Example (a run of it: `moco_keras.pretraining`):
 
-```python
-from moco_keras import pretraining, presets, runs
-
-config = runs.config(
-    presets.PRETRAINING["quickstart"],
-    run={"workdir": "runs/fmnist"},
-    schedule={"epochs": 1},
-)
-results = pretraining.pretrain(config)
-```
+>>> mocov2 = config(presets.PRETRAINING["mocov2"], model={"queue_size": 4096})
+>>> mocov2["model"]["queue_size"], mocov2["model"]["temperature"]
+(4096, 0.2)
+>>> presets.PRETRAINING["mocov2"]["model"]["queue_size"]  # unchanged
+65536
 """
 
 import json
