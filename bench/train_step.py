@@ -159,7 +159,7 @@ def torch_step_fn(
 def keras_step_fn(
     model_name, spec, threads, jit, part="step", bf16=False, data_format=None
 ):
-    if os.environ["KERAS_BACKEND"] == "tensorflow":
+    if threads and os.environ["KERAS_BACKEND"] == "tensorflow":
         import tensorflow as tf
 
         tf.config.threading.set_intra_op_parallelism_threads(threads)
@@ -182,6 +182,9 @@ def keras_step_fn(
             # statistics (and update the key encoder's moving ones).
             return self.head(self.encoder(images, training=True), training=True)
 
+    # Keras' JAX trainer runs the step op by op unless it is jitted; a
+    # JAX user's step is always jitted (`runs.jit_compile`), so is this one.
+    jit = jit or keras.backend.backend() == "jax"
     keras.utils.set_random_seed(0)
     if bf16:
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
@@ -222,7 +225,8 @@ def keras_step_fn(
     else:
         model = KeyForward(model.encoder_k, model.head_k)
         model.compile(jit_compile=jit)
-        pairs = repeated(x_k)
+        # A tuple: Keras takes a generator's batches as (inputs,) tuples.
+        pairs = repeated((x_k,))
 
     class Timer(keras.callbacks.Callback):
         """Seconds from the end of the warm-up batches to the last batch."""
@@ -280,6 +284,7 @@ def keras_step_fn(
             )
         return timer.seconds
 
+    steps.model = model
     return steps
 
 

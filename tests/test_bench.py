@@ -13,6 +13,8 @@ import subprocess
 import sys
 
 # bench/ is on pytest's path (pyproject.toml), as on a script's of its own.
+import gpu
+import keras
 import learning
 import numpy as np
 import pytest
@@ -214,9 +216,20 @@ def test_gpu_benchmark_tiny(tmp_path, backend):
         assert "Input pipeline: skipped" in table, table
 
 
-def test_gpu_benchmark_skips_what_is_not_installed(monkeypatch):
-    import gpu
+@pytest.mark.parametrize("part", ["step", "supervised", "keys"])
+def test_the_benchmarked_keras_step_compiles_as_the_recipes_do(part):
+    """Keras' JAX trainer runs an uncompiled step op by op: the benchmark
+    times the compiled one, as `runs.jit_compile` gives the recipes."""
+    import train_step
 
+    spec = {**gpu.TINY, "batch": 4}
+    steps = train_step.keras_step_fn("cifar18", spec, 0, jit=False, part=part)
+    jax = keras.backend.backend() == "jax"
+    assert steps.model.jit_compile == jax
+    steps(1)  # and it runs
+
+
+def test_gpu_benchmark_skips_what_is_not_installed(monkeypatch):
     monkeypatch.setattr(
         gpu.importlib.util,
         "find_spec",
