@@ -100,14 +100,23 @@ def two_view_dataset(
             .unbatch()
         )
         batch_size = share
-    dataset = dataset.map(
-        lambda key, pair_seed: augment.two_crops(
+
+    # Traced as written, not through AutoGraph: the views branch with
+    # `tf.cond` and `switch_case` themselves, and AutoGraph's rewrite of
+    # their code was most of the time a process's first pipeline took to
+    # build.
+    @tf.autograph.experimental.do_not_convert
+    def views(key, pair_seed):
+        return augment.two_crops(
             source.read(key)[0],
             pair_seed,
             augmentation,
             source.encoded,
             color_in_model=color_in_model,
-        ),
+        )
+
+    dataset = dataset.map(
+        views,
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
     )
