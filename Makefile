@@ -6,11 +6,10 @@ BACKENDS ?= tensorflow jax torch
 # The ten slowest tests of each backend close its report.
 PYTEST_ARGS ?= --durations=10
 # Test processes per backend (pytest-xdist): on 2 cores two of them overlap
-# one's imports, process starts and waits with the other's compute (the TF
-# suite: 20.5 min in one, 11.8 in two, same machine and day; 2026-12-01,
-# tiered suite: 685 s in two, 787 s in three). A test at a time to the first
-# process free (the long process tests first, conftest.py), tests that share
-# a module fixture as one group (`xdist_group`).
+# one's imports, process starts and waits with the other's compute, each
+# with its share of the cores as threads (conftest.py). A test at a time to
+# the first process free (the long process tests first), tests that share a
+# module fixture as one group (`xdist_group`).
 PYTEST_WORKERS ?= 2
 # The quick start runs on any backend (make demo DEMO_BACKEND=jax); on a CPU,
 # TensorFlow trains it as fast as torch and embeds faster (BENCHMARKS.md).

@@ -5,7 +5,9 @@ torch (`make test` runs all three). Two tiers:
 
 - in-process tests (tiny, fast) run under every backend, except a test of
   one backend's own machinery (tf.distribute, JAX's data parallel), which
-  carries `@pytest.mark.backends(...)`;
+  carries `@pytest.mark.backends(...)`, and a test of tf.data and numpy
+  code alone, where no backend enters (`support.tf_data_only`: the
+  TensorFlow suite's);
 - process tests (`@pytest.mark.process`: a recipe, notebook, benchmark or
   command in a fresh Python, seconds to minutes each) must name the
   backend(s) where they run with `backends(...)`: each runs once, under the
@@ -29,6 +31,20 @@ import tempfile
 os.environ["XLA_FLAGS"] = (
     f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0"
 ).strip()
+
+# Each test process's share of the cores as its thread count (1 for
+# `make test`'s 2 processes on 2 cores), in it and the programs it starts:
+# torch's OpenMP threads spin while they wait, so two processes of 2
+# threads each on 2 cores spend much of their time spinning.
+_threads = str(
+    max(
+        1,
+        len(os.sched_getaffinity(0))
+        // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")),
+    )
+)
+for _name in ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS"):
+    os.environ.setdefault(_name, _threads)
 
 # One persistent JAX compilation cache for the suite's run: its workers and
 # the processes they start inherit the folder, so a train step that several

@@ -17,11 +17,17 @@ import sys
 
 import keras
 import numpy as np
+import pytest
 
 from moco_keras import MoCo
 from moco_keras import SplitBatchNormalization
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A test of tf.data and numpy code alone (sources, pipelines, crops), where
+# no Keras backend enters: it runs once, in the TensorFlow suite, as any
+# test marked with the backends it checks (conftest.py).
+tf_data_only = pytest.mark.backends("tensorflow")
 
 
 @contextlib.contextmanager

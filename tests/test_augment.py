@@ -3,8 +3,11 @@ import math
 import numpy as np
 import pytest
 import tensorflow as tf
+from support import tf_data_only
 
 from moco_keras import augment
+
+pytestmark = tf_data_only
 
 
 def seeds(n, offset=0):

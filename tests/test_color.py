@@ -15,6 +15,7 @@ from keras import ops
 from support import dense_encoder
 from support import make_moco
 from support import run_serialization_test
+from support import tf_data_only
 
 from moco_keras import augment
 from moco_keras import color
@@ -315,6 +316,7 @@ def test_bad_arguments_are_refused():
         augment.get_augmentation("mocov2", grayscale_p=-0.1)
 
 
+@tf_data_only
 def test_the_pipeline_applies_the_colour_half_to_its_crops():
     """tf.data's full views are the uint8 crops of the split path, then the
     colour half with each image's own draws."""

@@ -10,10 +10,13 @@ import pytest
 from PIL import Image
 from support import fake_fashion_mnist
 from support import register_tfds_dataset
+from support import tf_data_only
 
 from moco_keras import augment
 from moco_keras import datasets
 from moco_keras import pipelines
+
+pytestmark = tf_data_only
 
 SMALL = augment.get_augmentation("cifar", size=16)
 

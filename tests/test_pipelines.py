@@ -7,6 +7,7 @@ import pytest
 from support import conv_bn_encoder
 from support import fake_fashion_mnist
 from support import make_moco
+from support import tf_data_only
 
 from moco_keras import augment
 from moco_keras import datasets
@@ -15,6 +16,7 @@ from moco_keras import pipelines
 SMALL = augment.get_augmentation("cifar", size=16)
 
 
+@tf_data_only
 def test_same_seed_same_batches_new_epoch_new_views(tmp_path):
     fake_fashion_mnist(str(tmp_path), n_train=32, n_test=4)
     source = datasets.fashion_mnist("train", str(tmp_path))
@@ -32,6 +34,7 @@ def test_same_seed_same_batches_new_epoch_new_views(tmp_path):
     assert not np.allclose(epoch1, epoch2)
 
 
+@tf_data_only
 def test_worker_shards_split_every_global_batch(tmp_path):
     """Under several workers each reads its share of every global batch:
     the same images and views as the one-worker batch, none twice, in

@@ -18,12 +18,15 @@ import pytest
 from PIL import Image
 from support import recipe_defaults
 from support import register_tfds_dataset
+from support import tf_data_only
 
 from moco_keras import augment
 from moco_keras import color
 from moco_keras import datasets
 from moco_keras import pipelines
 from moco_keras import pretraining
+
+pytestmark = tf_data_only
 
 CLASSES, PER_CLASS, VAL_PER_CLASS = 100, 300, 4
 BATCH = 256
