@@ -240,6 +240,7 @@ def test_convert_command_then_linear_classification(tmp_path):
         f"--pretrained={output}",
         f"--workdir={workdir}",
         "--train_limit=512",
+        "--val_limit=1000",
         "--epochs=1",
         "--cos",
     )
