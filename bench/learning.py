@@ -90,7 +90,7 @@ def load(protocol):
     )
     augmentation = augment.get_augmentation(
         "cifar",
-        scale=(0.2, 1.0),
+        scale=(QUICKSTART["augmentation"]["crop_min"], 1.0),
         mean=datasets.FASHION_MNIST_MEAN,
         std=datasets.FASHION_MNIST_STD,
     )

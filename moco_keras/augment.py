@@ -30,12 +30,13 @@ import tensorflow as tf
 from moco_keras import color
 from moco_keras.color import IMAGENET_MEAN
 from moco_keras.color import IMAGENET_STD
+from moco_keras.presets import VIEWS
 
 
 def _preset(**overrides):
     config = {
         "size": 224,
-        "scale": (0.2, 1.0),
+        "scale": (VIEWS["crop_min"], 1.0),
         "ratio": (3.0 / 4.0, 4.0 / 3.0),
         "jitter": (0.4, 0.4, 0.4, 0.1),
         "jitter_p": 0.8,
@@ -47,7 +48,7 @@ def _preset(**overrides):
         # False: plain bilinear where a crop shrinks, about 1.6x the pairs
         # per core of the split path's CPU half, at a measured cost in
         # fidelity to the official views (BENCHMARKS.md).
-        "antialias": True,
+        "antialias": VIEWS["antialias"],
         "mean": IMAGENET_MEAN,
         "std": IMAGENET_STD,
     }

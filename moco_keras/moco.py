@@ -26,6 +26,7 @@ from keras import layers
 from keras import ops
 
 from moco_keras import distribute
+from moco_keras.presets import MOCOV1
 from moco_keras.presets import PRESETS
 
 
@@ -83,14 +84,15 @@ class MoCo(keras.Model):
     ['acc1', 'acc5', 'loss']
     """
 
+    # The defaults are MoCo v1's, as `presets.MOCOV1` writes them.
     def __init__(
         self,
         encoder,
-        dim=128,
-        mlp=False,
-        queue_size=65536,
-        momentum=0.999,
-        temperature=0.07,
+        dim=MOCOV1["dim"],
+        mlp=MOCOV1["mlp"],
+        queue_size=MOCOV1["queue_size"],
+        momentum=MOCOV1["momentum"],
+        temperature=MOCOV1["temperature"],
         augmentation=None,
         seed=None,
         **kwargs,

@@ -1,12 +1,14 @@
 """MoCo v1 and v2, and the runs built on them, as plain dicts.
 
-Each value is written once, here, at one of two levels:
+Each value is written once, here, at one of three levels:
 
 - `MOCOV1`, `MOCOV2` (`PRESETS`): `MoCo` constructor arguments. The values
   of the papers and the official code (facebookresearch/moco
   `main_moco.py`): v1 (arXiv 1911.05722) has a linear head and temperature
   0.07; v2 (arXiv 2003.04297) a 2-layer MLP head and temperature 0.2. Both
   use 128-d features, a queue of 65536 keys and key encoder momentum 0.999.
+- `VIEWS`: the official views' crop and resize, which the views of
+  `augment.AUGMENTATIONS` and the runs below share.
 - `PRETRAINING`, `LINEAR_CLASSIFICATION`: whole runs, one section per part
   of the library that takes them, each section's keys its arguments:
 
@@ -51,6 +53,12 @@ MOCOV2 = {**MOCOV1, "mlp": True, "temperature": 0.2}
 
 PRESETS = {"mocov1": MOCOV1, "mocov2": MOCOV2}
 
+# The official views' crop and resize (`main_moco.py`), which
+# `augment.AUGMENTATIONS` and the runs' `augmentation` sections both take:
+# RandomResizedCrop's smallest area fraction (MoCo v3's --crop-min), and the
+# crops' resize antialiased as PIL's.
+VIEWS = {"crop_min": 0.2, "antialias": True}
+
 # How a run executes, for every protocol; none of it changes what it learns
 # but `seed`.
 RUN = {
@@ -89,13 +97,10 @@ _MOCOV1_IMAGENET = {
     "augmentation": {
         "aug_plus": False,
         "blur": True,
-        # RandomResizedCrop's smallest area fraction (MoCo v3's --crop-min).
-        "crop_min": 0.2,
+        **VIEWS,
         # Colour jitter, grayscale, blur and normalization batched in the
         # model (for accelerators); the CPU only decodes, crops and flips.
         "color_in_model": False,
-        # The crops' resize antialiased as PIL's in the official code.
-        "antialias": True,
     },
     "data": _IMAGENET,
     "optimizer": {

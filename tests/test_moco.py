@@ -1,3 +1,4 @@
+import inspect
 import math
 import os
 import subprocess
@@ -50,6 +51,9 @@ def test_presets_follow_the_papers():
         "temperature": 0.07,
     }
     assert MOCOV2 == {**MOCOV1, "mlp": True, "temperature": 0.2}
+    # `MoCo(encoder)` is MoCo v1.
+    defaults = inspect.signature(MoCo).parameters
+    assert {name: defaults[name].default for name in MOCOV1} == MOCOV1
     model = MoCo.from_preset("mocov2", dense_encoder(), queue_size=16)
     assert (model.dim, model.mlp, model.queue_size) == (128, True, 16)
     assert (model.momentum, model.temperature) == (0.999, 0.2)
