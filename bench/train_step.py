@@ -169,6 +169,7 @@ def keras_step_fn(
     from moco_keras import MoCo
     from moco_keras import encoders
     from moco_keras import optimizers
+    from moco_keras import runs
 
     class KeyForward(keras.Model):
         """The key encoder and head in training mode, run by `predict`."""
@@ -182,9 +183,9 @@ def keras_step_fn(
             # statistics (and update the key encoder's moving ones).
             return self.head(self.encoder(images, training=True), training=True)
 
-    # Keras' JAX trainer runs the step op by op unless it is jitted; a
-    # JAX user's step is always jitted (`runs.jit_compile`), so is this one.
-    jit = jit or keras.backend.backend() == "jax"
+    # Compiled as the recipes compile it: under JAX always (Keras' JAX
+    # trainer runs an uncompiled step op by op).
+    jit = runs.jit_compile({"run": {"jit_compile": jit}})
     keras.utils.set_random_seed(0)
     if bf16:
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
