@@ -48,6 +48,7 @@ import tempfile
 import time
 
 import numpy as np
+import tables
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = (
@@ -406,9 +407,10 @@ def main():
         )
     text = report(args, results, skipped, rates)
     print(text)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(text + "\n")
+    devices = {r["device"] for r in results.values() if r.get("device")}
+    tables.write(
+        args.output, "gpu", text, gpu=", ".join(sorted(devices)) or None
+    )
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import sys
 import time
 
 import numpy as np
+import tables
 
 from moco_keras import presets
 from moco_keras.recipes import common
@@ -429,6 +430,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--output", default="bench/results")
+    parser.add_argument(
+        "--markdown",
+        help="write the tables into this file's section (BENCHMARKS.md) "
+        "instead of --output's learning.md",
+    )
     parser.add_argument("--threads", type=int, default=0)
     for key in ("train_images", "epochs", "eval_every", "bank", "test"):
         parser.add_argument(f"--{key}", type=int, default=PROTOCOL[key])
@@ -508,8 +514,12 @@ def main():
     pixels = raw_pixels(protocol)
     text = report(protocol, records, pixels)
     print(text)
-    with open(os.path.join(args.output, "learning.md"), "w") as f:
-        f.write(text + "\n")
+    tables.write(
+        args.markdown or os.path.join(args.output, "learning.md"),
+        "learning",
+        text + "\n\n![kNN top-1 during pretraining, per configuration]"
+        "(bench/results/learning.png)",
+    )
     with open(os.path.join(args.output, "learning.json"), "w") as f:
         json.dump(
             {"protocol": protocol, "raw_pixels": pixels, "records": records},

@@ -14,7 +14,9 @@ halves of the split pipeline: (c) the tf.data part alone
 (`color_in_model=True`: decode, crop, resize, flip, uint8 out) on one
 thread, also without antialiasing (`antialias=False`, the resize that
 aliases where a crop shrinks), and (d) `color.ColorAugmentation`, the part
-that runs in the model on an accelerator, here on the CPU.
+that runs in the model on an accelerator, here on the CPU. Last (e) the
+CPU half without TensorFlow (`moco_keras.views`: PIL and grain), in this
+process and in one grain worker per core.
 """
 
 import argparse
@@ -25,6 +27,7 @@ import tempfile
 import time
 
 import numpy as np
+import tables
 from PIL import Image
 from PIL import ImageEnhance
 from PIL import ImageFilter
@@ -166,6 +169,35 @@ def run_ours(
     return count / (time.perf_counter() - start)
 
 
+def run_grain(root, seconds, workers, batch_size=32):
+    """Pairs/s of the TensorFlow-free crop half (`views.two_view_batches`:
+    PIL decode, crop, resize, flip; uint8 out), in this process (one core)
+    or in `workers` grain worker processes."""
+    from moco_keras import datasets
+    from moco_keras import views
+
+    folder = datasets.image_folder(root)
+    # One long epoch of the files repeated: grain starts its workers once
+    # an epoch, which a real epoch of thousands of batches amortizes.
+    repeats = 200
+    source = datasets.Source(
+        np.tile(folder.paths_or_arrays, repeats),
+        np.tile(folder.labels, repeats),
+        folder.class_names,
+        encoded=True,
+    )
+    config = views.get_augmentation("mocov2")
+    iterator = iter(
+        views.two_view_batches(source, config, batch_size, workers=workers)
+    )
+    next(iterator)  # the workers' start and the first fills are not throughput
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        q, _ = next(iterator)
+        count += len(q)
+    return count / (time.perf_counter() - start)
+
+
 def run_color_layer(seconds, batch_size=32):
     """Pairs/s of `color.ColorAugmentation` alone on 224 px uint8 crops.
 
@@ -224,6 +256,8 @@ def main():
             "split, CPU half (1 thread)": [],
             "split, CPU half, --noantialias (1 thread)": [],
             "split, colour layer (CPU)": [],
+            "grain, PIL CPU half (in process, 1 core)": [],
+            f"grain, PIL CPU half ({cores} workers)": [],
         }
         for _ in range(args.rounds):
             results["baseline (1 core)"].append(
@@ -248,6 +282,12 @@ def main():
             results["split, colour layer (CPU)"].append(
                 run_color_layer(args.seconds)
             )
+            results["grain, PIL CPU half (in process, 1 core)"].append(
+                run_grain(root, args.seconds, 0)
+            )
+            results[f"grain, PIL CPU half ({cores} workers)"].append(
+                run_grain(root, args.seconds, cores)
+            )
     lines = [
         f"MoCo v2 two-crop pairs/s, 224 px, {args.files} JPEGs ~500x375, "
         f"{args.rounds} rounds of {args.seconds:.0f} s, {cores} cores",
@@ -264,9 +304,7 @@ def main():
         )
     text = "\n".join(lines)
     print(text)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(text + "\n")
+    tables.write(args.output, "pipeline", text)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import os
 import tempfile
 import time
 
+import tables
 import tensorflow as tf
 from pipeline import make_jpegs
 
@@ -42,6 +43,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--files", type=int, default=128)
     parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--output", help="also write the table here (md)")
     args = parser.parse_args()
     config = augment.get_augmentation("mocov2")
     aliased = {**config, "antialias": False}
@@ -86,9 +88,11 @@ def main():
         for name in sorted(os.listdir(folder)):
             with open(os.path.join(folder, name), "rb") as f:
                 blobs.append(f.read())
-    print("| what the map does (1 thread) | pairs/s |\n|---|---|")
+    lines = ["| what the map does (1 thread) | pairs/s |", "|---|---|"]
     for name, function in functions.items():
-        print(f"| {name} | {rate(blobs, function, args.seconds):.1f} |")
+        lines.append(f"| {name} | {rate(blobs, function, args.seconds):.1f} |")
+        print(lines[-1], flush=True)
+    tables.write(args.output, "pipeline_parts", "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import os
 import tempfile
 
 import numpy as np
+import tables
 import tensorflow as tf
 from PIL import Image
 from pipeline import make_jpegs
@@ -28,6 +29,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--files", type=int, default=64)
     parser.add_argument("--views", type=int, default=8)
+    parser.add_argument("--output", help="also write the table here (md)")
     args = parser.parse_args()
     config = augment.get_augmentation("mocov2")
     size = config["size"]
@@ -56,19 +58,22 @@ def main():
                     ours = np.clip(np.round(ours), 0, 255)
                     errors[key].append(np.abs(ours - pil).ravel())
     views = args.files * args.views
-    print(
+    lines = [
         f"{views} MoCo v2 views ({args.files} JPEGs ~500x375, {size} px); "
-        f"{100 * shrinks / views:.0f} % of the crops shrink.\n"
-    )
-    print("| resize | mean abs diff to PIL | 99th pct | PSNR dB |")
-    print("|---|---|---|---|")
+        f"{100 * shrinks / views:.0f} % of the crops shrink.",
+        "",
+        "| resize | mean abs diff to PIL | 99th pct | PSNR dB |",
+        "|---|---|---|---|",
+    ]
     for key, values in errors.items():
         diff = np.concatenate(values)
         psnr = 10 * np.log10(255.0**2 / max(np.mean(diff**2), 1e-12))
-        print(
+        lines.append(
             f"| {key} | {diff.mean():.2f} | {np.percentile(diff, 99):.0f} "
             f"| {psnr:.1f} |"
         )
+    print("\n".join(lines))
+    tables.write(args.output, "resize_fidelity", "\n".join(lines))
 
 
 if __name__ == "__main__":

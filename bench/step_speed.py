@@ -5,8 +5,8 @@ r"""Quick MoCo training-step speed of the quick start's network, per backend.
 A width-16 CIFAR ResNet-18 (split BN, 8 groups), MoCo v2 head, K 4096, batch
 256 of 32 px images already in memory (no input pipeline): images per second
 of `model.fit` over 6 steps after a 2-step warm-up, and of the encoder's
-`predict` on 10,000 images (what the kNN evaluation does). The full side-by-side
-benchmark against a PyTorch step is issue 5's `bench/train_step.py`.
+`predict` on 10,000 images (what the kNN evaluation does). The side-by-side
+benchmark against the official PyTorch step is `bench/train_step.py`.
 """
 
 import argparse

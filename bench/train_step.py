@@ -7,8 +7,9 @@ Images per second and peak resident memory of one whole training step
 (query forward and backward, momentum update, shuffled key forward, loss,
 SGD step, enqueue) for:
 
-- this package's `MoCo` under KERAS_BACKEND=tensorflow (with and without
-  XLA `jit_compile`), jax and torch, through `model.fit` on one in-memory
+- this package's `MoCo` under KERAS_BACKEND=tensorflow (as TensorFlow
+  starts on the CPU, with its oneDNN kernels on, and with XLA
+  `jit_compile`), jax and torch, through `model.fit` on one in-memory
   batch repeated;
 - the same step in plain PyTorch (`bench/torch_moco.py`, written as the
   official `moco/builder.py` and `main_moco.py` write it: same architecture,
@@ -39,12 +40,20 @@ import sys
 import time
 
 import numpy as np
+import tables
 
 MODELS = {
     "resnet50": dict(size=112, batch=32, queue=65536, splits=1, width=64),
     "cifar18": dict(size=32, batch=256, queue=4096, splits=8, width=16),
 }
-CONFIGS = ("torch-plain", "tensorflow", "tensorflow-xla", "jax", "torch")
+CONFIGS = (
+    "torch-plain",
+    "tensorflow",
+    "tensorflow-onednn",
+    "tensorflow-xla",
+    "jax",
+    "torch",
+)
 # Opt-in: the torch backend with the encoders channels-last, the layout it
 # ran in before the encoders followed the backend (`encoders.resnet`'s
 # `data_format`), to measure what the layout is worth.
@@ -378,6 +387,13 @@ def measure(args, cores, config, part):
             os.path.dirname(os.path.abspath(__file__))
         ),
     }
+    if config.startswith("tensorflow"):
+        # TensorFlow's oneDNN kernels: its own default (on only where the
+        # CPU has AVX-512), whatever the caller's environment says, except
+        # for "tensorflow-onednn", which turns them on.
+        env.pop("TF_ENABLE_ONEDNN_OPTS", None)
+        if config.endswith("-onednn"):
+            env["TF_ENABLE_ONEDNN_OPTS"] = "1"
     command = [
         "taskset",
         "-c",
@@ -502,9 +518,7 @@ def main():
             results[key].append(measure(args, cores, *key))
     text = report(args, results)
     print(text)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(text + "\n")
+    tables.write(args.output, f"train_step_{args.model}", text)
 
 
 if __name__ == "__main__":
