@@ -28,71 +28,11 @@ import math
 import tensorflow as tf
 
 from moco_keras import color
-from moco_keras.color import IMAGENET_MEAN
-from moco_keras.color import IMAGENET_STD
-from moco_keras.presets import VIEWS
 
-
-def _preset(**overrides):
-    config = {
-        "size": 224,
-        "scale": (VIEWS["crop_min"], 1.0),
-        "ratio": (3.0 / 4.0, 4.0 / 3.0),
-        "jitter": (0.4, 0.4, 0.4, 0.1),
-        "jitter_p": 0.8,
-        "grayscale_p": 0.2,
-        "grayscale_first": False,
-        "blur_p": 0.5,
-        "blur_sigma": (0.1, 2.0),
-        "flip": True,
-        # False: plain bilinear where a crop shrinks, about 1.6x the pairs
-        # per core of the split path's CPU half, at a measured cost in
-        # fidelity to the official views (BENCHMARKS.md).
-        "antialias": VIEWS["antialias"],
-        "mean": IMAGENET_MEAN,
-        "std": IMAGENET_STD,
-    }
-    config.update(overrides)
-    return config
-
-
-AUGMENTATIONS = {
-    # v1 applies grayscale before an always-on jitter with hue 0.4.
-    "mocov1": _preset(
-        jitter=(0.4, 0.4, 0.4, 0.4),
-        jitter_p=1.0,
-        grayscale_first=True,
-        blur_p=0.0,
-    ),
-    "mocov2": _preset(),
-    # The official CIFAR-10 demo: RandomResizedCrop(32) with torchvision's
-    # default scale, v2 colour, no blur, CIFAR statistics.
-    "cifar": _preset(
-        size=32,
-        scale=(0.08, 1.0),
-        blur_p=0.0,
-        mean=(0.4914, 0.4822, 0.4465),
-        std=(0.2023, 0.1994, 0.2010),
-    ),
-}
-
-
-def get_augmentation(name, **overrides):
-    """A copy of preset `name` ("mocov1", "mocov2", "cifar") with overrides."""
-    if name not in AUGMENTATIONS:
-        raise ValueError(
-            f"Unknown augmentation {name!r}; expected one of "
-            f"{sorted(AUGMENTATIONS)}."
-        )
-    unknown = set(overrides) - set(AUGMENTATIONS[name])
-    if unknown:
-        raise ValueError(
-            f"Unknown augmentation arguments {sorted(unknown)}; expected some "
-            f"of {sorted(AUGMENTATIONS[name])}."
-        )
-    config = {**AUGMENTATIONS[name], **overrides}
-    color.validate(config)
-    return config
+# The views' presets live with the TensorFlow-free crop half, so that a
+# host without TensorFlow has them too; here for the tf.data pipelines.
+from moco_keras.views import AUGMENTATIONS  # noqa: F401
+from moco_keras.views import get_augmentation  # noqa: F401
 
 
 def _uniform(seed, low, high, shape=()):
@@ -247,8 +187,9 @@ def two_crops(image_or_contents, seed, config, encoded, color_in_model=False):
     )
     image = image_or_contents
     if encoded:
-        # One full decode serves both crops: measured on ~500 x 375 JPEGs,
-        # it costs less than two `decode_and_crop_jpeg` calls (BENCHMARKS.md).
+        # One full decode serves both crops: on ImageNet-sized JPEGs it costs
+        # less than two `decode_and_crop_jpeg` calls, the windowed decode
+        # saving little.
         # Any format TF reads, whatever the file name says; grayscale and
         # CMYK JPEGs come out as RGB.
         image = tf.io.decode_image(

@@ -14,7 +14,6 @@ import logging
 import os
 
 import numpy as np
-import tensorflow as tf
 
 logger = logging.getLogger("moco_keras")
 
@@ -62,8 +61,14 @@ class Source:
             path), False if it is a decoded uint8 `H x W x C` array.
 
     Attributes:
-        items: the `items` as one tensor (`tf.string` paths, or uint8).
-        encoded, class_names, labels (numpy int32), num_examples.
+        paths_or_arrays: the `items` as one numpy array (paths as bytes, or
+            uint8 images); `items` is the same as one TensorFlow tensor, made on
+            first use (the tf.data pipelines; a TensorFlow-free reader such
+            as `moco_keras.views` takes the numpy one).
+        labels: numpy int32 labels.
+        class_names: as given.
+        encoded: as given.
+        num_examples: the number of images.
     """
 
     def __init__(self, items, labels, class_names, encoded):
@@ -77,13 +82,33 @@ class Source:
         self.class_names = tuple(class_names)
         self.encoded = encoded
         self.num_examples = len(labels)
-        # Built outside any tf.function, so that every pipeline (and every
-        # epoch's) captures the same tensors instead of a copy of them.
-        with tf.init_scope():
-            self.items = tf.convert_to_tensor(
-                list(items) if encoded else np.asarray(items)
-            )
-            self._labels = tf.convert_to_tensor(labels)
+        # Paths as bytes: numpy's str arrays take 4 bytes a character, a
+        # 1.28M-path ImageNet list several times the memory (BENCHMARKS.md,
+        # the data order's Source row).
+        self.paths_or_arrays = (
+            np.asarray([os.fsencode(item) for item in items], np.bytes_)
+            if encoded
+            else np.asarray(items)
+        )
+        self._tensors = None
+
+    def _tf_tensors(self):
+        """`(items, labels)` as TensorFlow tensors, made once and outside any
+        tf.function, so that every pipeline (and every epoch's) captures the
+        same tensors instead of a copy of them."""
+        if self._tensors is None:
+            import tensorflow as tf
+
+            with tf.init_scope():
+                self._tensors = (
+                    tf.convert_to_tensor(self.paths_or_arrays),
+                    tf.convert_to_tensor(self.labels),
+                )
+        return self._tensors
+
+    @property
+    def items(self):
+        return self._tf_tensors()[0]
 
     def order(self, seed=0, epoch=None, shuffle=True):
         """The indices of one pass over the images, as a `tf.data.Dataset`.
@@ -95,6 +120,8 @@ class Source:
         by a shuffle whose buffer holds every index. `shuffle=False`: the
         stored order.
         """
+        import tensorflow as tf
+
         n = self.num_examples
         if not shuffle:
             return tf.data.Dataset.range(n)
@@ -106,14 +133,19 @@ class Source:
 
     def read(self, index):
         """`(image, label)` of one index: the file's bytes, or the array."""
-        item = tf.gather(self.items, index)
+        import tensorflow as tf
+
+        items, labels = self._tf_tensors()
+        item = tf.gather(items, index)
         if self.encoded:
             item = tf.io.read_file(item)
-        return item, tf.gather(self._labels, index)
+        return item, tf.gather(labels, index)
 
     @property
     def dataset(self):
         """Every `(image, label)`, in the stored order."""
+        import tensorflow as tf
+
         return self.order(shuffle=False).map(
             self.read, num_parallel_calls=tf.data.AUTOTUNE
         )
@@ -125,7 +157,7 @@ class Source:
             return self
         indices = stratified_indices(self.labels, count, seed)
         return Source(
-            tf.gather(self.items, indices).numpy(),
+            self.paths_or_arrays[indices],
             self.labels[indices],
             self.class_names,
             self.encoded,
@@ -510,6 +542,7 @@ class TfdsSource:
         self.labels = None
 
     def _records(self, shuffle_files, read_config=None):
+        import tensorflow as tf
         import tensorflow_datasets as tfds
 
         image_key, label_key = self._keys
@@ -589,7 +622,8 @@ def tfds_source(
         split: a tfds split, e.g. "train" or "validation".
         data_dir: where tfds keeps (or builds) its datasets.
         download: build the dataset first if it is not there yet.
-        image_key, label_key: the feature names of the image and the label.
+        image_key: the feature name of the image.
+        label_key: the feature name of the label.
         shuffle_buffer: records in the shuffle that follows the shuffled
             files (encoded images: about 110 kB each on ImageNet).
     """

@@ -11,6 +11,7 @@ the programs in `tests/scripts`, which the process tests start with
 import contextlib
 import glob
 import gzip
+import math
 import os
 import subprocess
 import sys
@@ -66,10 +67,7 @@ def dense_encoder(input_shape=(4, 4, 3), features=8, name="dense_encoder"):
 def conv_bn_encoder(bn_splits=1, size=8):
     """Two conv-BN-ReLU blocks and a global pool: split BN where a ResNet has
     it (groups, moving statistics, the key shuffle's effect) without a
-    ResNet's build and trace time. Measured 2026-12-02 against the CIFAR
-    ResNet-18 (width 2) it replaced: test_moco, test_knn, test_pipelines
-    and test_runs 133 s -> 68 s (TensorFlow), 93 s -> 76 s (JAX); the
-    4-replica mirrored script 47 s -> 14 s. Real ResNets are tested in
+    ResNet's build and trace time. Real ResNets are tested in
     test_encoders.py, test_convert.py and the recipes' tests."""
     inputs = keras.Input((size, size, 3), name="images")
     x = inputs
@@ -231,3 +229,23 @@ def tensorboard_events(directory):
                     array = float(array)
                 found.setdefault(value.tag, []).append((event.step, array))
     return found
+
+
+def torchvision_mean_area(height, width, n=20000, scale=(0.2, 1.0)):
+    """Mean area fraction of torchvision's RandomResizedCrop.get_params
+    (ratio 3/4 to 4/3), its loop run in Python: the reference of the crop
+    windows of both crop halves (tf.data and PIL)."""
+    rng = np.random.default_rng(0)
+    total = 0.0
+    for _ in range(n):
+        for _ in range(10):
+            target = height * width * rng.uniform(*scale)
+            aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+            w = round(math.sqrt(target * aspect))
+            h = round(math.sqrt(target / aspect))
+            if 0 < w <= width and 0 < h <= height:
+                total += w * h
+                break
+        else:
+            total += height * width  # ratio 4/3 is in range: whole image
+    return total / n / (height * width)

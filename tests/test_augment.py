@@ -1,11 +1,11 @@
-import math
-
 import numpy as np
 import pytest
 import tensorflow as tf
 from support import tf_data_only
+from support import torchvision_mean_area
 
 from moco_keras import augment
+from moco_keras import color
 
 pytestmark = tf_data_only
 
@@ -23,30 +23,12 @@ def test_presets_follow_the_official_code():
     for config in (v1, v2):
         assert config["size"] == 224 and config["scale"] == (0.2, 1.0)
         assert config["grayscale_p"] == 0.2 and config["flip"]
-        assert config["mean"] == augment.IMAGENET_MEAN
+        assert config["mean"] == color.IMAGENET_MEAN
     assert augment.AUGMENTATIONS["cifar"]["size"] == 32
     with pytest.raises(ValueError, match="Unknown augmentation arguments"):
         augment.get_augmentation("mocov2", blur=1.0)
     with pytest.raises(ValueError, match="Unknown augmentation 'simclr'"):
         augment.get_augmentation("simclr")
-
-
-def _torchvision_mean_area(height, width, n=20000):
-    """Mean area fraction of torchvision's RandomResizedCrop.get_params."""
-    rng = np.random.default_rng(0)
-    total = 0.0
-    for _ in range(n):
-        for _ in range(10):
-            target = height * width * rng.uniform(0.2, 1.0)
-            aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-            w = round(math.sqrt(target * aspect))
-            h = round(math.sqrt(target / aspect))
-            if 0 < w <= width and 0 < h <= height:
-                total += w * h
-                break
-        else:
-            total += height * width  # ratio 4/3 is in range: whole image
-    return total / n / (height * width)
 
 
 @pytest.mark.parametrize("count", [None, 2])
@@ -72,7 +54,7 @@ def test_random_resized_crop_area_and_ratio(count):
     assert area.min() < 0.25 and area.max() > 0.9  # the whole range is used
     # Large crops often miss the ratio range and are drawn again, which
     # lowers the mean area: compare with torchvision's loop, run in Python.
-    assert abs(area.mean() - _torchvision_mean_area(240, 320)) < 0.03
+    assert abs(area.mean() - torchvision_mean_area(240, 320)) < 0.03
     assert len({(t, le) for t, le in zip(top, left, strict=True)}) > 700
 
 

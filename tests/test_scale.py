@@ -205,6 +205,10 @@ def test_train_limit_and_knn_bank_are_stratified_draws(sorted_folder):
     assert np.bincount(subset.labels).tolist() == [10] * CLASSES
     other = source.subset(1000, seed=1)
     assert b"_" in subset.items.numpy()[0]  # paths, kept as paths
+    # As bytes: numpy's str arrays take 4 bytes a character (ImageNet's
+    # 1.28M paths: 536 MiB against 212, BENCHMARKS.md).
+    assert source.paths_or_arrays.dtype.kind == "S"
+    assert subset.paths_or_arrays.dtype.kind == "S"
     assert not np.array_equal(subset.items.numpy(), other.items.numpy())
     # Fewer images than classes: as many classes as images.
     assert len(np.unique(source.subset(64, seed=0).labels)) == 64

@@ -1,0 +1,319 @@
+"""MoCo's views: their presets (`AUGMENTATIONS`), the crop half in numpy
+and PIL without TensorFlow, and a grain pipeline of two-view batches from a
+`datasets.Source`.
+
+`AUGMENTATIONS` holds `mocov1`, `mocov2` and `cifar` (the official CIFAR
+demo) as plain dicts, which the tf.data path (`moco_keras.augment`, which
+re-exports them), this one and the colour half (`color.ColorAugmentation`)
+all take; `get_augmentation` copies one with overrides.
+
+The official loader (`main_moco.py`) builds each view with torchvision's
+transforms on PIL images: RandomResizedCrop (PIL's bilinear resize, which
+antialiases when it shrinks), the colour ops, then RandomHorizontalFlip.
+This module does the crop and the flip as torchvision does them, on the
+CPU, into uint8 views; the colour half runs in the model
+(`color.ColorAugmentation`), where the accelerator batches it. Flip
+commutes with every colour op and the symmetric blur, so the views are the
+official ones.
+
+Every draw of an image's two views is a function of `(seed, epoch, index)`
+(`view_rng`): the same in any process, on any worker, after any resume.
+
+Example:
+
+    >>> import numpy as np
+    >>> from moco_keras import augment
+    >>> image = np.zeros((40, 30, 3), np.uint8)
+    >>> views = augment.AUGMENTATIONS["mocov2"]
+    >>> view_q, view_k = two_crops(image, view_rng(0, 0, 7), views)
+    >>> view_q.shape, view_q.dtype
+    ((224, 224, 3), dtype('uint8'))
+"""
+
+import io
+import math
+
+import numpy as np
+
+from moco_keras import color
+from moco_keras import datasets
+from moco_keras.color import IMAGENET_MEAN
+from moco_keras.color import IMAGENET_STD
+from moco_keras.presets import VIEWS
+
+
+def _preset(**overrides):
+    config = {
+        "size": 224,
+        "scale": (VIEWS["crop_min"], 1.0),
+        "ratio": (3.0 / 4.0, 4.0 / 3.0),
+        "jitter": (0.4, 0.4, 0.4, 0.1),
+        "jitter_p": 0.8,
+        "grayscale_p": 0.2,
+        "grayscale_first": False,
+        "blur_p": 0.5,
+        "blur_sigma": (0.1, 2.0),
+        "flip": True,
+        # False: plain bilinear where a crop shrinks, more pairs per core
+        # for the split path's CPU half at a measured cost in fidelity to
+        # the official views (BENCHMARKS.md).
+        "antialias": VIEWS["antialias"],
+        "mean": IMAGENET_MEAN,
+        "std": IMAGENET_STD,
+    }
+    config.update(overrides)
+    return config
+
+
+AUGMENTATIONS = {
+    # v1 applies grayscale before an always-on jitter with hue 0.4.
+    "mocov1": _preset(
+        jitter=(0.4, 0.4, 0.4, 0.4),
+        jitter_p=1.0,
+        grayscale_first=True,
+        blur_p=0.0,
+    ),
+    "mocov2": _preset(),
+    # The official CIFAR-10 demo: RandomResizedCrop(32) with torchvision's
+    # default scale, v2 colour, no blur, CIFAR statistics.
+    "cifar": _preset(
+        size=32,
+        scale=(0.08, 1.0),
+        blur_p=0.0,
+        mean=(0.4914, 0.4822, 0.4465),
+        std=(0.2023, 0.1994, 0.2010),
+    ),
+}
+
+
+def get_augmentation(name, **overrides):
+    """A copy of preset `name` ("mocov1", "mocov2", "cifar") with overrides."""
+    if name not in AUGMENTATIONS:
+        raise ValueError(
+            f"Unknown augmentation {name!r}; expected one of "
+            f"{sorted(AUGMENTATIONS)}."
+        )
+    unknown = set(overrides) - set(AUGMENTATIONS[name])
+    if unknown:
+        raise ValueError(
+            f"Unknown augmentation arguments {sorted(unknown)}; expected some "
+            f"of {sorted(AUGMENTATIONS[name])}."
+        )
+    config = {**AUGMENTATIONS[name], **overrides}
+    color.validate(config)
+    return config
+
+
+def view_rng(seed, epoch, index):
+    """The generator of one image's draws in one epoch."""
+    return np.random.default_rng([seed, epoch, int(index)])
+
+
+def crop_window(rng, height, width, scale, ratio):
+    """torchvision's `RandomResizedCrop.get_params`: `(top, left, h, w)`.
+
+    The area fraction ~ U(scale) and the log aspect ratio ~ U(log ratio);
+    the first of 10 tries that fits is taken, else the center crop clamped
+    to `ratio`.
+    """
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect_ratio = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect_ratio)))
+        h = int(round(math.sqrt(target_area / aspect_ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def decode(image):
+    """An RGB PIL image from encoded bytes or a uint8 `H x W (x C)` array."""
+    from PIL import Image
+
+    if isinstance(image, (bytes, bytearray)):
+        picture = Image.open(io.BytesIO(image))
+    else:
+        array = np.asarray(image)
+        if array.ndim == 3 and array.shape[-1] == 1:
+            array = array[..., 0]
+        picture = Image.fromarray(array)
+    return picture.convert("RGB")
+
+
+def resized_crop(picture, window, size, antialias=True):
+    """The window of `picture` resized to `size x size`, uint8: PIL's
+    bilinear resize, as torchvision's `resized_crop` on a PIL image (which
+    filters over the shrunk pixels); `antialias=False` samples the crop
+    bilinearly at the output pixels' centres, without a filter."""
+    from PIL import Image
+
+    top, left, h, w = window
+    crop = picture.crop((left, top, left + w, top + h))
+    if not antialias:
+        return _bilinear_sample(np.asarray(crop), size)
+    return np.asarray(crop.resize((size, size), Image.BILINEAR), np.uint8)
+
+
+def _bilinear_sample(array, size):
+    """Bilinear interpolation at the output pixels' centres, no filter."""
+    h, w = array.shape[:2]
+    ys = (np.arange(size) + 0.5) * h / size - 0.5
+    xs = (np.arange(size) + 0.5) * w / size - 0.5
+    ys, xs = np.clip(ys, 0, h - 1), np.clip(xs, 0, w - 1)
+    y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
+    y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
+    fy, fx = (ys - y0)[:, None, None], (xs - x0)[None, :, None]
+    a = array.astype(np.float32)
+    top = a[y0][:, x0] * (1 - fx) + a[y0][:, x1] * fx
+    bottom = a[y1][:, x0] * (1 - fx) + a[y1][:, x1] * fx
+    out = top * (1 - fy) + bottom * fy
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def two_crops(image, rng, augmentation):
+    """Two views of one image: RandomResizedCrop and horizontal flip each,
+    uint8 `size x size x 3`, the draws taken from `rng` in a fixed order
+    (window 1, flip 1, window 2, flip 2).
+
+    Args:
+        image: encoded bytes (JPEG, PNG, ...) or a uint8 array.
+        rng: a `numpy.random.Generator` (`view_rng`).
+        augmentation: an `augment.AUGMENTATIONS` dict: its `size`,
+            `scale`, `ratio`, `flip` and `antialias` are used here, the
+            colour entries by `color.ColorAugmentation` in the model.
+    """
+    picture = decode(image)
+    width, height = picture.size
+    views = []
+    for _ in range(2):
+        window = crop_window(
+            rng, height, width, augmentation["scale"], augmentation["ratio"]
+        )
+        view = resized_crop(
+            picture, window, augmentation["size"], augmentation["antialias"]
+        )
+        # Drawn with or without `flip`, so that both views' windows are
+        # the same draws either way.
+        coin = rng.uniform()
+        if augmentation["flip"] and coin < 0.5:
+            view = view[:, ::-1]
+        views.append(np.ascontiguousarray(view))
+    return tuple(views)
+
+
+class TwoViews:
+    """`index -> (view_q, view_k)` of a source's images in one epoch: a
+    picklable map for grain's worker processes."""
+
+    def __init__(self, source, augmentation, seed, epoch):
+        self.items = source.paths_or_arrays
+        self.encoded = source.encoded
+        self.augmentation = dict(augmentation)
+        self.seed, self.epoch = seed, epoch
+
+    def __call__(self, index):
+        item = self.items[index]
+        if self.encoded:
+            with open(item, "rb") as f:
+                item = f.read()
+        rng = view_rng(self.seed, self.epoch, index)
+        return two_crops(item, rng, self.augmentation)
+
+
+def epoch_indices(num_examples, batch_size, seed, epoch, shard=None):
+    """The image indices this process reads in epoch `epoch`, batch by batch.
+
+    The epoch's order is `datasets.permutation` (uniform, a function of
+    `(seed, epoch)`); the last partial global batch is dropped; with
+    `shard=(i, n)` process i of n takes the i-th block of
+    `batch_size / n` rows of every global batch, so that the processes'
+    shares in order are the one-process batch.
+
+    Returns:
+        An int array `steps x (batch_size / n)`.
+    """
+    index, count = shard or (0, 1)
+    if batch_size % count:
+        raise ValueError(
+            f"The global batch of {batch_size} does not split into {count} "
+            f"processes' equal shares. Use a multiple of {count}."
+        )
+    steps = num_examples // batch_size
+    if steps == 0:
+        raise ValueError(
+            f"{num_examples} images make no whole batch of {batch_size}: "
+            "use a smaller batch or more images."
+        )
+    order = datasets.permutation(num_examples, seed, epoch)
+    share = batch_size // count
+    batches = order[: steps * batch_size].reshape(steps, batch_size)
+    return batches[:, index * share : (index + 1) * share]
+
+
+def two_view_batches(
+    source,
+    augmentation,
+    batch_size,
+    seed=0,
+    epoch=0,
+    skip_batches=0,
+    shard=None,
+    workers=0,
+):
+    """One epoch of `(view_q, view_k)` uint8 batches through grain.
+
+    The same batches as `pipelines.two_view_dataset(...,
+    color_in_model=True, epoch=epoch)` reads in order and shape, with the
+    crop half in PIL: for a host without TensorFlow. The colour half goes
+    in the model (`color.ColorAugmentation`).
+
+    Args:
+        source: a `datasets.Source` (folders, arrays).
+        augmentation: an `augment.AUGMENTATIONS` dict.
+        batch_size: the global batch.
+        seed: int, with `epoch` fixes the order and every draw.
+        epoch: the epoch whose order and draws these are.
+        skip_batches: start at this batch of the epoch (a resumed run).
+        shard: `(process index, process count)`: this process's rows.
+        workers: grain worker processes (0: in this process).
+
+    Returns:
+        A grain dataset: iterate it, or pass it to `model.fit`.
+    """
+    import grain
+
+    indices = epoch_indices(
+        source.num_examples, batch_size, seed, epoch, shard
+    )[skip_batches:]
+    dataset = (
+        grain.MapDataset.source(indices.ravel().tolist())
+        .map(TwoViews(source, augmentation, seed, epoch))
+        .batch(indices.shape[1], drop_remainder=True, batch_fn=_stack_pairs)
+    )
+    if workers:
+        from absl import flags
+
+        # grain's worker processes read grain's absl flags: outside an absl
+        # app (a notebook, a test) they would be unparsed; their defaults
+        # are what is meant.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        dataset = dataset.to_iter_dataset().mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=workers)
+        )
+    return dataset
+
+
+def _stack_pairs(pairs):
+    return tuple(np.stack(views) for views in zip(*pairs, strict=True))

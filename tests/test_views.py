@@ -1,0 +1,208 @@
+"""The TensorFlow-free crop half (`moco_keras.views`) and its grain batches.
+
+numpy, PIL and grain alone (no Keras backend enters), for hosts without
+TensorFlow: run once, under the torch suite. The tf.data path is the
+reference where it is compared.
+"""
+
+import math
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+from support import torchvision_mean_area
+
+from moco_keras import augment
+from moco_keras import datasets
+from moco_keras import views
+
+pytestmark = pytest.mark.backends("torch")
+
+MOCOV2 = augment.AUGMENTATIONS["mocov2"]
+
+
+def test_crop_windows_follow_torchvisions_area_and_ratio():
+    rng = np.random.default_rng(0)
+    windows = np.array(
+        [
+            views.crop_window(rng, 240, 320, (0.2, 1.0), (3 / 4, 4 / 3))
+            for _ in range(4000)
+        ]
+    )
+    top, left, h, w = windows.T
+    assert np.all(top >= 0) and np.all(left >= 0)
+    assert np.all(top + h <= 240) and np.all(left + w <= 320)
+    area, ratio = h * w / (240 * 320), w / h
+    assert area.min() > 0.19 and area.max() <= 1.0
+    assert ratio.min() > 0.74 and ratio.max() < 1.35
+    # torchvision's loop: the area ~ U(0.2, 1) among the windows that fit
+    # on the first try, large ones redrawn when their ratio does not fit.
+    expected = torchvision_mean_area(240, 320)
+    assert abs(area.mean() - expected) < 0.01, (area.mean(), expected)
+    # The log ratio is uniform: its quartiles at a quarter of the range.
+    log_ratio = np.log(ratio[area < 0.5])  # small windows always fit
+    quartiles = np.quantile(log_ratio, [0.25, 0.5, 0.75])
+    span = math.log(4 / 3) - math.log(3 / 4)
+    expected = math.log(3 / 4) + span * np.array([0.25, 0.5, 0.75])
+    np.testing.assert_allclose(quartiles, expected, atol=0.03)
+
+
+def test_a_crop_that_never_fits_falls_back_to_a_center_crop():
+    rng = np.random.default_rng(0)
+    window = views.crop_window(rng, 10, 1000, (0.9, 1.0), (3 / 4, 4 / 3))
+    assert window == (0, (1000 - 13) // 2, 10, 13)
+
+
+def _photo(height=375, width=500, seed=0):
+    """A smooth random field with sharp edges, like a photo's detail."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (height // 16, width // 16, 3), np.uint8)
+    smooth = np.asarray(
+        Image.fromarray(small).resize((width, height), Image.BICUBIC)
+    ).astype(np.int32)
+    edges = (np.indices((height, width)).sum(0) // 23 % 2) * 60
+    return np.clip(smooth + edges[..., None] - 30, 0, 255).astype(np.uint8)
+
+
+def test_the_same_window_gives_the_tf_data_view_within_a_level():
+    """PIL's bilinear resize (the official loader's) against the tf.data
+    path's antialiased resize, on windows that shrink and that enlarge."""
+    import tensorflow as tf
+
+    image = _photo()
+    picture = views.decode(image)
+    rng = np.random.default_rng(2)
+    differences = []
+    for _ in range(16):
+        window = views.crop_window(rng, 375, 500, (0.2, 1.0), (3 / 4, 4 / 3))
+        ours = views.resized_crop(picture, window, 224).astype(np.float32)
+        top, left, h, w = window
+        crop = tf.constant(image[top : top + h, left : left + w], tf.float32)
+        theirs = augment._resize(crop, 224, True).numpy()
+        theirs = np.clip(np.round(theirs), 0, 255)
+        differences.append(np.abs(ours - theirs).mean())
+    assert max(differences) < 1.0, differences
+
+
+def test_without_antialias_the_view_is_tf_datas_plain_bilinear():
+    import tensorflow as tf
+
+    image = _photo(seed=3)
+    picture = views.decode(image)
+    window = (10, 20, 300, 400)  # shrinks to 224
+    ours = views.resized_crop(picture, window, 224, antialias=False)
+    crop = tf.constant(image[10:310, 20:420], tf.float32)
+    theirs = tf.image.resize(crop, (224, 224), "bilinear").numpy()
+    theirs = np.clip(np.round(theirs), 0, 255)
+    assert np.abs(ours - theirs).max() <= 1
+
+
+def test_two_crops_flip_half_the_views_and_a_seed_fixes_them():
+    image = _photo(64, 64, seed=4)
+    config = {**MOCOV2, "size": 32}
+    flips = 0
+    for index in range(1000):
+        q, k = views.two_crops(image, views.view_rng(0, 0, index), config)
+        assert q.shape == k.shape == (32, 32, 3) and q.dtype == np.uint8
+        # The same draws without the flip: a view differs where it flipped.
+        plain = views.two_crops(
+            image, views.view_rng(0, 0, index), {**config, "flip": False}
+        )
+        for view, unflipped in zip((q, k), plain, strict=True):
+            if not np.array_equal(view, unflipped):
+                np.testing.assert_array_equal(view, unflipped[:, ::-1])
+                flips += 1
+    # 2000 views, p 0.5: within 4.5 standard deviations (22).
+    assert abs(flips - 1000) < 100, flips
+    first = views.two_crops(image, views.view_rng(0, 0, 5), config)
+    again = views.two_crops(image, views.view_rng(0, 0, 5), config)
+    assert all(np.array_equal(a, b) for a, b in zip(again, first, strict=True))
+    other = views.two_crops(image, views.view_rng(0, 1, 5), config)
+    assert not np.array_equal(other[0], first[0])  # another epoch's draw
+
+
+def _source(count=96, classes=4, size=20):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (count, size, size, 1), np.uint8)
+    labels = np.arange(count) % classes
+    return datasets.image_array_source(images, labels, list("abcd")[:classes])
+
+
+def test_batches_are_the_epochs_order_and_resume_and_shard():
+    source = _source()
+    config = {**MOCOV2, "size": 16}
+
+    def batches(**kwargs):
+        return [
+            tuple(np.asarray(v) for v in b)
+            for b in views.two_view_batches(
+                source, config, 32, seed=3, **kwargs
+            )
+        ]
+
+    whole = batches(epoch=1)
+    assert len(whole) == 3  # 96 images, batch 32
+    q, k = whole[0]
+    assert q.shape == k.shape == (32, 16, 16, 3) and q.dtype == np.uint8
+    # Batch b holds the epoch's permutation, rows 32 b to 32 b + 31.
+    order = datasets.permutation(96, 3, 1)
+    expected = views.TwoViews(source, config, 3, 1)(order[40])
+    np.testing.assert_array_equal(whole[1][0][8], expected[0])
+    np.testing.assert_array_equal(whole[1][1][8], expected[1])
+    # A resume from batch 1 reads the rest of the same epoch.
+    resumed = batches(epoch=1, skip_batches=1)
+    for again, full in zip(resumed, whole[1:], strict=True):
+        np.testing.assert_array_equal(again[0], full[0])
+    # Two processes' blocks, side by side, are the one-process batch.
+    first, second = (
+        batches(epoch=1, shard=(0, 2)),
+        batches(epoch=1, shard=(1, 2)),
+    )
+    for a, b, full in zip(first, second, whole, strict=True):
+        np.testing.assert_array_equal(np.concatenate([a[0], b[0]]), full[0])
+    # Another epoch: another order.
+    assert not np.array_equal(batches(epoch=2)[0][0], whole[0][0])
+
+
+def test_worker_processes_give_the_same_batches():
+    source = _source(64)
+    config = {**MOCOV2, "size": 16}
+    inline = list(views.two_view_batches(source, config, 16, epoch=0))
+    pooled = list(
+        views.two_view_batches(source, config, 16, epoch=0, workers=2)
+    )
+    assert len(pooled) == len(inline) == 4
+    for a, b in zip(pooled, inline, strict=True):
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_a_class_sorted_folder_mixes_as_a_uniform_draw():
+    """100 classes of 300 images, sorted: the classes in each batch of 256
+    of the grain path's order, against a uniform draw's expectation."""
+    labels = np.repeat(np.arange(100), 300)
+    rows = views.epoch_indices(len(labels), 256, seed=0, epoch=0)
+    distinct = np.array([len(set(labels[r])) for r in rows])
+    # Drawing 256 of 30000 without replacement, 300 of each of 100 classes.
+    p_absent = math.comb(30000 - 300, 256) / math.comb(30000, 256)
+    expected = 100 * (1 - p_absent)
+    assert abs(distinct.mean() - expected) < 0.5, (distinct.mean(), expected)
+    other = views.epoch_indices(len(labels), 256, seed=0, epoch=1)
+    assert not np.array_equal(rows, other)
+
+
+def test_jpeg_files_are_read_and_bad_batches_refused(tmp_path):
+    folder = tmp_path / "train" / "cat"
+    os.makedirs(folder)
+    for index in range(8):
+        Image.fromarray(_photo(48, 64, seed=index)).save(
+            folder / f"{index}.jpg"
+        )
+    source = datasets.image_folder(str(tmp_path / "train"))
+    ((q, k),) = list(views.two_view_batches(source, {**MOCOV2, "size": 24}, 8))
+    assert q.shape == (8, 24, 24, 3)
+    with pytest.raises(ValueError, match="no whole batch of 16"):
+        views.two_view_batches(source, MOCOV2, 16)
+    with pytest.raises(ValueError, match="multiple of 3"):
+        views.two_view_batches(source, MOCOV2, 8, shard=(0, 3))
