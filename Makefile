@@ -11,19 +11,17 @@ PYTEST_ARGS ?= --durations=10
 # the first process free (the long process tests first), tests that share a
 # module fixture as one group (`xdist_group`).
 PYTEST_WORKERS ?= 2
-# The quick start runs on any backend (make demo DEMO_BACKEND=jax); on a CPU,
-# TensorFlow trains it as fast as torch and embeds faster (BENCHMARKS.md).
+# The quick start runs on any backend (make demo DEMO_BACKEND=jax).
 DEMO_BACKEND ?= tensorflow
 DEMO_ARGS ?=
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 # TensorFlow's oneDNN kernels, which it turns on by itself only on CPUs
-# with AVX-512: about 2x faster steps on an AVX2-only AMD EPYC. Exported to
-# every command here (the suite imports TensorFlow before moco_keras could
+# with AVX-512, for AVX2-only CPUs too. Exported to every command here (the suite imports TensorFlow before moco_keras could
 # set it); a value in the environment wins.
 export TF_ENABLE_ONEDNN_OPTS ?= 1
 
-.PHONY: venv test lint demo fashion-mnist bench bench-gpu clean
+.PHONY: venv test lint demo fashion-mnist docs bench bench-gpu bench-suite clean
 
 venv: $(VENV)/.installed
 
@@ -32,7 +30,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[cpu,jax,torch,test]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[cpu,jax,torch,test,docs]"
 	# keras-hub (export --format=keras_hub) without its dependency chain
 	# tensorflow-text -> tensorflow, whose wheel clashes with tensorflow-cpu:
 	# the packages its import needs, pinned, with --no-deps.
@@ -54,25 +52,28 @@ lint: venv
 	$(BIN)/ruff check moco_keras tests bench
 	$(BIN)/ruff format --check moco_keras tests bench
 
-# The main job: MoCo v2 on Fashion-MNIST, then kNN accuracy (~8 min on 2 cores).
+# The main job: MoCo v2 on Fashion-MNIST, then kNN accuracy (README, Results).
 demo: venv fashion-mnist
 	KERAS_BACKEND=$(DEMO_BACKEND) $(BIN)/python -m moco_keras.recipes.quickstart \
 	  --workdir=runs/quickstart $(DEMO_ARGS)
 
-# All three benchmarks of BENCHMARKS.md, tables and plot into bench/results/
-# (about 2 h 30 on 2 cores, most of it the learning benchmark's four runs).
+# The CPU benchmarks, each table into its section of BENCHMARKS.md, the
+# learning runs' records and plot into bench/results/ (hours on 2 cores,
+# most of it the learning benchmark's four runs).
 # BENCH_ARGS go to the learning benchmark, e.g. --configs=torch-plain,tensorflow
 BENCH_ARGS ?=
 bench: venv fashion-mnist
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[bench]"
 	mkdir -p bench/results
-	KERAS_BACKEND=tensorflow $(BIN)/python bench/pipeline.py \
-	  --output=bench/results/pipeline.md
-	$(BIN)/python bench/train_step.py --model=cifar18 --runs=3 \
-	  --parts=step,supervised,keys --output=bench/results/train_step_cifar18.md
+	KERAS_BACKEND=tensorflow $(BIN)/python bench/pipeline.py --output=BENCHMARKS.md
+	KERAS_BACKEND=tensorflow $(BIN)/python bench/pipeline_parts.py --output=BENCHMARKS.md
+	KERAS_BACKEND=tensorflow $(BIN)/python bench/resize_fidelity.py --output=BENCHMARKS.md
+	KERAS_BACKEND=tensorflow $(BIN)/python bench/shuffle.py --output=BENCHMARKS.md
+	$(BIN)/python bench/train_step.py --model=cifar18 --runs=3 --output=BENCHMARKS.md
 	$(BIN)/python bench/train_step.py --model=resnet50 --runs=2 --steps=4 \
-	  --output=bench/results/train_step_resnet50.md
-	$(BIN)/python bench/learning.py --output=bench/results $(BENCH_ARGS)
+	  --output=BENCHMARKS.md
+	$(BIN)/python bench/learning.py --output=bench/results --markdown=BENCHMARKS.md \
+	  $(BENCH_ARGS)
 
 # The MoCo v2 step on one GPU per Keras backend against plain PyTorch, then the
 # input pipeline on this host's cores (bench/gpu.py; under 8 minutes on one
@@ -82,7 +83,15 @@ GPU_ARGS ?=
 bench-gpu: venv
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[bench]"
 	mkdir -p bench/results
-	$(BIN)/python bench/gpu.py --output=bench/results/gpu.md $(GPU_ARGS)
+	$(BIN)/python bench/gpu.py --output=BENCHMARKS.md $(GPU_ARGS)
+
+# The docs site into build/site, warnings as errors (mkdocs.yml).
+docs: venv
+	$(BIN)/mkdocs build --strict --site-dir build/site
+
+# The suite's time on a clean clone, as CI runs it (keep the machine idle).
+bench-suite: venv
+	$(BIN)/python bench/suite.py --output=BENCHMARKS.md
 
 # Debian's dataset-fashion-mnist: the embedded default data.
 fashion-mnist: $(FMNIST)

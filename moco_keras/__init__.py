@@ -3,8 +3,9 @@
 import os
 
 # TensorFlow turns its oneDNN CPU kernels on by itself only on CPUs with
-# AVX-512 and newer; on others (an AMD EPYC with AVX2) its training step ran
-# about 2x slower without them (BENCHMARKS.md). Where the user has not
+# AVX-512 and newer; on others (an AMD EPYC with AVX2) its training step is
+# slower without them (BENCHMARKS.md, the training step's "tensorflow" and
+# "tensorflow-onednn" rows). Where the user has not
 # chosen, turn them on; TensorFlow reads the variable when it is imported,
 # so this only acts if `import moco_keras` comes first (the recipes, the
 # notebooks, the benchmarks). TF_ENABLE_ONEDNN_OPTS=0 turns them off.

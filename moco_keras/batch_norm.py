@@ -151,10 +151,10 @@ class SplitBatchNormalization(keras.layers.BatchNormalization):
         """`_normalize` with PyTorch's fused batch-norm kernel per group.
 
         Keras' ops give the torch backend about ten elementwise kernels and
-        their backward per normalization, a third of a ResNet step on a CPU
-        (BENCHMARKS.md); `torch.native_batch_norm` is one kernel each way,
-        and it returns the group's mean and inverse deviation. The groups
-        are contiguous slices of the batch (views), as in `_normalize`.
+        their backward per normalization; `torch.native_batch_norm` is one
+        kernel each way, and it returns the group's mean and inverse
+        deviation. The groups are contiguous slices of the batch (views), as
+        in `_normalize`.
         """
         import torch
 

@@ -380,7 +380,8 @@ class ColorAugmentation(keras.layers.Layer):
         grayscale_first: grayscale before the jitter (MoCo v1).
         blur_p: probability of the blur.
         blur_sigma: (low, high) range of the blur's sigma.
-        mean, std: per-channel normalization of [0, 1] images.
+        mean: per-channel mean of the normalization of [0, 1] images.
+        std: per-channel standard deviation of that normalization.
         seed: int, seeds the draws.
 
     Example:

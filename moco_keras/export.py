@@ -33,8 +33,9 @@ def export_feature_extractor(
             `N x D` features (a MoCo model's `encoder_q`).
         directory: where the SavedModel goes (replaced if it exists).
         size: the crop the backbone sees (224 for ImageNet).
-        mean, std: the input normalization of the backbone's training
+        mean: the input normalization's mean of the backbone's training
             (ImageNet's by default; a converted checkpoint's own).
+        std: the input normalization's standard deviation, likewise.
         crop_fraction: the short side is resized to `size / crop_fraction`
             before the center crop (0.875: 256 -> 224; 1: to `size`).
 
@@ -158,7 +159,9 @@ def export_keras_hub_preset(backbone, directory, size=224, mean=None, std=None):
             (a MoCo model's `encoder_q`).
         directory: the preset directory to write.
         size: the image size of the converter.
-        mean, std: the backbone's input normalization (ImageNet's default).
+        mean: the backbone's input normalization's mean (ImageNet's by
+            default).
+        std: its standard deviation, likewise.
     """
     try:
         import keras_hub

@@ -107,13 +107,16 @@ class KNNMonitor(keras.callbacks.Callback):
     reaches the progress bar, `History`, CSV and TensorBoard loggers.
 
     Args:
-        bank_images, bank_labels: the labelled training images (memory bank).
-        test_images, test_labels: the images to classify.
+        bank_images: the training images of the memory bank.
+        bank_labels: their labels.
+        test_images: the images to classify.
+        test_labels: their labels.
         num_classes: number of classes.
         every: evaluate after every `every`-th epoch (and the first).
         features: "backbone" (pooled encoder features) or "head" (the
             normalized MoCo embedding).
-        k, t: as in `knn_predict`.
+        k: the neighbours that vote, as in `knn_predict`.
+        t: the temperature of the votes' weights, as in `knn_predict`.
 
     Example:
 

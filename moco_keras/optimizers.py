@@ -32,11 +32,11 @@ class SGD(keras.optimizers.Optimizer):
 
     Example:
 
-    >>> optimizer = SGD(0.03, momentum=0.9, weight_decay=1e-4)
-    >>> w = keras.Variable([1.0])
-    >>> _ = optimizer.apply_gradients([(keras.ops.array([0.5]), w)])
-    >>> round(float(w.numpy()[0]), 6)  # 1 - 0.03 * (0.5 + 1e-4)
-    0.984997
+        >>> optimizer = SGD(0.03, momentum=0.9, weight_decay=1e-4)
+        >>> w = keras.Variable([1.0])
+        >>> _ = optimizer.apply_gradients([(keras.ops.array([0.5]), w)])
+        >>> round(float(w.numpy()[0]), 6)  # 1 - 0.03 * (0.5 + 1e-4)
+        0.984997
     """
 
     def __init__(
@@ -104,10 +104,10 @@ class EpochSchedule(keras.optimizers.schedules.LearningRateSchedule):
 
     Example:
 
-    >>> schedule = EpochSchedule(0.03, steps_per_epoch=10, epochs=200,
-    ...                          milestones=(120, 160))
-    >>> [round(float(schedule(s)), 5) for s in (0, 1199, 1200, 1600)]
-    [0.03, 0.03, 0.003, 0.0003]
+        >>> schedule = EpochSchedule(0.03, steps_per_epoch=10, epochs=200,
+        ...                          milestones=(120, 160))
+        >>> [round(float(schedule(s)), 5) for s in (0, 1199, 1200, 1600)]
+        [0.03, 0.03, 0.003, 0.0003]
     """
 
     def __init__(

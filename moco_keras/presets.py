@@ -33,10 +33,10 @@ key. `runs.config` merges overrides into a preset.
 
 Example:
 
->>> PRETRAINING["mocov2"]["model"]["temperature"]
-0.2
->>> PRETRAINING["mocov2"]["model"] == MOCOV2
-True
+    >>> PRETRAINING["mocov2"]["model"]["temperature"]
+    0.2
+    >>> PRETRAINING["mocov2"]["model"] == MOCOV2
+    True
 """
 
 import copy
@@ -152,11 +152,11 @@ PRETRAINING = {
     "mocov1": _MOCOV1_IMAGENET,
     "mocov2": _MOCOV2_IMAGENET,
     # `make demo` and `recipes/quickstart.flags` on 2 CPU cores: values
-    # measured to pass raw pixels' kNN within 10 minutes
+    # chosen to pass raw pixels' kNN within 10 minutes
     # (bench/quickstart_search.py, BENCHMARKS.md "Learning: the quick
-    # start"): ResNet-18 with torchvision's stem (1/16 of the CIFAR stem's
-    # compute, so 5 epochs of all 60k images fit) at the images' 28 px,
-    # crops of half the image or more, v2's T 0.2.
+    # start's values"): ResNet-18 with torchvision's stem (1/16 of the
+    # CIFAR stem's compute, so 5 epochs of all 60k images fit) at the
+    # images' 28 px, crops of half the image or more, v2's T 0.2.
     "quickstart": merge(
         _MOCOV2_FASHION_MNIST,
         encoder={"arch": "resnet18"},

@@ -17,13 +17,17 @@ started with, which `lincls` and `export` read back), `epochs.csv`,
 from its newest checkpoint, mid-epoch included, provided the config differs
 only in `RESUMABLE` (`check_resume`); a finished run only reports.
 
-Example (a run of it: `moco_keras.pretraining`):
+A run of it is `moco_keras.pretraining`.
 
->>> mocov2 = config(presets.PRETRAINING["mocov2"], model={"queue_size": 4096})
->>> mocov2["model"]["queue_size"], mocov2["model"]["temperature"]
-(4096, 0.2)
->>> presets.PRETRAINING["mocov2"]["model"]["queue_size"]  # unchanged
-65536
+Example:
+
+    >>> mocov2 = config(
+    ...     presets.PRETRAINING["mocov2"], model={"queue_size": 4096}
+    ... )
+    >>> mocov2["model"]["queue_size"], mocov2["model"]["temperature"]
+    (4096, 0.2)
+    >>> presets.PRETRAINING["mocov2"]["model"]["queue_size"]  # unchanged
+    65536
 """
 
 import json

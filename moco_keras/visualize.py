@@ -42,7 +42,8 @@ def neighbor_grid(
         bank_images: the images that `indices` point into.
         indices: `Q x k` int indices into `bank_images`, nearest first
             (`knn.nearest_neighbors`).
-        query_labels, bank_labels: optional int labels.
+        query_labels: optional int labels of the query images.
+        bank_labels: optional int labels of the bank images.
         class_names: optional names shown under the query images.
         title: optional figure title.
         cell_size: inches per image.

@@ -88,15 +88,11 @@ def test_committed_notebooks_are_stripped_and_open_as_colab_asks():
 
 
 @pytest.mark.slow
-# At this size (64 steps) the kNN of the trained encoder against the random
-# one is within seed noise: measured 2026-12-01 (TF, lr 0.12), seeds 0, 1,
-# 2 gave +5.5, -9.8, -8.9 points with the first 8192 training images and
-# -0.9, -4.8, -11.3 with a stratified draw (lr 0.03: +1.0, -7.3, -13.4),
-# so a "trained beats random" check passed by the seed's luck. (Part of it
-# is not learning at all: at lr 1e-9 the kNN fell from 62.6 to 50.6 %, the
-# BN moving statistics having left their initial 0 / 1.) What 64 steps do
-# learn is MoCo's pretext task: seeds 0, 1, 2 ended at loss 5.66, 5.58,
-# 5.72 and acc1 8.4, 14.6, 23.1 %, against 6.70 and 1.9 % at lr 1e-9. That
+# At this size (64 steps) whether the trained encoder's kNN beats the random
+# one's depends on the seed (the random one is measured with BN's initial
+# moving statistics, which training alone moves), so "trained beats random"
+# is not checked. What 64 steps do learn is MoCo's pretext task: the loss
+# falls below ln(K+1) and the instance accuracy rises far above chance. That
 # is checked, and that the kNN evaluation and the neighbour grids ran.
 @pytest.mark.process
 @pytest.mark.backends("tensorflow")

@@ -256,11 +256,11 @@ def test_knn_evaluation_of_a_head_reuses_its_backbones_features(tmp_path):
         evaluation.knn_evaluation(config, {"head": ("backbone", model.head_q)})
 
 
-def test_readme_lists_the_values_a_resume_may_change():
+def test_the_docs_list_the_values_a_resume_may_change():
     import re
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    text = open(os.path.join(root, "README.md")).read()
+    text = open(os.path.join(root, "docs", "recipes.md")).read()
     paragraph = text[text.index("What may change on a resume") :]
     paragraph = paragraph[: paragraph.index("\n\n")]
     listed = re.findall(r"`--(\w+)`", paragraph)
