@@ -13,6 +13,9 @@ from moco_keras import augment
 from moco_keras import color
 from moco_keras.datasets import epoch_seed
 
+# The official linear transform, written once (`moco_keras.views`).
+from moco_keras.views import linear_augmentation  # noqa: F401
+
 
 def two_view_dataset(
     source,
@@ -238,18 +241,3 @@ def labelled_dataset(
             deterministic=True,
         )
     return _batched(dataset, source, batch_size, drop_remainder=True)
-
-
-def linear_augmentation(size, mean, std):
-    """The official linear-classification training transform:
-    RandomResizedCrop(size, scale 0.08-1) + horizontal flip + normalize."""
-    return augment.get_augmentation(
-        "mocov2",
-        size=size,
-        scale=(0.08, 1.0),
-        jitter_p=0.0,
-        grayscale_p=0.0,
-        blur_p=0.0,
-        mean=tuple(mean),
-        std=tuple(std),
-    )

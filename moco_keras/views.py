@@ -30,8 +30,11 @@ Example:
     ((224, 224, 3), dtype('uint8'))
 """
 
+import concurrent.futures
 import io
+import logging
 import math
+import os
 
 import numpy as np
 
@@ -40,6 +43,8 @@ from moco_keras import datasets
 from moco_keras.color import IMAGENET_MEAN
 from moco_keras.color import IMAGENET_STD
 from moco_keras.presets import VIEWS
+
+logger = logging.getLogger("moco_keras")
 
 
 def _preset(**overrides):
@@ -151,6 +156,107 @@ def decode(image):
     return picture.convert("RGB")
 
 
+def read_picture(items, encoded, index):
+    """The RGB PIL image of item `index` of a source's `paths_or_arrays`.
+
+    A file that fails to decode (past `datasets.check_image_file`, which
+    reads only its first and last bytes) is named in a warning and the next
+    item's image taken in its place: the batch keeps its size, and a
+    resumed run its draws.
+    """
+    count = len(items)
+    for offset in range(count):
+        item = items[(index + offset) % count]
+        if not encoded:
+            return decode(item)
+        try:
+            with open(item, "rb") as f:
+                return decode(f.read())
+        except (OSError, ValueError, SyntaxError) as error:
+            # PIL raises OSError subclasses for unknown and cut-off data.
+            logger.warning(
+                "Skipping %s, which does not decode (%s); the next image "
+                "takes its place.",
+                os.fsdecode(item),
+                error,
+            )
+    raise ValueError(f"None of the {count} files decodes.")
+
+
+def center_view(picture, size, crop_fraction=0.875):
+    """The official evaluation crop of a PIL image, uint8 `size x size x 3`.
+
+    The short side resized to `round(size / crop_fraction)` (256 for 224;
+    PIL's bilinear resize, as torchvision's `Resize` on the official
+    loader's PIL images), then the center `size x size`: the numpy twin of
+    `pipelines.eval_view` before its normalization.
+    """
+    from PIL import Image
+
+    width, height = picture.size
+    scale = round(size / crop_fraction) / min(width, height)
+    new_width = max(round(width * scale), size)
+    new_height = max(round(height * scale), size)
+    resized = picture.resize((new_width, new_height), Image.BILINEAR)
+    top, left = (new_height - size) // 2, (new_width - size) // 2
+    crop = resized.crop((left, top, left + size, top + size))
+    return np.asarray(crop, np.uint8)
+
+
+class LabelledViews:
+    """`index -> (view, label)` of a source's images: the evaluation view
+    (`center_view`), or with `augmentation` a crop-and-flip view drawn from
+    `(seed, epoch, index)`; float32, normalized with `mean` and `std`. A
+    picklable map for grain's worker processes."""
+
+    def __init__(
+        self,
+        source,
+        size,
+        mean,
+        std,
+        crop_fraction=0.875,
+        augmentation=None,
+        seed=0,
+        epoch=0,
+    ):
+        self.items, self.labels = source.paths_or_arrays, source.labels
+        self.encoded = source.encoded
+        self.size, self.crop_fraction = size, crop_fraction
+        self.mean = np.asarray(mean, np.float32)
+        self.std = np.asarray(std, np.float32)
+        self.augmentation = augmentation and dict(augmentation)
+        self.seed, self.epoch = seed, epoch
+
+    def __call__(self, index):
+        picture = read_picture(self.items, self.encoded, index)
+        if self.augmentation is None:
+            crop = center_view(picture, self.size, self.crop_fraction)
+        else:
+            rng = view_rng(self.seed, self.epoch, index)
+            crop = crop_and_flip(picture, rng, self.augmentation)
+        view = (crop.astype(np.float32) / 255.0 - self.mean) / self.std
+        return view, self.labels[index]
+
+
+def labelled_arrays(source, size, mean, std, crop_fraction=0.875):
+    """Every image of `source` as an evaluation view in memory, in order.
+
+    What `pipelines.labelled_dataset(source, ...)` gives without an epoch,
+    read with PIL in threads (PIL releases the GIL as it decodes and
+    resizes): for the kNN monitor and the linear recipe's features on a
+    host without TensorFlow.
+
+    Returns:
+        `(images, labels)`: float32 `N x size x size x 3`, normalized with
+        `mean` and `std`; int32 `N`.
+    """
+    view = LabelledViews(source, size, mean, std, crop_fraction)
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        rows = list(pool.map(view, range(source.num_examples)))
+    return np.stack([v for v, _ in rows]), source.labels.copy()
+
+
 def resized_crop(picture, window, size, antialias=True):
     """The window of `picture` resized to `size x size`, uint8: PIL's
     bilinear resize, as torchvision's `resized_crop` on a PIL image (which
@@ -187,29 +293,33 @@ def two_crops(image, rng, augmentation):
     (window 1, flip 1, window 2, flip 2).
 
     Args:
-        image: encoded bytes (JPEG, PNG, ...) or a uint8 array.
+        image: encoded bytes (JPEG, PNG, ...), a uint8 array, or a PIL
+            image.
         rng: a `numpy.random.Generator` (`view_rng`).
         augmentation: an `augment.AUGMENTATIONS` dict: its `size`,
             `scale`, `ratio`, `flip` and `antialias` are used here, the
             colour entries by `color.ColorAugmentation` in the model.
     """
-    picture = decode(image)
+    picture = image if hasattr(image, "crop") else decode(image)
+    return tuple(crop_and_flip(picture, rng, augmentation) for _ in range(2))
+
+
+def crop_and_flip(picture, rng, augmentation):
+    """One view of a PIL image: RandomResizedCrop, then a horizontal flip
+    with probability 0.5 if `augmentation["flip"]`; uint8."""
     width, height = picture.size
-    views = []
-    for _ in range(2):
-        window = crop_window(
-            rng, height, width, augmentation["scale"], augmentation["ratio"]
-        )
-        view = resized_crop(
-            picture, window, augmentation["size"], augmentation["antialias"]
-        )
-        # Drawn with or without `flip`, so that both views' windows are
-        # the same draws either way.
-        coin = rng.uniform()
-        if augmentation["flip"] and coin < 0.5:
-            view = view[:, ::-1]
-        views.append(np.ascontiguousarray(view))
-    return tuple(views)
+    window = crop_window(
+        rng, height, width, augmentation["scale"], augmentation["ratio"]
+    )
+    view = resized_crop(
+        picture, window, augmentation["size"], augmentation["antialias"]
+    )
+    # Drawn with or without `flip`, so that the next view's window is the
+    # same draw either way.
+    coin = rng.uniform()
+    if augmentation["flip"] and coin < 0.5:
+        view = view[:, ::-1]
+    return np.ascontiguousarray(view)
 
 
 class TwoViews:
@@ -223,12 +333,9 @@ class TwoViews:
         self.seed, self.epoch = seed, epoch
 
     def __call__(self, index):
-        item = self.items[index]
-        if self.encoded:
-            with open(item, "rb") as f:
-                item = f.read()
+        picture = read_picture(self.items, self.encoded, index)
         rng = view_rng(self.seed, self.epoch, index)
-        return two_crops(item, rng, self.augmentation)
+        return two_crops(picture, rng, self.augmentation)
 
 
 def epoch_indices(num_examples, batch_size, seed, epoch, shard=None):
@@ -291,15 +398,126 @@ def two_view_batches(
     Returns:
         A grain dataset: iterate it, or pass it to `model.fit`.
     """
-    import grain
-
     indices = epoch_indices(
         source.num_examples, batch_size, seed, epoch, shard
     )[skip_batches:]
+    return _grain_batches(
+        indices.ravel(),
+        TwoViews(source, augmentation, seed, epoch),
+        indices.shape[1],
+        True,
+        workers,
+    )
+
+
+def labelled_batches(
+    source,
+    batch_size,
+    size,
+    mean,
+    std,
+    crop_fraction=0.875,
+    train_augmentation=None,
+    seed=0,
+    epoch=None,
+    skip_batches=0,
+    workers=0,
+):
+    """Batches of `(image, label)` for linear classification, through grain.
+
+    What `pipelines.labelled_dataset` gives, with the views in PIL:
+    without `train_augmentation` and `epoch`, the evaluation view of every
+    image in the source's order, the last batch kept; with `epoch`, one
+    training epoch in the order `datasets.permutation(n, seed, epoch)`
+    from batch `skip_batches` on, the last partial batch dropped, its views
+    `train_augmentation`'s crop and flip (the official linear transform has
+    no colour ops), or evaluation views without one.
+
+    Returns:
+        A grain dataset of float32 `N x size x size x 3`, int32 `N`.
+    """
+    if train_augmentation is not None:
+        colored = [
+            name
+            for name in ("jitter_p", "grayscale_p", "blur_p")
+            if train_augmentation[name] > 0
+        ]
+        if colored:
+            raise ValueError(
+                "`train_augmentation` of labelled batches is crop and flip "
+                f"only (the official linear protocol); it sets {colored} "
+                "above 0. Use `linear_augmentation`, or set them to 0."
+            )
+    in_order = train_augmentation is None and epoch is None
+    if in_order:
+        indices = np.arange(source.num_examples)
+    else:
+        epoch = epoch or 0
+        order = datasets.permutation(source.num_examples, seed, epoch)
+        indices = order[skip_batches * batch_size :]
+    views = LabelledViews(
+        source,
+        size,
+        mean,
+        std,
+        crop_fraction,
+        train_augmentation,
+        seed,
+        epoch or 0,
+    )
+    return _grain_batches(indices, views, batch_size, not in_order, workers)
+
+
+def linear_augmentation(size, mean, std):
+    """The official linear-classification training transform:
+    RandomResizedCrop(size, scale 0.08-1) + horizontal flip + normalize."""
+    return get_augmentation(
+        "mocov2",
+        size=size,
+        scale=(0.08, 1.0),
+        jitter_p=0.0,
+        grayscale_p=0.0,
+        blur_p=0.0,
+        mean=tuple(mean),
+        std=tuple(std),
+    )
+
+
+class Rows:
+    """`index -> (array[index], ...)`: a picklable map over arrays."""
+
+    def __init__(self, *arrays):
+        self.arrays = arrays
+
+    def __call__(self, index):
+        return tuple(array[index] for array in self.arrays)
+
+
+def array_batches(arrays, batch_size, seed=0, epoch=None, skip_batches=0):
+    """Batches of rows of `arrays` (e.g. cached features and labels)
+    through grain: in order with the last batch kept, or with `epoch` in
+    the order `datasets.permutation(n, seed, epoch)` (the order
+    `labelled_batches` reads the images in) from batch `skip_batches` on,
+    the last partial batch dropped."""
+    count = len(arrays[0])
+    if epoch is None:
+        indices = np.arange(count)
+    else:
+        order = datasets.permutation(count, seed, epoch)
+        indices = order[skip_batches * batch_size :]
+    return _grain_batches(
+        indices, Rows(*arrays), batch_size, epoch is not None, 0
+    )
+
+
+def _grain_batches(indices, transform, batch_size, drop_remainder, workers):
+    """`transform` of each index, batched (grain); in `workers` processes."""
+    import grain
+
     dataset = (
-        grain.MapDataset.source(indices.ravel().tolist())
-        .map(TwoViews(source, augmentation, seed, epoch))
-        .batch(indices.shape[1], drop_remainder=True, batch_fn=_stack_pairs)
+        grain.MapDataset.source(np.asarray(indices).tolist())
+        .map(transform)
+        .batch(batch_size, drop_remainder=drop_remainder, batch_fn=_stack)
     )
     if workers:
         from absl import flags
@@ -315,5 +533,5 @@ def two_view_batches(
     return dataset
 
 
-def _stack_pairs(pairs):
-    return tuple(np.stack(views) for views in zip(*pairs, strict=True))
+def _stack(rows):
+    return tuple(np.stack(column) for column in zip(*rows, strict=True))
