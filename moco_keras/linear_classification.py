@@ -36,9 +36,9 @@ from moco_keras import convert
 from moco_keras import datasets
 from moco_keras import distribute
 from moco_keras import moco
-from moco_keras import pipelines
 from moco_keras import runs
 from moco_keras import training
+from moco_keras import views
 from moco_keras.runs import check
 
 
@@ -194,9 +194,10 @@ def _features(backbone, dataset):
 
     features, labels = [], []
     for images, batch_labels in dataset:
-        batch = backbone(ops.convert_to_tensor(images.numpy()), training=False)
+        images = ops.convert_to_tensor(np.asarray(images))
+        batch = backbone(images, training=False)
         features.append(ops.convert_to_numpy(batch))
-        labels.append(batch_labels.numpy())
+        labels.append(np.asarray(batch_labels))
     return np.concatenate(features), np.concatenate(labels)
 
 
@@ -253,9 +254,26 @@ def _train_linear(config, milestones, checkpoint, paths):
     )
     augmentation = None
     if config["classifier"]["train_augment"]:
-        augmentation = pipelines.linear_augmentation(size, mean, std)
+        augmentation = views.linear_augmentation(size, mean, std)
+    grain = runs.input_pipeline(config) == "grain"
+    seed = config["run"]["seed"]
 
     def labelled(source, **kwargs):
+        if grain:
+            return views.labelled_batches(
+                source,
+                batch_size,
+                size,
+                mean,
+                std,
+                crop_fraction=config["data"]["crop_fraction"],
+                seed=seed,
+                workers=config["data"]["workers"],
+                **kwargs,
+            )
+        # tf.data: imported here, so that grain runs without TensorFlow.
+        from moco_keras import pipelines
+
         return pipelines.labelled_dataset(
             source,
             batch_size,
@@ -263,7 +281,7 @@ def _train_linear(config, milestones, checkpoint, paths):
             mean,
             std,
             crop_fraction=config["data"]["crop_fraction"],
-            seed=config["run"]["seed"],
+            seed=seed,
             **kwargs,
         )
 
@@ -276,16 +294,25 @@ def _train_linear(config, milestones, checkpoint, paths):
         inputs = keras.Input((feature_dim,))
         model = keras.Model(inputs, head(inputs), name="linear_head")
         # In the order of `train`: the image path's order for each epoch.
-        cached = datasets.Source(train_x, train_y, train.class_names, False)
+        if grain:
 
-        def epoch_dataset(epoch, skip):
-            keys = cached.order(config["run"]["seed"], epoch).skip(
-                skip * batch_size
-            )
-            return keys.map(cached.read).batch(batch_size, drop_remainder=True)
+            def epoch_dataset(epoch, skip):
+                return views.array_batches(
+                    (train_x, train_y), batch_size, seed, epoch, skip
+                )
 
-        val_data = datasets.Source(val_x, val_y, val.class_names, False)
-        val_data = val_data.dataset.batch(batch_size)
+            val_data = views.array_batches((val_x, val_y), batch_size)
+        else:
+            cached = datasets.Source(train_x, train_y, train.class_names, False)
+
+            def epoch_dataset(epoch, skip):
+                keys = cached.order(seed, epoch).skip(skip * batch_size)
+                return keys.map(cached.read).batch(
+                    batch_size, drop_remainder=True
+                )
+
+            val_data = datasets.Source(val_x, val_y, val.class_names, False)
+            val_data = val_data.dataset.batch(batch_size)
     else:
         inputs = keras.Input((size, size, 3))
         features = backbone(inputs, training=False)

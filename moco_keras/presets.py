@@ -87,6 +87,11 @@ _IMAGENET = {
     "val_split": "validation",
     "val_limit": 0,
     "batch_size": 256,
+    # tf.data where TensorFlow is installed, else grain (`runs.INPUTS`).
+    "input": "auto",
+    # grain's worker processes that decode and crop (0: threads of the
+    # training process, which PIL's decode and resize share well).
+    "workers": 0,
 }
 
 # MoCo v1 on ImageNet as `main_moco.py` runs it (arXiv 1911.05722): ResNet-50,

@@ -26,15 +26,14 @@ import time
 
 import keras
 
-from moco_keras import augment
 from moco_keras import color
 from moco_keras import distribute
 from moco_keras import encoders
 from moco_keras import knn
 from moco_keras import moco
-from moco_keras import pipelines
 from moco_keras import runs
 from moco_keras import training
+from moco_keras import views
 from moco_keras.runs import check
 
 
@@ -82,19 +81,29 @@ def check_pretraining(config):
 def augmentation_config(config):
     """The `augment` preset of the config: v2's (`aug_plus`) or v1's, at the
     config's size and its dataset's normalization."""
-    views = config["augmentation"]
+    settings = config["augmentation"]
     mean, std = runs.dataset_stats(config["data"]["dataset"])
     overrides = {
         "size": config["data"]["image_size"],
         "mean": mean,
         "std": std,
-        "antialias": views["antialias"],
-        "scale": (views["crop_min"], 1.0),
+        "antialias": settings["antialias"],
+        "scale": (settings["crop_min"], 1.0),
     }
-    if views["aug_plus"] and not views["blur"]:
+    if settings["aug_plus"] and not settings["blur"]:
         overrides["blur_p"] = 0.0
-    name = "mocov2" if views["aug_plus"] else "mocov1"
-    return augment.get_augmentation(name, **overrides)
+    name = "mocov2" if settings["aug_plus"] else "mocov1"
+    return views.get_augmentation(name, **overrides)
+
+
+def color_in_model(config):
+    """Whether the colour half of the views runs in the model: the config's
+    `augmentation.color_in_model`, and always with grain input, whose CPU
+    half is the crop and the flip only."""
+    return bool(
+        config["augmentation"]["color_in_model"]
+        or runs.input_pipeline(config) == "grain"
+    )
 
 
 def build_moco(config, milestones, steps_per_epoch, replicas=1):
@@ -115,7 +124,7 @@ def build_moco(config, milestones, steps_per_epoch, replicas=1):
         input_shape=(size, size, 3),
     )
     augmentation = None
-    if config["augmentation"]["color_in_model"]:
+    if color_in_model(config):
         augmentation = color.ColorAugmentation.from_augmentation(
             augmentation_config(config), seed=seed
         )
@@ -189,41 +198,49 @@ def pretrain(config):
             replicas=devices if strategy is not None else 1,
         )
     augmentation = augmentation_config(config)
-    color_in_model = config["augmentation"]["color_in_model"]
+    grain = runs.input_pipeline(config) == "grain"
 
-    def epoch_dataset(epoch, skip):
-        return distribute.distribute_dataset(
-            strategy,
-            lambda shard: pipelines.two_view_dataset(
+    def two_view_batches(batch_size, epoch, skip=0, shard=None, workers=None):
+        if grain:
+            return views.two_view_batches(
                 source,
                 augmentation,
                 batch_size,
                 seed=run["seed"],
-                color_in_model=color_in_model,
                 epoch=epoch,
                 skip_batches=skip,
                 shard=shard,
-            ),
+                workers=data["workers"] if workers is None else workers,
+            )
+        # tf.data: imported here, so that grain runs without TensorFlow.
+        from moco_keras import pipelines
+
+        return pipelines.two_view_dataset(
+            source,
+            augmentation,
+            batch_size,
+            seed=run["seed"],
+            color_in_model=color_in_model(config),
+            epoch=epoch,
+            skip_batches=skip,
+            shard=shard,
+        )
+
+    def epoch_dataset(epoch, skip):
+        return distribute.distribute_dataset(
+            strategy,
+            lambda shard: two_view_batches(batch_size, epoch, skip, shard),
         )
 
     extra = [knn_monitor(config)] if config["knn"]["every"] else []
-    views = None
+    preview = None
     fresh = training.latest_checkpoint(paths["checkpoints"])[0] is None
     if paths["chief"] and fresh:
         # A new run shows the views of epoch 0's first images (before the
         # in-model colour ops with color_in_model), from a pipeline of its
         # own so that the training pipeline's draws stay as they are.
-        views = next(
-            iter(
-                pipelines.two_view_dataset(
-                    source,
-                    augmentation,
-                    min(batch_size, 8),
-                    seed=run["seed"],
-                    color_in_model=color_in_model,
-                    epoch=0,
-                )
-            )
+        preview = next(
+            iter(two_view_batches(min(batch_size, 8), epoch=0, workers=0))
         )
     version = "v2" if config["augmentation"]["aug_plus"] else "v1"
     run_callbacks = runs.callbacks(
@@ -233,14 +250,14 @@ def pretrain(config):
         f"MoCo {version} pretraining",
         extra=extra,
         queue_size=config["model"]["queue_size"],
-        views=views,
+        views=preview,
     )
     epochs = config["schedule"]["epochs"]
     print(
         f"MoCo pretraining: {source.num_examples} images, {epochs} epochs "
         f"of {steps_per_epoch} steps, backend {keras.backend.backend()}, "
-        f"strategy {run['strategy']} over {devices} device(s), workdir "
-        f"{run['workdir']}"
+        f"strategy {run['strategy']} over {devices} device(s), input "
+        f"{'grain' if grain else 'tf.data'}, workdir {run['workdir']}"
     )
     started = time.time()
     start_step = runs.fit(

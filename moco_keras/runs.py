@@ -30,6 +30,7 @@ Example:
     65536
 """
 
+import importlib.util
 import json
 import logging
 import math
@@ -55,6 +56,7 @@ RESUMABLE = (
     "schedule.epochs",
     "run.workdir",
     "data.data_dir",
+    "data.workers",
     "run.verbose",
     "run.log_every_steps",
     "run.checkpoint_steps",
@@ -68,6 +70,9 @@ RESUMABLE = (
     "knn.k",
     "knn.t",
 )
+
+# `data.input`: tf.data, or grain (`moco_keras.views`, no TensorFlow).
+INPUTS = ("auto", "tf_data", "grain")
 
 # The smallest crop the recipes take: 8 x 8 pixels (Fashion-MNIST's 28 is
 # the smallest any preset uses).
@@ -156,6 +161,7 @@ def check_common(config):
         "--dataset=folder needs --data_dir=ROOT with ROOT/train/<class>/* "
         "(and ROOT/val/<class>/* for evaluation).",
     )
+    check_input(config)
     try:
         milestones = sorted(int(m) for m in schedule["milestones"] or [])
     except ValueError:
@@ -187,6 +193,60 @@ def check_common(config):
         "Fashion-MNIST).",
     )
     return milestones
+
+
+def tensorflow_available():
+    """Whether `import tensorflow` can work here (without importing it)."""
+    return importlib.util.find_spec("tensorflow") is not None
+
+
+def input_pipeline(config):
+    """How the run reads its images: "tf_data" or "grain".
+
+    The config's `data.input`; "auto" is tf.data where TensorFlow is
+    installed, grain (`moco_keras.views`) where it is not.
+    """
+    name = config["data"]["input"]
+    if name == "auto":
+        return "tf_data" if tensorflow_available() else "grain"
+    return name
+
+
+def check_input(config):
+    """`data.input` against this host and the rest of the config."""
+    data, run = config["data"], config["run"]
+    name = data["input"]
+    check(
+        name in INPUTS,
+        f"Unknown --input={name!r}: expected one of {', '.join(INPUTS)}.",
+    )
+    if name == "tf_data":
+        check(
+            tensorflow_available(),
+            "--input=tf_data reads through tf.data, and TensorFlow is not "
+            "installed here. Install it (pip install tensorflow-cpu, or "
+            "tensorflow[and-cuda] for GPUs) or use --input=grain.",
+        )
+    if input_pipeline(config) != "grain":
+        return
+    check(
+        not data["dataset"].startswith("tfds/"),
+        f"--dataset={data['dataset']} is read through tf.data (TensorFlow "
+        "datasets), and this run reads with grain"
+        + ("" if name == "grain" else " (TensorFlow is not installed)")
+        + ". Install TensorFlow and use --input=tf_data, or write the "
+        "images as a folder of class folders (--dataset=folder).",
+    )
+    check(
+        run["strategy"] in ("none", "data_parallel"),
+        f"--strategy={run['strategy']} is tf.distribute's, which reads "
+        "tf.data: use --input=tf_data with it (grain feeds --strategy=none "
+        "and JAX's data_parallel).",
+    )
+    check(
+        data["workers"] >= 0,
+        f"--workers is a count of grain worker processes: {data['workers']}",
+    )
 
 
 def check_devices(config, devices):
@@ -268,11 +328,18 @@ def data_source(config, split, limit):
 def evaluation_arrays(config, split, count, normalization=None):
     """`(images, labels, source)` of `count` images of `split` (0: all),
     drawn at random and class-stratified, as evaluation views in memory."""
-    from moco_keras import pipelines
-
     data = config["data"]
     mean, std = normalization or dataset_stats(data["dataset"])
     source = data_source(config, split, count)
+    if input_pipeline(config) == "grain":
+        from moco_keras import views
+
+        images, labels = views.labelled_arrays(
+            source, data["image_size"], mean, std, data["crop_fraction"]
+        )
+        return images, labels, source
+    from moco_keras import pipelines
+
     images, labels = [], []
     for x, y in pipelines.labelled_dataset(
         source,
@@ -457,17 +524,25 @@ def callbacks(
     )
     if not paths["chief"]:
         return [training.LossWatch(queue_size), *extra, checkpointer]
-    return [
-        training.LossWatch(queue_size),
-        *extra,
+    logs = [
         keras.callbacks.CSVLogger(paths["csv"], append=True),
         training.CurvePlot(paths["csv"], paths["png"], title),
-        keras.callbacks.TensorBoard(paths["tensorboard"]),
-        training.StepLog(
-            paths["tensorboard"], run["log_every_steps"], views=views
-        ),
-        checkpointer,
     ]
+    if tensorflow_available():
+        logs += [
+            keras.callbacks.TensorBoard(paths["tensorboard"]),
+            training.StepLog(
+                paths["tensorboard"], run["log_every_steps"], views=views
+            ),
+        ]
+    else:
+        # Keras' TensorBoard callback writes through tf.summary.
+        print(
+            "No TensorBoard logs: they are written through TensorFlow, "
+            "which is not installed; epochs.csv and curves.png hold the "
+            "curves."
+        )
+    return [training.LossWatch(queue_size), *extra, *logs, checkpointer]
 
 
 def fit(

@@ -426,6 +426,14 @@ def fit_resumable(
         logging.info("Resumed from %s (global step %d).", path, step)
         print(f"Resuming from {path} (global step {step})")
     start_epoch, skip = divmod(step, steps_per_epoch)
+    validation_steps = None
+    if validation_data is not None and not isinstance(validation_data, tuple):
+        # Keras counts a grain dataset's batches only by running out of
+        # them, and warns then ("Your input ran out of data").
+        try:
+            validation_steps = len(validation_data)
+        except TypeError:  # a dataset of unknown length
+            pass
     if csv_path is not None:
         truncate_csv_log(csv_path, start_epoch)
     for epoch in range(start_epoch, epochs):
@@ -448,6 +456,7 @@ def fit_resumable(
             verbose=verbose,
             shuffle=False,  # each epoch's dataset is already shuffled
             validation_data=validation_data,
+            validation_steps=validation_steps,
         )
         skip = 0
         if stopper.asked_by_others:

@@ -206,3 +206,93 @@ def test_jpeg_files_are_read_and_bad_batches_refused(tmp_path):
         views.two_view_batches(source, MOCOV2, 16)
     with pytest.raises(ValueError, match="multiple of 3"):
         views.two_view_batches(source, MOCOV2, 8, shard=(0, 3))
+
+
+def test_evaluation_views_are_tf_datas_within_a_level():
+    """Resize 256 + center crop 224 of a 375 x 500 photo, and a small
+    Fashion-MNIST-size image at crop fraction 1, against tf.data's."""
+    import tensorflow as tf
+
+    from moco_keras import pipelines
+
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    for image, size, fraction in (
+        (_photo(), 224, 0.875),
+        (_photo(32, 32, seed=5), 28, 1.0),
+    ):
+        crop = views.center_view(views.decode(image), size, fraction)
+        assert crop.shape == (size, size, 3) and crop.dtype == np.uint8
+        theirs = pipelines.eval_view(
+            tf.constant(image), size, mean, std, fraction
+        ).numpy()
+        theirs = (theirs * std + mean) * 255.0
+        assert np.abs(crop - theirs).mean() < 1.0
+
+
+def test_labelled_batches_read_the_epochs_order_with_their_views():
+    source = _source(40)
+    mean, std = (0.5,) * 3, (0.25,) * 3
+    images, labels = views.labelled_arrays(source, 16, mean, std, 1.0)
+    assert images.shape == (40, 16, 16, 3) and images.dtype == np.float32
+    np.testing.assert_array_equal(labels, source.labels)
+    # In order, the last partial batch kept: the arrays, batch by batch.
+    batches = list(views.labelled_batches(source, 16, 16, mean, std, 1.0))
+    assert [len(y) for _, y in batches] == [16, 16, 8]
+    np.testing.assert_array_equal(
+        np.concatenate([x for x, _ in batches]), images
+    )
+    # An epoch: its permutation from batch 1 on, partial batch dropped;
+    # evaluation views without an augmentation.
+    order = datasets.permutation(40, 7, 2)
+    epoch = list(
+        views.labelled_batches(
+            source, 16, 16, mean, std, 1.0, seed=7, epoch=2, skip_batches=1
+        )
+    )
+    assert len(epoch) == 1
+    np.testing.assert_array_equal(epoch[0][1], source.labels[order[16:32]])
+    np.testing.assert_array_equal(epoch[0][0], images[order[16:32]])
+    # The linear transform: crops and flips, drawn from (seed, epoch, index).
+    linear = views.linear_augmentation(16, mean, std)
+    trained = list(
+        views.labelled_batches(
+            source, 16, 16, mean, std, train_augmentation=linear, epoch=0
+        )
+    )
+    assert len(trained) == 2 and trained[0][0].shape == (16, 16, 16, 3)
+    assert not np.allclose(
+        trained[0][0], images[datasets.permutation(40, 0, 0)[:16]]
+    )
+    with pytest.raises(ValueError, match="crop and flip only"):
+        views.labelled_batches(
+            source, 16, 16, mean, std, train_augmentation=MOCOV2, epoch=0
+        )
+    # Cached features: rows of arrays in the same epoch order.
+    features = np.arange(40.0)[:, None]
+    (rows, row_labels), *_ = views.array_batches(
+        (features, labels), 16, seed=7, epoch=2, skip_batches=1
+    )
+    np.testing.assert_array_equal(rows[:, 0], order[16:32])
+    np.testing.assert_array_equal(row_labels, labels[order[16:32]])
+
+
+def test_a_file_that_fails_to_decode_is_named_and_replaced(tmp_path, caplog):
+    folder = tmp_path / "cat"
+    os.makedirs(folder)
+    for index in range(4):
+        Image.fromarray(_photo(32, 32, seed=index)).save(
+            folder / f"{index}.jpg"
+        )
+    # A JPEG header and end marker around garbage: passes the file check.
+    (folder / "1.jpg").write_bytes(
+        b"\xff\xd8\xff\xe0" + b"\x00" * 64 + b"\xff\xd9"
+    )
+    source = datasets.image_folder(str(tmp_path))
+    assert source.num_examples == 4
+    items = source.paths_or_arrays
+    with caplog.at_level("WARNING", logger="moco_keras"):
+        picture = views.read_picture(items, True, 1)
+    assert "1.jpg" in caplog.text and "does not decode" in caplog.text
+    np.testing.assert_array_equal(
+        np.asarray(picture), np.asarray(views.read_picture(items, True, 2))
+    )

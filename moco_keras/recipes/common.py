@@ -46,6 +46,20 @@ flags.DEFINE_integer(
     "Train on N training images drawn at random, each class in proportion "
     "(0: all).",
 )
+flags.DEFINE_enum(
+    "input",
+    None,
+    ["auto", "tf_data", "grain"],
+    "How images are read: 'tf_data' (TensorFlow), 'grain' (PIL crops in "
+    "grain, no TensorFlow; the colour ops run in the model), 'auto' "
+    "(tf_data where TensorFlow is installed, else grain).",
+)
+flags.DEFINE_integer(
+    "workers",
+    None,
+    "--input=grain: worker processes that decode and crop (0: threads of "
+    "this process).",
+)
 flags.DEFINE_integer("epochs", None, "Total epochs.")
 flags.DEFINE_integer("batch_size", None, "Global batch size.")
 flags.DEFINE_float("lr", None, "Learning rate (for --lr_batch_size).")
@@ -168,6 +182,8 @@ FLAGS_TO_CONFIG = {
     "val_split": ("data", "val_split"),
     "val_limit": ("data", "val_limit"),
     "batch_size": ("data", "batch_size"),
+    "input": ("data", "input"),
+    "workers": ("data", "workers"),
     "lr": ("optimizer", "lr"),
     "lr_batch_size": ("optimizer", "lr_batch_size"),
     "momentum": ("optimizer", "momentum"),
