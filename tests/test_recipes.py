@@ -57,9 +57,19 @@ ENV = {
 }
 
 
-def run_recipe(recipe, *args, check=True):
+def recipe_command(recipe, without_tensorflow=False):
+    """The command line of a recipe; `without_tensorflow`: with `import
+    tensorflow` blocked, as on a host without it."""
+    module = f"moco_keras.recipes.{recipe}"
+    if without_tensorflow:
+        script = os.path.join(ROOT, "tests", "scripts", "without_tensorflow.py")
+        return [sys.executable, script, module]
+    return [sys.executable, "-m", module]
+
+
+def run_recipe(recipe, *args, check=True, without_tensorflow=False):
     result = subprocess.run(
-        [sys.executable, "-m", f"moco_keras.recipes.{recipe}", *args],
+        [*recipe_command(recipe, without_tensorflow), *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -149,11 +159,15 @@ def test_smoke_run_writes_the_whole_workdir(smoke_run):
 @pytest.mark.backends("tensorflow")
 @pytest.mark.xdist_group("smoke_run")
 def test_killed_run_resumes_to_the_same_weights(smoke_run, tmp_path):
-    workdir = str(tmp_path / "run")
+    check_killed_run_resumes(smoke_run, str(tmp_path / "run"), SMOKE)
+
+
+def check_killed_run_resumes(uninterrupted, workdir, args, **kwargs):
+    """Kills `pretrain args` with SIGKILL after its step-2 checkpoint, reruns
+    it, and checks its step-8 checkpoint against `uninterrupted`'s."""
     first = os.path.join(workdir, "checkpoints", "ckpt-000000002.keras")
     process = subprocess.Popen(
-        [sys.executable, "-m", "moco_keras.recipes.pretrain", *SMOKE]
-        + [f"--workdir={workdir}"],
+        [*recipe_command("pretrain", **kwargs), *args, f"--workdir={workdir}"],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -171,13 +185,13 @@ def test_killed_run_resumes_to_the_same_weights(smoke_run, tmp_path):
         process.wait()
     latest = training.latest_checkpoint(os.path.join(workdir, "checkpoints"))
     assert 2 <= latest[1] < 8, latest
-    resumed = run_recipe("pretrain", *SMOKE, f"--workdir={workdir}")
+    resumed = run_recipe("pretrain", *args, f"--workdir={workdir}", **kwargs)
     assert f"global step {latest[1]}" in resumed.stdout
-    expected = weights_of(f"{smoke_run}/checkpoints/ckpt-000000008.keras")
+    expected = weights_of(f"{uninterrupted}/checkpoints/ckpt-000000008.keras")
     actual = weights_of(f"{workdir}/checkpoints/ckpt-000000008.keras")
     assert sorted(expected) == sorted(actual)
     # Model, key encoder, queue, pointer, optimizer slots and iterations:
-    # bitwise equal on CPU with deterministic kernels, on every backend.
+    # bitwise equal on CPU with deterministic kernels.
     for name in expected:
         np.testing.assert_array_equal(actual[name], expected[name], name)
     rows = training.read_csv_log(os.path.join(workdir, "epochs.csv"))
@@ -262,6 +276,45 @@ def test_lincls_fast_path_agrees_with_the_full_path(smoke_run, tmp_path):
         np.testing.assert_allclose(a, b, atol=2e-4, rtol=1e-3)
 
 
+@pytest.mark.process
+@pytest.mark.backends("jax", "torch")
+def test_recipes_run_without_tensorflow_and_resume_a_killed_run(tmp_path):
+    # The whole package and both recipes with `import tensorflow` blocked:
+    # grain reads the images, the colour ops run in the model, the kNN
+    # monitor's and the linear recipe's views are PIL's.
+    args = [*SMOKE, "--knn_every=1", "--knn_bank=128", "--knn_test=64"]
+    uninterrupted = str(tmp_path / "uninterrupted")
+    out = run_recipe(
+        "pretrain", *args, f"--workdir={uninterrupted}", without_tensorflow=True
+    )
+    assert "input grain" in out.stdout
+    assert "No TensorBoard logs" in out.stdout
+    assert not os.path.exists(os.path.join(uninterrupted, "tensorboard"))
+    assert os.path.exists(os.path.join(uninterrupted, "curves.png"))
+    results = json.load(open(os.path.join(uninterrupted, "results.json")))
+    assert 0.0 <= results["knn_top1"] <= 1.0
+    assert np.isfinite(results["final_loss"])
+    check_killed_run_resumes(
+        uninterrupted, str(tmp_path / "killed"), args, without_tensorflow=True
+    )
+    lincls = str(tmp_path / "lincls")
+    out = run_recipe(
+        "lincls",
+        "--flagfile=recipes/lincls_smoke.flags",
+        "--train_limit=512",
+        "--val_limit=512",
+        "--epochs=1",
+        "--schedule=",
+        f"--pretrained={uninterrupted}",
+        f"--workdir={lincls}",
+        without_tensorflow=True,
+    )
+    assert "ran out of data" not in out.stderr
+    results = json.load(open(os.path.join(lincls, "results.json")))
+    assert results["val_images"] == 512
+    assert 0.0 <= results["top1"] <= results["top5"] <= 100.0
+
+
 def image_folder(root, rng):
     """ILSVRC-style train/val folders of real Fashion-MNIST JPEGs."""
     images, labels = datasets.load_fashion_mnist("test")
@@ -281,9 +334,11 @@ def image_folder(root, rng):
 @pytest.mark.process
 @pytest.mark.backends("torch")
 def test_pretrain_then_lincls_on_an_image_folder(tmp_path):
+    # Without TensorFlow, as a PyTorch host runs it: grain reads the JPEGs.
+    # (tf.data reads folders in tests/test_datasets.py.)
     root = image_folder(str(tmp_path / "ILSVRC2012"), np.random.default_rng(0))
     run = str(tmp_path / "pretrain")
-    run_recipe(
+    out = run_recipe(
         "pretrain",
         "--flagfile=recipes/smoke.flags",
         "--dataset=folder",
@@ -298,7 +353,9 @@ def test_pretrain_then_lincls_on_an_image_folder(tmp_path):
         "--knn_test=24",
         "--verbose=0",
         f"--workdir={run}",
+        without_tensorflow=True,
     )
+    assert "input grain" in out.stdout
     results = json.load(open(os.path.join(run, "results.json")))
     assert 0.0 <= results["knn_top1"] <= 1.0
     evaluation = str(tmp_path / "lincls")
@@ -316,6 +373,7 @@ def test_pretrain_then_lincls_on_an_image_folder(tmp_path):
         "--nocache_features",
         f"--pretrained={run}",
         f"--workdir={evaluation}",
+        without_tensorflow=True,
     )
     assert "The backbone is unchanged (checked against the checkpoint" in (
         out.stdout
@@ -593,11 +651,10 @@ def recipe_defaults_of(preset, **overrides):
 def test_quickstart_runs_end_to_end(tmp_path):
     fake_fashion_mnist(str(tmp_path / "fmnist"))
     workdir = tmp_path / "run"
+    # As `make demo` runs on a JAX host without TensorFlow (grain input).
     result = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "moco_keras.recipes.quickstart",
+            *recipe_command("quickstart", without_tensorflow=True),
             f"--data_dir={tmp_path / 'fmnist'}",
             f"--workdir={workdir}",
             "--epochs=2",
@@ -618,6 +675,7 @@ def test_quickstart_runs_end_to_end(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "MoCo v2 encoder, 2 epochs" in result.stdout
+    assert "input grain" in result.stdout
     # Progress from the first second, each phase announced before it runs.
     lines = result.stdout.splitlines()
     assert lines[0].startswith("[    0 s] Quick start: MoCo v2"), lines[0]
