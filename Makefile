@@ -30,7 +30,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[cpu,jax,torch,test,docs]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[cpu,jax,torch,test,docs,onnx]"
 	# keras-hub (export --format=keras_hub) without its dependency chain
 	# tensorflow-text -> tensorflow, whose wheel clashes with tensorflow-cpu:
 	# the packages its import needs, pinned, with --no-deps.

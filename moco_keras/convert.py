@@ -54,7 +54,8 @@ NORMALIZATION = {
 METADATA = "conversion.json"
 MODEL_FILE = "model.keras"
 
-_BN = {
+# PyTorch's BN names -> Keras'.
+BN_NAMES = {
     "weight": "gamma",
     "bias": "beta",
     "running_mean": "moving_mean",
@@ -327,11 +328,18 @@ class _Plan:
             variable.assign(value.astype(variable.dtype))
 
 
+def torch_key(layer):
+    """The PyTorch module name of one of our layers: `layer1_0_downsample_1`
+    is torchvision's `layer1.0.downsample.1`, `fc_0` the official head's
+    `fc.0`."""
+    return layer.name.replace("_", ".")
+
+
 def _plan_backbone(plan, encoder, backbone, prefix=""):
     """Every weight of `encoder` from the torchvision-named `backbone`."""
     plan.prefix = prefix
     for layer in encoder.layers:
-        key = layer.name.replace("_", ".")
+        key = torch_key(layer)
         if isinstance(layer, keras.layers.Conv2D):
             plan.add(
                 layer.kernel,
@@ -340,7 +348,7 @@ def _plan_backbone(plan, encoder, backbone, prefix=""):
                 lambda w: np.transpose(w, (2, 3, 1, 0)),
             )
         elif isinstance(layer, keras.layers.BatchNormalization):
-            for torch_name, keras_name in _BN.items():
+            for torch_name, keras_name in BN_NAMES.items():
                 plan.add(
                     getattr(layer, keras_name), f"{key}.{torch_name}", backbone
                 )
@@ -420,7 +428,7 @@ def convert(path, bn_splits=1, input_shape=(None, None, 3)):
             head_weights = parts[f"head_{side}"]
             plan.prefix = head_prefix
             for dense in getattr(model, f"head_{side}").layers:
-                key = dense.name.replace("_", ".") + "."
+                key = torch_key(dense) + "."
                 _plan_dense(plan, dense, head_weights, key)
             unexpected += [f"{head_prefix}{n}" for n in head_weights]
         plan.prefix = ""

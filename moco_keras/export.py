@@ -1,4 +1,5 @@
-"""The trained encoder out: a SavedModel feature extractor, a keras-hub preset.
+"""The trained encoder out: a SavedModel feature extractor, a keras-hub
+preset, an ONNX model.
 
 `export_feature_extractor` writes a SavedModel whose `serving_default`
 signature takes a batch of uint8 RGB images of any size and returns their
@@ -12,15 +13,18 @@ through `jax2tf` there); the torch backend cannot write a SavedModel.
 
 `export_keras_hub_preset` writes the encoder as a keras-hub
 `ResNetBackbone` preset with its image converter (any backend).
+
+`export_onnx` writes the network alone as ONNX (Keras' `model.export`:
+tf2onnx on TensorFlow, `torch.onnx` on torch), with its preprocessing in a
+JSON file beside it.
 """
 
+import json
 import os
 import shutil
 import tempfile
 
 import keras
-
-from moco_keras import pipelines
 
 
 def export_feature_extractor(
@@ -62,6 +66,7 @@ def export_feature_extractor(
     import tensorflow as tf
 
     from moco_keras import color
+    from moco_keras import pipelines
 
     mean = tuple(color.IMAGENET_MEAN if mean is None else mean)
     std = tuple(color.IMAGENET_STD if std is None else std)
@@ -224,3 +229,85 @@ def export_keras_hub_preset(backbone, directory, size=224, mean=None, std=None):
     )
     converter.save_to_preset(directory)
     return hub
+
+
+# What `export_onnx` needs per backend (Keras' ONNX export).
+ONNX_PACKAGES = {
+    "tensorflow": ("onnx", "onnxruntime", "tf2onnx"),
+    "torch": ("onnx", "onnxruntime", "onnxscript"),
+}
+
+
+def export_onnx(
+    backbone, path, size=224, mean=None, std=None, crop_fraction=0.875
+):
+    """Writes `backbone` as an ONNX model and its preprocessing beside it.
+
+    The model takes `images`, float32 `N x H x W x 3` (any batch and size)
+    normalized as the backbone was trained (`(x / 255 - mean) / std`), and
+    returns the pooled features `N x D`. `PATH.json` holds `mean`, `std`,
+    `size` and `crop_fraction` (the evaluation transform: short side to
+    `size / crop_fraction`, center crop `size`).
+
+    Args:
+        backbone: a Keras model from normalized images to features.
+        path: the `.onnx` file to write.
+        size: the crop the backbone was evaluated at.
+        mean: the input normalization's mean (ImageNet's by default).
+        std: its standard deviation, likewise.
+        crop_fraction: see above.
+
+    Raises:
+        ValueError: under the JAX backend (its ONNX export, jax2onnx, writes
+            a max-pool onnxruntime rejects): export from TensorFlow or torch.
+        ImportError: the backend's ONNX packages are not installed.
+
+    Example:
+
+    ```python
+    export_onnx(model.encoder_q, "exported/mocov2.onnx")
+    # elsewhere:
+    session = onnxruntime.InferenceSession("exported/mocov2.onnx")
+    features = session.run(None, {"images": normalized_images})[0]
+    ```
+    """
+    from moco_keras import color
+
+    backend = keras.backend.backend()
+    if backend not in ONNX_PACKAGES:
+        raise ValueError(
+            f"ONNX is exported from the TensorFlow or torch backend, not "
+            f"{backend} (Keras exports JAX through jax2onnx, whose max-pool "
+            "onnxruntime rejects). Run the export with KERAS_BACKEND=torch "
+            "or tensorflow: the checkpoint loads on any backend."
+        )
+    import importlib.util
+
+    missing = [
+        name
+        for name in ONNX_PACKAGES[backend]
+        if importlib.util.find_spec(name) is None
+    ]
+    if missing:
+        raise ImportError(
+            f"Exporting ONNX from the {backend} backend needs "
+            f'{", ".join(missing)}: pip install -e ".[onnx]".'
+        )
+    mean = tuple(color.IMAGENET_MEAN if mean is None else mean)
+    std = tuple(color.IMAGENET_STD if std is None else std)
+    # Keras exports a model that has been called (its traced shapes).
+    backbone(keras.ops.zeros((1, size, size, 3)), training=False)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    backbone.export(path, format="onnx", verbose=False)
+    preprocessing = {
+        "input": "images: float32 N x H x W x 3, (x / 255 - mean) / std",
+        "output": f"features: float32 N x {backbone.output_shape[-1]}",
+        "mean": list(mean),
+        "std": list(std),
+        "size": size,
+        "crop_fraction": crop_fraction,
+    }
+    with open(path + ".json", "w") as f:
+        json.dump(preprocessing, f, indent=2)
+    return preprocessing

@@ -176,3 +176,40 @@ def test_keras_hub_preset_refuses_what_keras_hub_cannot_hold(tmp_path):
     cifar = encoders.cifar_resnet18(width=64, input_shape=(32, 32, 3))
     with pytest.raises(ValueError, match="not cifar_resnet18"):
         export.export_keras_hub_preset(cifar, str(tmp_path / "b"))
+
+
+@pytest.mark.slow
+@pytest.mark.backends("tensorflow", "torch")
+def test_onnx_export_gives_the_keras_features(tmp_path):
+    """onnxruntime runs the ONNX file at two image sizes and batches and
+    gives the encoder's features; the preprocessing is written beside it."""
+    import onnxruntime
+
+    encoder = encoders.resnet18(width=8, input_shape=(None, None, 3))
+    rng = np.random.default_rng(3)
+    for variable in encoder.weights:
+        if "moving" in variable.path or "beta" in variable.path:
+            low = 0.5 if "variance" in variable.path else -0.1
+            variable.assign(rng.uniform(low, low + 1.0, variable.shape))
+    path = str(tmp_path / "encoder.onnx")
+    export.export_onnx(encoder, path, size=32, mean=(0.5,) * 3, std=(0.25,) * 3)
+    session = onnxruntime.InferenceSession(path)
+    assert [i.name for i in session.get_inputs()] == ["images"]
+    for shape in ((2, 32, 32, 3), (3, 48, 40, 3)):
+        images = rng.normal(size=shape).astype("float32")
+        (features,) = session.run(None, {"images": images})
+        expected = keras.ops.convert_to_numpy(encoder(images, training=False))
+        gap = np.abs(features - expected).max() / np.abs(expected).max()
+        assert gap <= 1e-4, (shape, gap)
+    with open(path + ".json") as f:
+        preprocessing = json.load(f)
+    assert preprocessing["mean"] == [0.5] * 3
+    assert preprocessing["std"] == [0.25] * 3
+    assert preprocessing["size"] == 32
+
+
+@pytest.mark.backends("jax")
+def test_onnx_export_from_jax_says_what_to_do(tmp_path):
+    encoder = encoders.resnet18(width=4, input_shape=(None, None, 3))
+    with pytest.raises(ValueError, match="KERAS_BACKEND=torch"):
+        export.export_onnx(encoder, str(tmp_path / "x.onnx"), size=32)

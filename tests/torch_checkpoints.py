@@ -23,6 +23,7 @@ class TorchResNet(nn.Module):
         torch.manual_seed(seed)
         block, counts = {
             18: (Basic, (2, 2, 2, 2)),
+            34: (Basic, (3, 4, 6, 3)),
             50: (Bottleneck, (3, 4, 6, 3)),
         }[depth]
         self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)

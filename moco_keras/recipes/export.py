@@ -22,8 +22,11 @@ import os
 
 from absl import flags
 
+from moco_keras import convert
+from moco_keras import export_pytorch
 from moco_keras import linear_classification
 from moco_keras import runs
+from moco_keras import training
 from moco_keras.recipes import common
 
 FLAGS = flags.FLAGS
@@ -31,10 +34,15 @@ FLAGS = flags.FLAGS
 flags.DEFINE_enum(
     "format",
     "saved_model",
-    ["saved_model", "keras_hub"],
+    ["saved_model", "keras_hub", "onnx", *export_pytorch.FORMATS],
     "saved_model: a TensorFlow SavedModel feature extractor (uint8 images "
     "of any size in, features out); keras_hub: a keras-hub ResNetBackbone "
-    "preset with its image converter (ResNet-18/34/50 of width 64).",
+    "preset with its image converter (ResNet-18/34/50 of width 64); onnx: "
+    "the network as ONNX, normalized float images in, features out, its "
+    "preprocessing in OUTPUT.json (TensorFlow or torch backend); "
+    "torchvision: a torchvision ResNet state dict .pth (fc from a lincls "
+    "run); moco_pytorch: main_moco.py's checkpoint .pth.tar; detectron2: "
+    "the official detection converter's .pkl.",
 )
 
 
@@ -63,9 +71,115 @@ def preprocessing_flags(pretrained, checkpoint):
     }
 
 
+def _lincls_run(path):
+    """The config of a lincls workdir `path`, or None."""
+    config = os.path.join(path, runs.CONFIG_FILE)
+    if not os.path.isfile(config):
+        return None
+    with open(config) as f:
+        config = json.load(f)
+    return config if "classifier" in config else None
+
+
+def weights_to_export(pretrained):
+    """What `--pretrained` holds, for the PyTorch formats.
+
+    Returns:
+        `(moco, backbone, fc, epoch, origin)`: the `MoCo` model (None for a
+        lincls run or a converted classifier), the query encoder, the
+        linear classifier's `fc` layer (None for a pretraining run), the
+        finished epochs, and the file read.
+    """
+    import keras
+
+    from moco_keras import moco
+
+    lincls = _lincls_run(pretrained) if os.path.isdir(pretrained) else None
+    if lincls is not None:
+        found, _ = training.latest_checkpoint(
+            os.path.join(pretrained, "checkpoints")
+        )
+        runs.check(
+            found is not None,
+            f"--pretrained={pretrained} is a linear-classification workdir "
+            "without checkpoints/ckpt-<step>.keras.",
+        )
+        classifier = keras.saving.load_model(found, compile=False)
+        source = linear_classification.resolve_pretrained(
+            lincls["classifier"]["pretrained"]
+        )
+        backbone, _ = linear_classification.load_backbone(source)
+        return None, backbone, classifier.get_layer("fc"), 0, found
+    checkpoint = linear_classification.resolve_pretrained(pretrained)
+    if os.path.isfile(os.path.join(checkpoint, convert.METADATA)):
+        model, _ = convert.load_converted(checkpoint)
+        if not isinstance(model, moco.MoCo):  # a converted classifier
+            backbone = convert.backbone_of(model)
+            return None, backbone, model.get_layer("fc"), 0, checkpoint
+    else:
+        # Its checks and messages: a MoCo checkpoint or a clear error.
+        linear_classification.load_backbone(checkpoint)
+        model = keras.saving.load_model(checkpoint, compile=False)
+    epoch = 0
+    # In a pretraining workdir: the epochs its epochs.csv holds.
+    workdir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
+    csv = os.path.join(workdir, "epochs.csv")
+    if os.path.isfile(checkpoint) and os.path.isfile(csv):
+        epoch = len(training.read_csv_log(csv).get("epoch", []))
+    return model, model.encoder_q, None, epoch, checkpoint
+
+
+def export_for_pytorch(pretrained, output, format):
+    """Writes `--format=torchvision|moco_pytorch|detectron2`."""
+    model, backbone, fc, epoch, origin = weights_to_export(pretrained)
+    try:
+        if format == "moco_pytorch":
+            runs.check(
+                model is not None,
+                f"--format=moco_pytorch writes a MoCo pretraining checkpoint "
+                f"(query and key encoders, queue); {origin} is a linear "
+                "classifier. Pass its pretraining run, or use "
+                "--format=torchvision.",
+            )
+            checkpoint = export_pytorch.moco_pytorch_checkpoint(model, epoch)
+            export_pytorch.save_torch(checkpoint, output)
+            what = (
+                f"main_moco.py's checkpoint ({checkpoint['arch']}, epoch "
+                f"{epoch}, queue {tuple(model.queue.shape)})"
+            )
+        elif format == "torchvision":
+            state = export_pytorch.torchvision_state(backbone, fc)
+            export_pytorch.save_torch(state, output)
+            what = "a torchvision ResNet state dict" + (
+                "" if fc is not None else " (all but fc.weight and fc.bias)"
+            )
+        else:
+            export_pytorch.check_detectron2(backbone)
+            state = export_pytorch.backbone_state(backbone)
+            head = model.head_q.layers if model is not None else [fc]
+            state.update(export_pytorch.dense_state(head))
+            export_pytorch.save_detectron2(
+                output, export_pytorch.detectron2_model(state)
+            )
+            what = "detectron2's weights (MODEL.WEIGHTS)"
+    except (ImportError, ValueError) as error:
+        runs.check(False, str(error))
+    print(f"Wrote {what} of {origin} to {output}.")
+
+
 def main(argv):
     del argv
-    runs.check(FLAGS.output, "--output=DIRECTORY is required.")
+    runs.check(
+        FLAGS.output,
+        "--output is required: a directory (saved_model, keras_hub) or a "
+        "file (onnx, torchvision, moco_pytorch, detectron2).",
+    )
+    if FLAGS.format in export_pytorch.FORMATS:
+        os.makedirs(
+            os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True
+        )
+        export_for_pytorch(FLAGS.pretrained, FLAGS.output, FLAGS.format)
+        return
     checkpoint = linear_classification.resolve_pretrained(FLAGS.pretrained)
     backbone, normalization = linear_classification.load_backbone(checkpoint)
     values = preprocessing_flags(FLAGS.pretrained, checkpoint)
@@ -88,6 +202,26 @@ def main(argv):
             "keras_hub.models.ResNetBackbone.from_preset(DIR) and "
             "keras_hub.layers.ResNetImageConverter.from_preset(DIR) (crop "
             f"{size}, mean {tuple(mean)}, std {tuple(std)})."
+        )
+        return
+    if FLAGS.format == "onnx":
+        try:
+            export.export_onnx(
+                backbone,
+                FLAGS.output,
+                size=size,
+                mean=mean,
+                std=std,
+                crop_fraction=values["crop_fraction"],
+            )
+        except (ImportError, ValueError) as error:
+            runs.check(False, str(error))
+        print(
+            f"Wrote the encoder of {checkpoint} as ONNX to {FLAGS.output}: "
+            f"input `images` (float32 N x H x W x 3, normalized with mean "
+            f"{tuple(mean)}, std {tuple(std)}), output "
+            f"{backbone.output_shape[-1]}-d features; the preprocessing in "
+            f"{FLAGS.output}.json."
         )
         return
     try:
