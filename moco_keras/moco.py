@@ -52,7 +52,13 @@ class MoCo(keras.Model):
     The queue keeps exactly the last K keys also when K is not a multiple of
     the batch size (the pointer wraps inside a batch). Metrics: `loss`, and
     the top-1 / top-5 accuracy of the (K+1)-way task (`acc1`, `acc5`), as
-    in the official training log.
+    in the official training log; with `health=True`, measures of the
+    features computed from the step's own queries and keys (`HEALTH`):
+    `alignment` and `uniformity` (Wang and Isola, ICML 2020), `q_std` (the
+    queries' standard deviation per dimension, about 1/sqrt(dim) when they
+    spread over the sphere, 0 when they collapse), and the mean cosine
+    similarities `l_pos`, `l_neg` and `l_neg_max` (each query's largest
+    negative), before the temperature.
 
     Args:
         encoder: a built `keras.Model` from images to rank-2 features
@@ -70,6 +76,8 @@ class MoCo(keras.Model):
             ops run batched on the accelerator; it gets `training`, and
             `model(images)` then takes what the layer takes (uint8 crops).
         seed: optional int, seeds the initial queue and the key shuffle.
+        health: bool, also track the `HEALTH` measures (a few matrix
+            products of the batch's queries; BENCHMARKS.md has their cost).
         **kwargs: `keras.Model` arguments such as `name`.
 
     Example:
@@ -80,8 +88,8 @@ class MoCo(keras.Model):
     >>> model.compile(optimizer=keras.optimizers.SGD(0.03, momentum=0.9))
     >>> images = keras.random.uniform((8, 16, 16, 3))
     >>> history = model.fit(images, images, batch_size=4, verbose=0)
-    >>> sorted(history.history)
-    ['acc1', 'acc5', 'loss']
+    >>> sorted(history.history)[:3], len(history.history)
+    (['acc1', 'acc5', 'alignment'], 9)
     """
 
     # The defaults are MoCo v1's, as `presets.MOCOV1` writes them.
@@ -95,6 +103,7 @@ class MoCo(keras.Model):
         temperature=MOCOV1["temperature"],
         augmentation=None,
         seed=None,
+        health=True,
         **kwargs,
     ):
         check_arguments(dim, mlp, queue_size, momentum, temperature)
@@ -162,6 +171,11 @@ class MoCo(keras.Model):
         self.acc5 = keras.metrics.SparseTopKCategoricalAccuracy(
             k=min(5, queue_size + 1), name="acc5"
         )
+        self.health = health
+        if health:
+            # Attributes, so that Keras tracks them as the model's metrics.
+            for name in HEALTH:
+                setattr(self, f"_{name}", keras.metrics.Mean(name=name))
         self.built = True
 
     @classmethod
@@ -226,6 +240,10 @@ class MoCo(keras.Model):
         labels = ops.zeros_like(logits[:, 0], dtype="int32")  # N
         self.acc1.update_state(labels, ops.stop_gradient(logits))
         self.acc5.update_state(labels, ops.stop_gradient(logits))
+        if self.health:
+            measures = health_measures(q, k, l_pos, l_neg)
+            for name, value in measures.items():
+                getattr(self, f"_{name}").update_state(value)
         if training:
             self._dequeue_and_enqueue(ops.stop_gradient(queue_keys))
         replicas = distribute.num_replicas()
@@ -333,6 +351,7 @@ class MoCo(keras.Model):
                 self.augmentation
             ),
             "seed": self.seed,
+            "health": self.health,
         }
 
     @classmethod
@@ -391,6 +410,59 @@ def shuffled_keys(images, encode, seed_generator, context=None):
 
 
 _SEED_STATE = "seed_generator_state"
+
+# The feature measures `MoCo(health=True)` tracks, in the order logged.
+HEALTH = ("alignment", "uniformity", "q_std", "l_pos", "l_neg", "l_neg_max")
+
+
+def health_measures(q, k, l_pos, l_neg):
+    """How the step's features are doing, from what the step computed.
+
+    Args:
+        q: the normalized queries, `N x C`.
+        k: their normalized positive keys, `N x C`.
+        l_pos: `q . k` per query, `N x 1`.
+        l_neg: `q @ queue`, `N x K`.
+
+    Returns:
+        A dict of scalars, the `HEALTH` names: `alignment`, E ||q - k||^2
+        over the positive pairs (0 when the two views map alike; lower is
+        better); `uniformity`, log E exp(-2 ||q_i - q_j||^2) over the
+        batch's distinct pairs (Wang and Isola's t = 2: -4 for orthogonal
+        features, 0 when all collapse to one point; lower is better);
+        `q_std`, the standard deviation over the batch of each dimension,
+        averaged (about 1/sqrt(C) spread out, 0 collapsed); `l_pos`,
+        `l_neg`, the mean positive and negative cosine similarities;
+        `l_neg_max`, each query's largest negative, averaged.
+
+    Example:
+
+    >>> import numpy as np
+    >>> q = np.eye(4, dtype="float32")
+    >>> m = health_measures(q, q, np.ones((4, 1)), np.zeros((4, 8)))
+    >>> round(float(m["alignment"]), 4), round(float(m["uniformity"]), 4)
+    (0.0, -4.0)
+    """
+    q = ops.stop_gradient(ops.convert_to_tensor(q, "float32"))  # N x C
+    k = ops.stop_gradient(ops.convert_to_tensor(k, "float32"))  # N x C
+    l_pos = ops.stop_gradient(ops.convert_to_tensor(l_pos, "float32"))  # N x 1
+    l_neg = ops.stop_gradient(ops.convert_to_tensor(l_neg, "float32"))  # N x K
+    n = ops.shape(q)[0]
+    alignment = ops.mean(ops.sum(ops.square(q - k), axis=1))  # ()
+    similarity = ops.matmul(q, ops.transpose(q))  # N x N
+    # ||q_i - q_j||^2 = 2 - 2 q_i . q_j for unit vectors.
+    kernel = ops.exp(-2.0 * (2.0 - 2.0 * similarity))  # N x N
+    distinct = 1.0 - ops.eye(n, dtype="float32")  # N x N, off the diagonal
+    pairs = ops.maximum(ops.cast(n * (n - 1), "float32"), 1.0)  # ()
+    uniformity = ops.log(ops.sum(kernel * distinct) / pairs)  # ()
+    return {
+        "alignment": alignment,
+        "uniformity": uniformity,
+        "q_std": ops.mean(ops.std(q, axis=0)),  # ()
+        "l_pos": ops.mean(l_pos),  # ()
+        "l_neg": ops.mean(l_neg),  # ()
+        "l_neg_max": ops.mean(ops.max(l_neg, axis=1)),  # ()
+    }
 
 
 def check_arguments(dim, mlp, queue_size, momentum, temperature):

@@ -159,21 +159,36 @@ class Checkpointer(keras.callbacks.Callback):
 
 
 class LossWatch(keras.callbacks.Callback):
-    """Stops a run whose loss is not finite; warns when nothing is learned.
+    """Stops a run whose loss is not finite; warns, once each, when the
+    loss or the features say that the run is not learning.
 
     A NaN or infinite loss raises `FloatingPointError` naming the step (the
-    checkpoints written before it stay). An epoch whose mean loss is within
-    1 % of ln(K + 1), the loss of guessing among the K + 1 keys, logs a
-    warning: the encoder is not learning (lr, temperature, or data).
+    checkpoints written before it stay: put this callback before the
+    `Checkpointer`). At the end of each epoch, from its means:
+
+    - the loss within 1 % of ln(K + 1), the loss of guessing among the
+      K + 1 keys: nothing is being learned (lr, temperature, data);
+    - collapse: `q_std` (`MoCo(health=True)`) below a tenth of
+      1/sqrt(dim), the spread of features over the whole sphere: the
+      queries map every image to nearly the same point;
+    - a plateau: neither `alignment` nor `uniformity` improved by 0.01 over
+      `patience` epochs while the lr is at least half its peak.
+
+    Each warning is logged once per run, with what to try.
 
     Args:
         queue_size: K, for the ln(K + 1) check; None to skip it.
+        patience: epochs without improvement before the plateau warning.
     """
 
-    def __init__(self, queue_size=None):
+    def __init__(self, queue_size=None, patience=5):
         super().__init__()
         self.queue_size = queue_size
+        self.patience = patience
         self._epoch = 0
+        self._warned = set()
+        self._best = {}  # measure -> (best value, epoch it was reached)
+        self._peak_lr = 0.0
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
@@ -189,19 +204,80 @@ class LossWatch(keras.callbacks.Callback):
                 "check the data for broken images."
             )
 
-    def on_epoch_end(self, epoch, logs=None):
-        if self.queue_size is None or "loss" not in (logs or {}):
+    def _warn_once(self, kind, message, *args):
+        if kind in self._warned:
             return
-        chance = math.log(self.queue_size + 1)
-        loss = float(logs["loss"])
-        if abs(loss - chance) < 0.01 * chance:
-            logging.warning(
-                "Epoch %d: the loss %.4f sits at ln(K+1) = %.4f, the loss of "
-                "guessing among the K+1 keys: nothing is being learned. "
-                "Check the learning rate, the temperature and the data.",
+        self._warned.add(kind)
+        logging.warning(message, *args)
+
+    def _learning_rate(self):
+        optimizer = getattr(self.model, "optimizer", None)
+        if optimizer is None:
+            return None
+        return float(ops.convert_to_numpy(optimizer.learning_rate))
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        if self.queue_size is not None and "loss" in logs:
+            chance = math.log(self.queue_size + 1)
+            loss = float(logs["loss"])
+            if abs(loss - chance) < 0.01 * chance:
+                self._warn_once(
+                    "chance",
+                    "Epoch %d: the loss %.4f sits at ln(K+1) = %.4f, the loss "
+                    "of guessing among the K+1 keys: nothing is being "
+                    "learned. Check the learning rate, the temperature and "
+                    "the data.",
+                    epoch + 1,
+                    loss,
+                    chance,
+                )
+        dim = getattr(self.model, "dim", None)
+        if "q_std" in logs and dim:
+            spread = 1.0 / math.sqrt(dim)
+            if float(logs["q_std"]) < 0.1 * spread:
+                self._warn_once(
+                    "collapse",
+                    "Epoch %d: the features collapse: their standard "
+                    "deviation per dimension is %.2g, under a tenth of "
+                    "1/sqrt(dim) = %.3f (features spread over the sphere). "
+                    "The encoder maps every image to nearly one point. Try "
+                    "stronger augmentation (--aug_plus, a smaller crop "
+                    "scale), a lower --lr, a temperature of 0.2, and check "
+                    "that the views differ (views/pairs in TensorBoard).",
+                    epoch + 1,
+                    float(logs["q_std"]),
+                    spread,
+                )
+        self._check_plateau(epoch, logs)
+
+    def _check_plateau(self, epoch, logs):
+        lr = self._learning_rate()
+        if lr is None or not {"alignment", "uniformity"} <= set(logs):
+            return
+        self._peak_lr = max(self._peak_lr, lr)
+        stalled = []
+        for name in ("alignment", "uniformity"):
+            value = float(logs[name])
+            best, when = self._best.get(name, (math.inf, epoch))
+            if value < best - 0.01:
+                self._best[name] = (value, epoch)
+            else:
+                self._best[name] = (best, when)
+            stalled.append(epoch - self._best[name][1] >= self.patience)
+        if all(stalled) and lr >= 0.5 * self._peak_lr:
+            self._warn_once(
+                "plateau",
+                "Epoch %d: neither alignment (%.3f) nor uniformity (%.3f) "
+                "improved by 0.01 in %d epochs, and the lr (%.3g) is still "
+                "at least half its peak: the run may be stuck. Try a lower "
+                "--lr, a larger --batch_size, or check the augmentation; "
+                "a run that learns sees both fall while its lr is high.",
                 epoch + 1,
-                loss,
-                chance,
+                float(logs["alignment"]),
+                float(logs["uniformity"]),
+                self.patience,
+                lr,
             )
 
 
@@ -368,13 +444,24 @@ def plot_csv(csv_path, png_path, title=""):
     epochs = [e + 1 for e in columns.pop("epoch", [])]
     if not epochs:
         return
-    names = [n for n in columns if n not in ("learning_rate",)]
+    # Columns that hold a number (Keras' CSVLogger adds empty val_ ones).
+    names = [
+        n
+        for n in columns
+        if n != "learning_rate" and any(math.isfinite(v) for v in columns[n])
+    ]
+    if not names:
+        return
+    cols = min(4, len(names))
+    rows = math.ceil(len(names) / cols)
     fig, axes = plt.subplots(
-        1, len(names), figsize=(4 * len(names), 3.5), squeeze=False
+        rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False
     )
-    for ax, name in zip(axes[0], names, strict=True):
+    for ax, name in zip(axes.flat, names, strict=False):
         ax.plot(epochs, columns[name], marker="o")
         ax.set(xlabel="epoch", title=name)
+    for ax in list(axes.flat)[len(names) :]:
+        ax.axis("off")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
