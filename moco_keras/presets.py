@@ -183,6 +183,81 @@ PRETRAINING = {
     ),
 }
 
+# MoCo v2 on a folder of one's own images (`--preset=own_images`): the
+# pretraining recipe sizes the queue, the key momentum, the blur and the
+# crops to the data (`own_images_rules`) where the command line does not
+# set them; the lr is 0.03 per 256 images of batch, scaled linearly.
+PRETRAINING["own_images"] = merge(
+    _MOCOV2_IMAGENET,
+    data={"dataset": "folder"},
+    optimizer={"lr_batch_size": 256},
+    knn={"every": 0},
+    run={"keep_every_epochs": 0},
+)
+
+
+def own_images_rules(num_images, image_size, batch_size):
+    """The `own_images` preset's values for a dataset, and why.
+
+    - `queue_size`: at most a quarter of the images (and 65536), a multiple
+      of the batch and at least one batch. A queue that spans most of an
+      epoch holds keys from an encoder many steps old, and one longer than
+      the epoch holds each query's own image, an earlier view of it, as a
+      negative (ImageNet's 65536 keys are 1/20 of its images, the official
+      CIFAR demo's 4096 1/12).
+    - `momentum`: 0.99 where an epoch is under 1000 steps (the official
+      CIFAR demo's value), else the paper's 0.999: the key encoder follows
+      the query encoder over about 1/(1-m) steps, which must stay short
+      beside the run.
+    - images under 64 px: no blur (MoCo v2's 23 px kernel is for 224 px;
+      the CIFAR demo drops it) and crops of at least half the image (the
+      quick start's finding on 28 px, `bench/quickstart_search.py`); from
+      64 px, v2's blur and crops of 0.2 or more.
+
+    Args:
+        num_images: training images in the dataset.
+        image_size: the crops' side in pixels.
+        batch_size: the global batch.
+
+    Returns:
+        `(sections, reasons)`: the values as `merge` takes them
+        (`{"model": {...}, "augmentation": {...}}`) and one line per rule.
+
+    Example:
+
+    >>> sections, reasons = own_images_rules(20000, 96, 256)
+    >>> sections["model"]
+    {'queue_size': 4864, 'momentum': 0.99}
+    """
+    quarter = min(65536, num_images // 4)
+    queue_size = max(batch_size, quarter // batch_size * batch_size)
+    steps = num_images // batch_size
+    momentum = 0.99 if steps < 1000 else MOCOV2["momentum"]
+    small = image_size < 64
+    sections = {
+        "model": {"queue_size": queue_size, "momentum": momentum},
+        "augmentation": {
+            "blur": not small,
+            "crop_min": 0.5 if small else VIEWS["crop_min"],
+        },
+    }
+    reasons = [
+        f"moco_k {queue_size}: at most a quarter of the {num_images} images "
+        "(and 65536), a multiple of the batch: a longer queue holds stale "
+        "keys, one longer than an epoch each image's own earlier key",
+        f"moco_m {momentum}: {steps} steps an epoch"
+        + (" (< 1000: the CIFAR demo's 0.99)" if steps < 1000 else ""),
+        f"blur {not small}, crop_min {sections['augmentation']['crop_min']}: "
+        + (
+            f"{image_size} px images are small (no blur, crops of half the "
+            "image or more)"
+            if small
+            else f"MoCo v2's views at {image_size} px"
+        ),
+    ]
+    return sections, reasons
+
+
 LINEAR_CLASSIFICATION = {
     # `main_lincls.py`: frozen backbone, lr 30, momentum 0.9, wd 0, batch
     # 256, 100 epochs, x0.1 at 60 and 80, RandomResizedCrop(0.08-1) + flip.

@@ -270,6 +270,10 @@ def pretrain(config):
     results = {
         "final_loss": columns.get("loss", [None])[-1],
         "final_acc1": columns.get("acc1", [None])[-1],
+        # The last epoch's feature measures (`moco.HEALTH`).
+        "final_health": {
+            name: columns[name][-1] for name in moco.HEALTH if name in columns
+        },
         "epochs": epochs,
         "resumed_from_step": start_step,
         "seconds_this_session": round(time.time() - started, 1),

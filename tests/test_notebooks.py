@@ -197,6 +197,12 @@ def test_own_images_notebook_converts_and_retrieves(tmp_path):
     assert "Converted" in printed and "Offline" not in printed
     assert (tmp_path / "converted" / "mocov2_800ep" / "model.keras").is_file()
     assert "30 images in 10 folders of sample_images" in printed
+    # The own_images preset's rules for the folder, and its command.
+    assert "For 30 images of 64 px, batch 256:" in printed
+    assert "moco_k 256: at most a quarter" in printed
+    assert "pretrain --preset=own_images --data_dir=ROOT --image_size=64" in (
+        printed
+    )
     assert number(r"features: \((\d+), (\d+)\)", printed) == ("30", "256")
     precision, chance = map(
         float, number(r"own folder: ([\d.]+) % \(chance: ([\d.]+) %\)", printed)

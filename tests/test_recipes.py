@@ -23,6 +23,7 @@ from support import recipe_defaults as defaults
 from support import tensorboard_events
 
 from moco_keras import datasets
+from moco_keras import moco
 from moco_keras import pipelines
 from moco_keras import pretraining
 from moco_keras import runs
@@ -151,6 +152,12 @@ def test_smoke_run_writes_the_whole_workdir(smoke_run):
     assert [step for step, _ in events["epoch_loss"]] == [0, 1]
     for tag in ("step/loss", "step/acc1", "step/lr"):
         assert [step for step, _ in events[tag]] == [3, 6], tag
+    # The features' health, every 3 steps and per epoch (moco.HEALTH).
+    for name in ("alignment", "uniformity", "q_std", "l_pos", "l_neg"):
+        assert [step for step, _ in events[f"step/{name}"]] == [3, 6], name
+        assert [step for step, _ in events[f"epoch_{name}"]] == [0, 1], name
+        assert np.all(np.isfinite(columns[name])), name
+    assert -4.0 <= events["epoch_uniformity"][-1][1] <= 0.0
     assert 0 < events["step/lr"][0][1] <= flags["lr"]
     assert events["views/pairs"] == [(0, (8 * 28, 2 * 28))]
 
@@ -699,3 +706,37 @@ def test_quickstart_runs_end_to_end(tmp_path):
     for name in ("trained", "random"):
         assert 0 <= results[f"linear_top1_{name}"] <= 100
         assert f"{results[f'linear_top1_{name}']:6.2f} %" in result.stdout
+
+
+@pytest.mark.process
+@pytest.mark.backends("jax")
+def test_own_images_preset_sizes_the_run_to_the_folder(tmp_path):
+    """72 JPEGs of 40 px: a queue of a quarter of them in whole batches,
+    m 0.99, no blur and crops of half the image; a flag given wins."""
+    root = image_folder(str(tmp_path / "mine"), np.random.default_rng(1))
+    run = str(tmp_path / "run")
+    out = run_recipe(
+        "pretrain",
+        "--preset=own_images",
+        f"--data_dir={root}",
+        "--arch=resnet18",
+        "--width=4",
+        "--image_size=32",
+        "--batch_size=8",
+        "--bn_splits=2",
+        "--crop_min=0.6",
+        "--epochs=1",
+        "--verbose=0",
+        f"--workdir={run}",
+    )
+    assert "--preset=own_images for this dataset:" in out.stdout
+    assert "--crop_min as given: 0.6" in out.stdout
+    config = json.load(open(os.path.join(run, "config.json")))
+    assert config["model"]["queue_size"] == 16  # 72 // 4 = 18 -> 2 batches
+    assert config["model"]["momentum"] == 0.99
+    assert config["augmentation"]["blur"] is False
+    assert config["augmentation"]["crop_min"] == 0.6
+    assert config["model"]["temperature"] == 0.2 and config["model"]["mlp"]
+    results = json.load(open(os.path.join(run, "results.json")))
+    assert np.isfinite(results["final_loss"])
+    assert sorted(results["final_health"]) == sorted(moco.HEALTH)

@@ -18,6 +18,7 @@ from absl import flags
 
 from moco_keras import presets
 from moco_keras import pretraining
+from moco_keras import runs
 from moco_keras.recipes import common
 
 FLAGS = flags.FLAGS
@@ -77,9 +78,40 @@ PRESETS = presets.PRETRAINING
 DEFAULT_PRESET = "mocov1"
 
 
+# The values `presets.own_images_rules` sets, as the flags that set them.
+OWN_IMAGES_FLAGS = {
+    ("model", "queue_size"): "moco_k",
+    ("model", "momentum"): "moco_m",
+    ("augmentation", "blur"): "blur",
+    ("augmentation", "crop_min"): "crop_min",
+}
+
+
+def own_images_config(config):
+    """`--preset=own_images`: the rules of `presets.own_images_rules` for
+    the dataset at hand, printed; a flag given keeps its value."""
+    runs.check_common(config)
+    data = config["data"]
+    source = runs.data_source(config, "train", data["train_limit"])
+    sections, reasons = presets.own_images_rules(
+        source.num_examples, data["image_size"], data["batch_size"]
+    )
+    for (section, key), flag in OWN_IMAGES_FLAGS.items():
+        if FLAGS[flag].present:
+            del sections[section][key]
+            reasons.append(f"--{flag} as given: {config[section][key]}")
+    print("--preset=own_images for this dataset:")
+    for reason in reasons:
+        print(f"  {reason}")
+    return presets.merge(config, **sections)
+
+
 def main(argv):
     del argv
-    pretraining.pretrain(common.recipe_config(PRESETS))
+    config = common.recipe_config(PRESETS)
+    if FLAGS.preset == "own_images":
+        config = own_images_config(config)
+    pretraining.pretrain(config)
 
 
 if __name__ == "__main__":
