@@ -379,3 +379,29 @@ def test_suite_benchmark_reads_a_make_test_log():
     assert "| tensorflow | 8 min 46 s | 191 passed |" in table
     assert "| venv, pip installs, lint, Fashion-MNIST | 2 min 11 s | |" in table
     assert "| total, exit code 0 | 16 min 40 s | |" in table
+
+
+@pytest.mark.process
+@pytest.mark.backends("jax")
+def test_health_cost_benchmark_smoke(tmp_path):
+    """Both steps run, and the table gives the one with the measures
+    against the one without (whose cost is +0.0 % by definition)."""
+    output = tmp_path / "table.md"
+    _run(
+        [
+            "bench/health_cost.py",
+            "--batch_size=16",
+            "--steps=1",
+            "--rounds=2",
+            f"--output={output}",
+        ],
+        timeout=600,
+    )
+    table = output.read_text()
+    rows = {
+        row[0].strip(): row
+        for row in (line.split("|")[1:-1] for line in table.splitlines())
+        if len(row) == 5
+    }
+    assert float(rows["with the measures"][2]) > 0, table
+    assert rows["without"][4].strip() == "+0.0 %", table
