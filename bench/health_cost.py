@@ -5,10 +5,14 @@ r"""What the feature health measures cost a training step, side by side.
 The quick start's step (a width-16 CIFAR ResNet-18 with 8 split-BN groups,
 MoCo v2 head, K 4096, batch 256 of 32 px images in memory) as `MoCo(health=
 True)` and `MoCo(health=False)` build it, compiled as `model.fit` compiles
-it; rounds of `--steps` steps alternate between the two in one process, and
-the table gives each one's median ms per step and the cost of the measures
-as a share of the step. The measures' work does not grow with the encoder,
-so on ResNet-50 at 224 px their share is smaller still.
+it, and a second `health=False` model as the noise floor (an A/A pair:
+whatever separates the two copies is the machine, not the code); rounds of
+`--steps` steps rotate through the three in one process, and the table
+gives each one's median ms per step against the first copy. Then the
+measures alone: `moco.health_measures` on the step's shapes (N 256, C 128,
+K 4096), compiled where the backend compiles (jax.jit), timed over 50
+calls, as a share of the median step. The measures' work does not grow
+with the encoder, so on ResNet-50 at 224 px their share is smaller still.
 """
 
 import argparse
@@ -21,6 +25,7 @@ import tables
 
 from moco_keras import MoCo
 from moco_keras import encoders
+from moco_keras import moco
 
 
 def build(health, batch_size):
@@ -46,6 +51,30 @@ def seconds_per_step(model, images, batch_size):
     return (time.perf_counter() - start) / (len(images) // batch_size)
 
 
+def measures_alone(batch_size, calls=50):
+    """Seconds per call of `health_measures` on the step's shapes."""
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=(batch_size, 128)).astype("float32")
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    queue = rng.normal(size=(128, 4096)).astype("float32")
+    args = (q, q, np.sum(q * q, axis=1, keepdims=True), q @ queue)
+    function = moco.health_measures
+    if keras.backend.backend() == "jax":
+        import jax
+
+        function = jax.jit(function)
+
+    def call():
+        values = function(*args)
+        return [keras.ops.convert_to_numpy(v) for v in values.values()]
+
+    call()
+    start = time.perf_counter()
+    for _ in range(calls):
+        call()
+    return (time.perf_counter() - start) / calls
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch_size", type=int, default=256)
@@ -56,19 +85,26 @@ def main():
     rng = np.random.default_rng(0)
     images = rng.random((args.batch_size * args.steps, 32, 32, 3))
     images = images.astype("float32")
-    models = {"with the measures": build(True, args.batch_size)}
-    models["without"] = build(False, args.batch_size)
+    models = {
+        "without": build(False, args.batch_size),
+        "without, a second copy (noise floor)": build(False, args.batch_size),
+        "with the measures": build(True, args.batch_size),
+    }
     for model in models.values():  # compile and warm up
         seconds_per_step(model, images[: 2 * args.batch_size], args.batch_size)
     times = {name: [] for name in models}
-    for _ in range(args.rounds):
-        for name, model in models.items():
-            times[name].append(seconds_per_step(model, images, args.batch_size))
+    names = list(models)
+    for round_ in range(args.rounds):
+        # Each model takes each place in the round in turn.
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            seconds = seconds_per_step(models[name], images, args.batch_size)
+            times[name].append(seconds)
     base = statistics.median(times["without"])
     lines = [
         f"MoCo v2 step, width-16 CIFAR ResNet-18, batch {args.batch_size}, "
-        f"K 4096, {keras.backend.backend()}; {args.rounds} alternating "
-        f"rounds of {args.steps} steps",
+        f"K 4096, {keras.backend.backend()}; {args.rounds} "
+        f"rounds of {args.steps} steps, the order rotating",
         "",
         "| step | ms/step min | median | max | cost vs without |",
         "|---|---|---|---|---|",
@@ -79,6 +115,12 @@ def main():
             f"| {name} | {1000 * min(values):.1f} | {1000 * median:.1f} | "
             f"{1000 * max(values):.1f} | {100 * (median / base - 1):+.1f} % |"
         )
+    alone = measures_alone(args.batch_size)
+    lines += [
+        "",
+        f"The measures alone: {1000 * alone:.2f} ms a call, "
+        f"{100 * alone / base:.2f} % of the median step without them.",
+    ]
     text = "\n".join(lines)
     print(text)
     tables.write(args.output, "health_cost", text)

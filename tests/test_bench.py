@@ -405,3 +405,4 @@ def test_health_cost_benchmark_smoke(tmp_path):
     }
     assert float(rows["with the measures"][2]) > 0, table
     assert rows["without"][4].strip() == "+0.0 %", table
+    assert "The measures alone: " in table
