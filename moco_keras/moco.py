@@ -173,9 +173,7 @@ class MoCo(keras.Model):
         )
         self.health = health
         if health:
-            # Attributes, so that Keras tracks them as the model's metrics.
-            for name in HEALTH:
-                setattr(self, f"_{name}", keras.metrics.Mean(name=name))
+            self.health_metric = HealthMetric()
         self.built = True
 
     @classmethod
@@ -241,9 +239,7 @@ class MoCo(keras.Model):
         self.acc1.update_state(labels, ops.stop_gradient(logits))
         self.acc5.update_state(labels, ops.stop_gradient(logits))
         if self.health:
-            measures = health_measures(q, k, l_pos, l_neg)
-            for name, value in measures.items():
-                getattr(self, f"_{name}").update_state(value)
+            self.health_metric.update_state(health_measures(q, k, l_pos, l_neg))
         if training:
             self._dequeue_and_enqueue(ops.stop_gradient(queue_keys))
         replicas = distribute.num_replicas()
@@ -413,6 +409,47 @@ _SEED_STATE = "seed_generator_state"
 
 # The feature measures `MoCo(health=True)` tracks, in the order logged.
 HEALTH = ("alignment", "uniformity", "q_std", "l_pos", "l_neg", "l_neg_max")
+
+
+@keras.saving.register_keras_serializable(package="moco_keras")
+class HealthMetric(keras.metrics.Metric):
+    """The running means of the `HEALTH` measures, as one metric.
+
+    One vector of sums and one count, so that a step carries two metric
+    variables rather than two per measure; `result()` is a dict, which
+    Keras spreads into the logs under the measures' names.
+
+    Example:
+
+    >>> metric = HealthMetric()
+    >>> metric.update_state({name: 1.0 for name in HEALTH})
+    >>> sorted(metric.result()) == sorted(HEALTH)
+    True
+    """
+
+    def __init__(self, name="health", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.totals = self.add_variable(
+            shape=(len(HEALTH),), initializer="zeros", name="totals"
+        )
+        self.count = self.add_variable(
+            shape=(), initializer="zeros", name="count"
+        )
+
+    def update_state(self, measures):
+        values = ops.stack(
+            [ops.cast(measures[name], "float32") for name in HEALTH]
+        )  # len(HEALTH)
+        self.totals.assign_add(values)
+        self.count.assign_add(1.0)
+
+    def result(self):
+        means = self.totals / ops.maximum(self.count, 1.0)  # len(HEALTH)
+        return {name: means[i] for i, name in enumerate(HEALTH)}
+
+    def reset_state(self):
+        self.totals.assign(ops.zeros((len(HEALTH),)))
+        self.count.assign(0.0)
 
 
 def health_measures(q, k, l_pos, l_neg):

@@ -203,3 +203,21 @@ def test_own_images_rules(images, size, batch, queue, momentum, blur, crop_min):
     }
     assert queue % batch == 0 and len(reasons) == 3
     assert f"moco_k {queue}" in reasons[0]
+
+
+def test_the_health_metric_holds_the_running_mean_of_each_measure():
+    metric = moco.HealthMetric()
+    for step in range(3):
+        metric.update_state(
+            {name: float(i + 10 * step) for i, name in enumerate(moco.HEALTH)}
+        )
+    result = {
+        n: float(keras.ops.convert_to_numpy(v))
+        for n, v in metric.result().items()
+    }
+    assert result == {name: i + 10.0 for i, name in enumerate(moco.HEALTH)}
+    metric.reset_state()
+    assert all(
+        float(keras.ops.convert_to_numpy(v)) == 0.0
+        for v in metric.result().values()
+    )
