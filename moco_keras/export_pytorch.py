@@ -152,13 +152,15 @@ def moco_pytorch_checkpoint(model, epoch=0):
     for side in ("q", "k"):
         encoder = getattr(model, f"encoder_{side}")
         head = getattr(model, f"head_{side}")
-        part = {**backbone_state(encoder), **dense_state(head.layers)}
-        for name, value in part.items():
+        backbone = backbone_state(encoder)
+        if side == "q":
+            query_backbone = backbone
+        for name, value in {**backbone, **dense_state(head.layers)}.items():
             state[f"module.encoder_{side}.{name}"] = value
     state["module.queue"] = _numpy(model.queue).astype(np.float32)
     pointer = int(_numpy(model.queue_ptr))
     state["module.queue_ptr"] = np.array([pointer], np.int64)
-    arch, _ = convert.infer_architecture(backbone_state(model.encoder_q))
+    arch, _ = convert.infer_architecture(query_backbone)
     return {
         "epoch": int(epoch),
         "arch": arch,

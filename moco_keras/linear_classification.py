@@ -94,7 +94,11 @@ def load_backbone(path):
         model, metadata = convert.load_converted(path)
         normalization = (tuple(metadata["mean"]), tuple(metadata["std"]))
         return convert.backbone_of(model), normalization
+    return load_moco(path).encoder_q, None
 
+
+def load_moco(path):
+    """The `MoCo` model of a `.keras` checkpoint (`ConfigError` if none)."""
     try:
         model = keras.saving.load_model(path, compile=False)
     except Exception as error:  # noqa: BLE001 - re-raised as a usage error.
@@ -108,7 +112,7 @@ def load_backbone(path):
         f"--pretrained={path} holds a {type(model).__name__}, not a MoCo "
         "model; pass a checkpoint of moco_keras.recipes.pretrain.",
     )
-    return model.encoder_q, None
+    return model
 
 
 def linear_head(feature_dim, num_classes, name="fc"):
@@ -260,21 +264,14 @@ def _train_linear(config, milestones, checkpoint, paths):
 
     def labelled(source, **kwargs):
         if grain:
-            return views.labelled_batches(
-                source,
-                batch_size,
-                size,
-                mean,
-                std,
-                crop_fraction=config["data"]["crop_fraction"],
-                seed=seed,
-                workers=config["data"]["workers"],
-                **kwargs,
-            )
-        # tf.data: imported here, so that grain runs without TensorFlow.
-        from moco_keras import pipelines
+            load = views.labelled_batches
+            kwargs["workers"] = config["data"]["workers"]
+        else:
+            # tf.data: imported here, so that grain runs without TensorFlow.
+            from moco_keras import pipelines
 
-        return pipelines.labelled_dataset(
+            load = pipelines.labelled_dataset
+        return load(
             source,
             batch_size,
             size,

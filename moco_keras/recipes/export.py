@@ -117,9 +117,7 @@ def weights_to_export(pretrained):
             backbone = convert.backbone_of(model)
             return None, backbone, model.get_layer("fc"), 0, checkpoint
     else:
-        # Its checks and messages: a MoCo checkpoint or a clear error.
-        linear_classification.load_backbone(checkpoint)
-        model = keras.saving.load_model(checkpoint, compile=False)
+        model = linear_classification.load_moco(checkpoint)
     epoch = 0
     # In a pretraining workdir: the epochs its epochs.csv holds.
     workdir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
@@ -204,16 +202,15 @@ def main(argv):
             f"{size}, mean {tuple(mean)}, std {tuple(std)})."
         )
         return
+    preprocessing = {
+        "size": size,
+        "mean": mean,
+        "std": std,
+        "crop_fraction": values["crop_fraction"],
+    }
     if FLAGS.format == "onnx":
         try:
-            export.export_onnx(
-                backbone,
-                FLAGS.output,
-                size=size,
-                mean=mean,
-                std=std,
-                crop_fraction=values["crop_fraction"],
-            )
+            export.export_onnx(backbone, FLAGS.output, **preprocessing)
         except (ImportError, ValueError) as error:
             runs.check(False, str(error))
         print(
@@ -226,12 +223,7 @@ def main(argv):
         return
     try:
         key = export.export_feature_extractor(
-            backbone,
-            FLAGS.output,
-            size=size,
-            mean=mean,
-            std=std,
-            crop_fraction=values["crop_fraction"],
+            backbone, FLAGS.output, **preprocessing
         )
     except ValueError as error:
         runs.check(False, str(error))
