@@ -2,13 +2,17 @@ r"""What the feature health measures cost a training step, side by side.
 
     KERAS_BACKEND=jax python bench/health_cost.py --output=BENCHMARKS.md
 
+(and under `tensorflow` and `torch`: each backend its own table).
+
 The quick start's step (a width-16 CIFAR ResNet-18 with 8 split-BN groups,
 MoCo v2 head, K 4096, batch 256 of 32 px images in memory) as `MoCo(health=
 True)` and `MoCo(health=False)` build it, compiled as `model.fit` compiles
 it, and a second `health=False` model as the noise floor (an A/A pair:
 whatever separates the two copies is the machine, not the code); rounds of
-`--steps` steps rotate through the three in one process, and the table
-gives each one's median ms per step against the first copy. Then the
+`--steps` steps rotate through the three in one process. The cost is
+paired: each round divides a model's time by the first copy's time in the
+same round, so that the machine's drift over minutes cancels, and the
+table gives the median of those ratios and their quartiles. Then the
 measures alone: `moco.health_measures` on the step's shapes (N 256, C 128,
 K 4096), compiled where the backend compiles (jax.jit), timed over 50
 calls, as a share of the median step. The measures' work does not grow
@@ -75,6 +79,12 @@ def measures_alone(batch_size, calls=50):
     return (time.perf_counter() - start) / calls
 
 
+def quartiles(values):
+    if len(values) < 2:
+        return values * 3
+    return statistics.quantiles(values, n=4, method="inclusive")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch_size", type=int, default=256)
@@ -106,14 +116,20 @@ def main():
         f"K 4096, {keras.backend.backend()}; {args.rounds} "
         f"rounds of {args.steps} steps, the order rotating",
         "",
-        "| step | ms/step min | median | max | cost vs without |",
-        "|---|---|---|---|---|",
+        "| step | median ms/step | cost vs without, same round: median "
+        "| quartiles |",
+        "|---|---|---|---|",
     ]
     for name, values in times.items():
-        median = statistics.median(values)
+        costs = [
+            100 * (seconds / without - 1)
+            for seconds, without in zip(values, times["without"], strict=True)
+        ]
+        low, _, high = quartiles(costs)
         lines.append(
-            f"| {name} | {1000 * min(values):.1f} | {1000 * median:.1f} | "
-            f"{1000 * max(values):.1f} | {100 * (median / base - 1):+.1f} % |"
+            f"| {name} | {1000 * statistics.median(values):.1f} | "
+            f"{statistics.median(costs):+.1f} % | "
+            f"{low:+.1f} % to {high:+.1f} % |"
         )
     alone = measures_alone(args.batch_size)
     lines += [
@@ -123,7 +139,7 @@ def main():
     ]
     text = "\n".join(lines)
     print(text)
-    tables.write(args.output, "health_cost", text)
+    tables.write(args.output, f"health_cost_{keras.backend.backend()}", text)
 
 
 if __name__ == "__main__":
