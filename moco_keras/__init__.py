@@ -1,4 +1,4 @@
-"""MoCo v1 and v2 (Momentum Contrast) for Keras 3."""
+"""MoCo v1, v2 and v3 (Momentum Contrast) for Keras 3."""
 
 import os
 
@@ -17,8 +17,12 @@ from moco_keras import encoders  # noqa: E402
 # Registers the optimizer and schedules that the recipes' checkpoints hold,
 # so that `keras.saving.load_model` reads them after `import moco_keras`.
 from moco_keras import optimizers  # noqa: E402
+from moco_keras import vits  # noqa: E402
 from moco_keras.batch_norm import SplitBatchNormalization  # noqa: E402
 from moco_keras.moco import MoCo  # noqa: E402
+from moco_keras.mocov3 import MOCOV3_RESNET  # noqa: E402
+from moco_keras.mocov3 import MOCOV3_VIT  # noqa: E402
+from moco_keras.mocov3 import MoCoV3  # noqa: E402
 from moco_keras.presets import MOCOV1  # noqa: E402
 from moco_keras.presets import MOCOV2  # noqa: E402
 from moco_keras.presets import PRESETS  # noqa: E402
@@ -28,10 +32,14 @@ __version__ = "0.1.0"
 __all__ = [
     "MOCOV1",
     "MOCOV2",
+    "MOCOV3_RESNET",
+    "MOCOV3_VIT",
     "PRESETS",
     "MoCo",
+    "MoCoV3",
     "SplitBatchNormalization",
     "color",
     "encoders",
     "optimizers",
+    "vits",
 ]

@@ -132,6 +132,66 @@ def torchvision_state(backbone, fc=None):
     return state
 
 
+def mlp_state(mlp, prefix):
+    """`{name: array}` of a MoCo v3 MLP (`mocov3.build_mlp`) as the official
+    `nn.Sequential`: the Keras layer at position i is module `prefix.i`
+    (Linear weights `[out, in]`, no bias; BN with or without its affine
+    weights, with its running statistics)."""
+    state = {}
+    for index, layer in enumerate(mlp.layers):
+        key = f"{prefix}.{index}"
+        if isinstance(layer, keras.layers.Dense):
+            state[f"{key}.weight"] = np.ascontiguousarray(
+                _numpy(layer.kernel).T
+            )
+        elif isinstance(layer, keras.layers.BatchNormalization):
+            for torch_name, keras_name in convert.BN_NAMES.items():
+                variable = getattr(layer, keras_name, None)
+                if variable is not None:
+                    state[f"{key}.{torch_name}"] = _numpy(variable)
+            state[f"{key}.num_batches_tracked"] = np.array(0, np.int64)
+    return state
+
+
+def timm_vit_state(encoder):
+    """`{name: array}` of a `vits.vit` encoder in timm's `VisionTransformer`
+    names and layouts, the layout of MoCo v3's `vits.py` (no `head`):
+    `patch_embed.proj.weight` `[D, 3, p, p]`, `cls_token`, `pos_embed`,
+    `blocks.i.norm1`, `blocks.i.attn.qkv`, `blocks.i.attn.proj`,
+    `blocks.i.norm2`, `blocks.i.mlp.fc1`, `blocks.i.mlp.fc2`, `norm`."""
+    state = {}
+
+    def dense(key, layer):
+        state[f"{key}.weight"] = np.ascontiguousarray(_numpy(layer.kernel).T)
+        state[f"{key}.bias"] = _numpy(layer.bias)
+
+    for layer in encoder.layers:
+        key = convert.torch_key(layer)
+        if layer.name == "patch_embed_proj":
+            state["patch_embed.proj.weight"] = np.ascontiguousarray(
+                _numpy(layer.kernel).transpose(3, 2, 0, 1)
+            )
+            state["patch_embed.proj.bias"] = _numpy(layer.bias)
+        elif layer.name == "embedding":
+            state["cls_token"] = _numpy(layer.cls_token)
+            state["pos_embed"] = _numpy(layer.pos_embed)
+        elif isinstance(layer, keras.layers.LayerNormalization):
+            state[f"{key}.weight"] = _numpy(layer.gamma)
+            state[f"{key}.bias"] = _numpy(layer.beta)
+        elif isinstance(layer, keras.layers.Dense):
+            dense(key, layer)
+        elif layer.name.endswith("_attn"):
+            dense(f"{key}.qkv", layer.qkv)
+            dense(f"{key}.proj", layer.proj)
+        elif layer.weights:
+            raise ValueError(
+                f"No timm name for the layer {layer.name!r} "
+                f"({type(layer).__name__}) of {encoder.name!r}: only "
+                "moco_keras.vits' encoders export in timm's layout."
+            )
+    return state
+
+
 def moco_pytorch_checkpoint(model, epoch=0):
     """A `MoCo` model as the checkpoint `main_moco.py` writes.
 

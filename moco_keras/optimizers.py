@@ -6,6 +6,10 @@ weight_decay=1e-4)` and sets the learning rate once per epoch: a cosine
 differs in two ways that change the trajectory: its `weight_decay` is
 decoupled from the momentum, and its momentum buffer holds `lr * gradient`
 rather than the gradient. `SGD` here is torch's update.
+
+MoCo v3 (`moco-v3` `main_moco.py`, `moco/optimizer.py`) trains ResNet-50
+with `LARS` and sets the rate every step (`WarmupCosine`), and raises the
+key encoder momentum along a cosine (`cosine_momentum`).
 """
 
 import math
@@ -150,3 +154,166 @@ class EpochSchedule(keras.optimizers.schedules.LearningRateSchedule):
             "cosine": self.cosine,
             "milestones": list(self.milestones),
         }
+
+
+@keras.saving.register_keras_serializable(package="moco_keras")
+class LARS(keras.optimizers.Optimizer):
+    """LARS as MoCo v3's `moco/optimizer.py` runs it (ResNet-50 recipes).
+
+    For each trainable variable `w` with gradient `g`: if `w` is a matrix
+    or a kernel (rank > 1), `d = g + weight_decay * w` scaled by the trust
+    ratio `trust_coefficient * ||w|| / ||d||` (1 where either norm is 0);
+    biases and normalization scales and offsets (rank 1) keep `d = g`, with
+    no decay and no scaling. Then `buf = momentum * buf + d; w -= lr * buf`
+    for every variable.
+
+    Args:
+        learning_rate: float or a `LearningRateSchedule`.
+        momentum: float >= 0 (0.9 in MoCo v3).
+        weight_decay: float >= 0 (1e-6 in MoCo v3's ResNet-50 recipe).
+        trust_coefficient: float > 0 (0.001).
+        **kwargs: other `keras.optimizers.Optimizer` arguments, except the
+            decoupled `weight_decay` of the base class.
+
+    Example:
+
+        >>> optimizer = LARS(0.5, momentum=0.9, weight_decay=0.0)
+        >>> w = keras.Variable([[3.0, 4.0]])  # ||w|| = 5
+        >>> _ = optimizer.apply_gradients([(keras.ops.array([[0.0, 2.0]]), w)])
+        >>> [round(float(v), 4) for v in w.numpy()[0]]  # 4 - 0.5 * 0.005
+        [3.0, 3.9975]
+    """
+
+    def __init__(
+        self,
+        learning_rate=0.6,
+        momentum=0.9,
+        weight_decay=0.0,
+        trust_coefficient=0.001,
+        name="LARS",
+        **kwargs,
+    ):
+        super().__init__(learning_rate=learning_rate, name=name, **kwargs)
+        if momentum < 0 or weight_decay < 0 or trust_coefficient <= 0:
+            raise ValueError(
+                "momentum and weight_decay must be >= 0 and trust_coefficient "
+                f"> 0. Received: momentum={momentum}, weight_decay="
+                f"{weight_decay}, trust_coefficient={trust_coefficient}"
+            )
+        self.momentum = momentum
+        # Not `self.weight_decay`: the base class would add decoupled decay.
+        self.l2_weight_decay = weight_decay
+        self.trust_coefficient = trust_coefficient
+
+    def build(self, variables):
+        if self.built:
+            return
+        super().build(variables)
+        self.momentums = [
+            self.add_variable_from_reference(v, name="momentum")
+            for v in variables
+        ]
+
+    def update_step(self, gradient, variable, learning_rate):
+        learning_rate = ops.cast(learning_rate, variable.dtype)
+        direction = ops.cast(gradient, variable.dtype)
+        if len(variable.shape) > 1:
+            direction = direction + self.l2_weight_decay * variable
+            param_norm = ops.sqrt(ops.sum(ops.square(variable)))  # ()
+            update_norm = ops.sqrt(ops.sum(ops.square(direction)))  # ()
+            trust = ops.where(
+                (param_norm > 0.0) & (update_norm > 0.0),
+                self.trust_coefficient
+                * param_norm
+                / ops.maximum(update_norm, 1e-30),
+                1.0,
+            )  # ()
+            direction = direction * ops.cast(trust, variable.dtype)
+        buffer = self.momentums[self._get_variable_index(variable)]
+        self.assign(buffer, buffer * self.momentum + direction)
+        self.assign_sub(variable, learning_rate * buffer)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "momentum": self.momentum,
+                "weight_decay": self.l2_weight_decay,
+                "trust_coefficient": self.trust_coefficient,
+            }
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package="moco_keras")
+class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
+    """MoCo v3's learning rate, set every step: linear warm-up, then cosine.
+
+    `main_moco.py`'s `adjust_learning_rate` at the fractional epoch
+    `e = step / steps_per_epoch`: `lr * e / warmup_epochs` while
+    `e < warmup_epochs`, then
+    `lr * 0.5 * (1 + cos(pi * (e - warmup) / (epochs - warmup)))`.
+
+    Args:
+        learning_rate: the peak rate, for the global batch (MoCo v3 scales
+            its `--lr` by batch / 256).
+        steps_per_epoch: optimizer steps in one epoch.
+        epochs: total epochs.
+        warmup_epochs: epochs of linear warm-up (10 for ResNet-50, 40 for
+            ViT).
+
+    Example:
+
+        >>> schedule = WarmupCosine(1.0, steps_per_epoch=10, epochs=100,
+        ...                         warmup_epochs=10)
+        >>> [round(float(schedule(s)), 4) for s in (0, 50, 100, 550, 1000)]
+        [0.0, 0.5, 1.0, 0.5, 0.0]
+    """
+
+    def __init__(self, learning_rate, steps_per_epoch, epochs, warmup_epochs):
+        if steps_per_epoch < 1 or epochs < 1 or not 0 <= warmup_epochs < epochs:
+            raise ValueError(
+                "steps_per_epoch and epochs must be >= 1 and warmup_epochs in "
+                f"[0, epochs). Received: steps_per_epoch={steps_per_epoch}, "
+                f"epochs={epochs}, warmup_epochs={warmup_epochs}"
+            )
+        self.learning_rate = learning_rate
+        self.steps_per_epoch = steps_per_epoch
+        self.epochs = epochs
+        self.warmup_epochs = warmup_epochs
+
+    def __call__(self, step):
+        epoch = ops.cast(step, "float32") / self.steps_per_epoch
+        warmup = self.learning_rate * epoch / max(self.warmup_epochs, 1e-12)
+        progress = (epoch - self.warmup_epochs) / (
+            self.epochs - self.warmup_epochs
+        )
+        cosine = self.learning_rate * 0.5 * (1.0 + ops.cos(math.pi * progress))
+        return ops.where(epoch < self.warmup_epochs, warmup, cosine)
+
+    def get_config(self):
+        return {
+            "learning_rate": self.learning_rate,
+            "steps_per_epoch": self.steps_per_epoch,
+            "epochs": self.epochs,
+            "warmup_epochs": self.warmup_epochs,
+        }
+
+
+def cosine_momentum(momentum, step, steps_per_epoch, epochs):
+    """MoCo v3's `--moco-m-cos`: the momentum rises from `momentum` to 1.
+
+    `main_moco.py`'s `adjust_moco_momentum` at the fractional epoch
+    `e = step / steps_per_epoch`:
+    `1 - 0.5 * (1 + cos(pi * e / epochs)) * (1 - momentum)`.
+
+    Example:
+
+        >>> [round(float(cosine_momentum(0.99, s, 10, 100)), 4)
+        ...  for s in (0, 500, 1000)]
+        [0.99, 0.995, 1.0]
+    """
+    epoch = ops.cast(step, "float32") / steps_per_epoch
+    return 1.0 - 0.5 * (1.0 + ops.cos(math.pi * epoch / epochs)) * (
+        1.0 - momentum
+    )

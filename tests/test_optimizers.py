@@ -56,3 +56,72 @@ def test_epoch_schedules():
     )
     clone = run_serialization_test(steps)
     assert float(clone(800)) == pytest.approx(3e-4)
+
+
+def test_lars_scales_matrices_and_leaves_biases_and_norms_alone():
+    """MoCo v3's LARS against numpy over three steps: a kernel gets decay
+    and the trust ratio, a rank-1 weight (bias, BN) plain momentum."""
+    rng = np.random.default_rng(0)
+    kernel0 = rng.normal(size=(3, 4)).astype("float32")
+    bias0 = rng.normal(size=(4,)).astype("float32")
+    grads = [(rng.normal(size=(3, 4)), rng.normal(size=(4,))) for _ in range(3)]
+    lr, wd, mu, trust = 0.5, 1e-2, 0.9, 1e-3
+    kernel, bias = kernel0.astype(np.float64), bias0.astype(np.float64)
+    buf_k, buf_b = np.zeros_like(kernel), np.zeros_like(bias)
+    for g_k, g_b in grads:
+        d = g_k + wd * kernel
+        d = d * trust * np.linalg.norm(kernel) / np.linalg.norm(d)
+        buf_k = mu * buf_k + d
+        kernel = kernel - lr * buf_k
+        buf_b = mu * buf_b + g_b
+        bias = bias - lr * buf_b
+
+    variables = [keras.Variable(kernel0), keras.Variable(bias0)]
+    optimizer = optimizers.LARS(
+        lr, momentum=mu, weight_decay=wd, trust_coefficient=trust
+    )
+    for g_k, g_b in grads:
+        optimizer.apply_gradients(
+            [
+                (keras.ops.convert_to_tensor(g_k, "float32"), variables[0]),
+                (keras.ops.convert_to_tensor(g_b, "float32"), variables[1]),
+            ]
+        )
+    np.testing.assert_allclose(variables[0].numpy(), kernel, rtol=1e-5)
+    np.testing.assert_allclose(variables[1].numpy(), bias, rtol=1e-5)
+
+
+def test_lars_keeps_a_zero_kernel_finite():
+    variable = keras.Variable(np.zeros((2, 2), "float32"))
+    optimizer = optimizers.LARS(0.1)
+    optimizer.apply_gradients([(keras.ops.ones((2, 2)), variable)])
+    # ||w|| = 0: the trust ratio is 1, as in the official code.
+    np.testing.assert_allclose(variable.numpy(), -0.1 * np.ones((2, 2)))
+
+
+def test_warmup_cosine_and_momentum_follow_main_moco():
+    # main_moco.py's adjust_learning_rate and adjust_moco_momentum at the
+    # fractional epoch epoch + i / iters_per_epoch.
+    lr, epochs, warmup, steps = 0.6 * 4096 / 256, 100, 10, 7
+    schedule = optimizers.WarmupCosine(lr, steps, epochs, warmup)
+    for step in (0, 3, 69, 70, 71, 400, 699):
+        epoch = step / steps
+        if epoch < warmup:
+            expected = lr * epoch / warmup
+        else:
+            expected = (
+                lr
+                * 0.5
+                * (
+                    1.0
+                    + math.cos(math.pi * (epoch - warmup) / (epochs - warmup))
+                )
+            )
+        # float32: at the cosine's tail, a millionth of the peak.
+        assert float(schedule(step)) == pytest.approx(expected, abs=1e-6 * lr)
+        m = 1.0 - 0.5 * (1.0 + math.cos(math.pi * epoch / epochs)) * (1 - 0.99)
+        assert float(
+            optimizers.cosine_momentum(0.99, step, steps, epochs)
+        ) == pytest.approx(m, rel=1e-6)
+    run_serialization_test(schedule)
+    run_serialization_test(optimizers.LARS(0.3, weight_decay=1e-6))

@@ -1,0 +1,419 @@
+"""MoCo v3 as one `keras.Model`: the step of the official `moco-v3` code.
+
+Chen, Xie and He, "An Empirical Study of Training Self-Supervised Vision
+Transformers" (ICCV 2021, arXiv 2104.02057); facebookresearch/moco-v3
+`moco/builder.py`. No queue: the keys of the other images of the (global)
+batch are the negatives, and the loss is symmetric over the two views:
+
+    q1 = predictor(projector(encoder(x1)))        # and q2 from x2
+    momentum update: theta_k = m * theta_k + (1 - m) * theta_q
+    k1 = projector_k(encoder_k(x1))               # and k2 from x2
+    loss = ctr(q1, k2) + ctr(q2, k1)
+    ctr(q, k) = CE(normalize(q) @ normalize(gather(k)).T / T,
+                   arange(N) + N * rank) * 2T
+
+As in `MoCo` (v1/v2), Keras' training hook runs the step on every backend:
+`call` computes `q1`, `compute_loss` the rest; the momentum encoder and
+projector are non-trainable variables updated with `assign`. The file
+reads as the step runs: `MoCoV3` (construction, `call`, `compute_loss`,
+then the parts), then `contrastive_loss` and the MLP builder.
+"""
+
+import copy
+
+import keras
+from keras import layers
+from keras import ops
+
+from moco_keras import distribute
+from moco_keras import moco
+from moco_keras import optimizers
+from moco_keras.batch_norm import SplitBatchNormalization
+
+# `MoCoV3` arguments of the official recipes (`main_moco.py`, CONFIG.md):
+# 256-d outputs, 4096-d hidden layers, momentum 0.99 (raised to 1 along a
+# cosine with --moco-m-cos); ResNet-50 at T 1.0 with a 2-layer projector
+# and a predictor without a last BN, ViT at T 0.2 with a 3-layer projector
+# and a predictor with one.
+MOCOV3_RESNET = {
+    "dim": 256,
+    "mlp_dim": 4096,
+    "projector_layers": 2,
+    "predictor_last_bn": False,
+    "momentum": 0.99,
+    "temperature": 1.0,
+}
+MOCOV3_VIT = {
+    **MOCOV3_RESNET,
+    "projector_layers": 3,
+    "predictor_last_bn": True,
+    "temperature": 0.2,
+}
+PRESETS = {"mocov3_resnet": MOCOV3_RESNET, "mocov3_vit": MOCOV3_VIT}
+
+
+@keras.saving.register_keras_serializable(package="moco_keras")
+class MoCoV3(keras.Model):
+    """MoCo v3: an encoder with projector and predictor, a momentum copy.
+
+    Train it with `fit(view_1, view_2)` (or a dataset of such pairs), two
+    augmentations of the same images. `model(images)` returns the
+    L2-normalized predictions `q` (`N x dim`); `compute_loss` runs the rest
+    of the official step (`moco/builder.py`, `MoCo.forward`):
+
+    1. `q1`, `q2`: the encoder, projector and predictor on each view, each
+       view a batch of its own for batch normalization;
+    2. the momentum update of the key encoder and projector, before the
+       keys, on the trainable weights (BN's moving statistics are each
+       side's own): `theta_k = m * theta_k + (1 - m) * theta_q`;
+    3. `k1`, `k2` from the momentum side in training mode (batch
+       statistics, no gradient);
+    4. `ctr(q1, k2) + ctr(q2, k1)` (`contrastive_loss`).
+
+    The momentum `m` is `momentum`, or with `momentum_epochs` set, the
+    official `--moco-m-cos` schedule from `momentum` to 1 over that many
+    epochs of `steps_per_epoch` steps (`optimizers.cosine_momentum`), at
+    the model's own count of training steps (`train_steps`, a variable
+    saved with the weights, so that the schedule resumes with the run;
+    the optimizer's counter is out of reach of the step under JAX).
+
+    Batch normalization: the official code converts every BN to SyncBN,
+    whose statistics are those of the global batch. On one device and
+    under JAX's data parallel (one program over the global batch) the
+    encoder's BN already sees the whole batch: build it with
+    `bn_splits=1`. Metrics: `loss`, `acc1` (the share of queries whose
+    positive key scores highest among the batch's keys), and with
+    `health=True` the `moco.HEALTH` measures of `q1` against `k2`.
+
+    Args:
+        encoder: a built `keras.Model` from images to `N x D` features,
+            e.g. `encoders.resnet50()` or `vits.vit_small()`. The momentum
+            encoder is a clone with the same initial weights.
+        dim: int, the projector's and predictor's output size (256).
+        mlp_dim: int, their hidden layers' size (4096).
+        projector_layers: int, Linear layers of the projector (2 for
+            ResNet, 3 for ViT).
+        predictor_last_bn: bool, the predictor ends with an affine-free BN
+            (ViT) or with its last Linear (ResNet).
+        momentum: float in [0, 1], m (0.99).
+        temperature: float > 0, T (1.0 for ResNet, 0.2 for ViT).
+        momentum_epochs: optional int, the epochs of the cosine momentum
+            schedule (the run's epochs); None keeps `momentum` fixed.
+        steps_per_epoch: int, optimizer steps per epoch, with
+            `momentum_epochs`.
+        health: bool, also track the `moco.HEALTH` measures.
+        **kwargs: `keras.Model` arguments such as `name`.
+
+    Example:
+
+    >>> from moco_keras import encoders
+    >>> encoder = encoders.cifar_resnet18(width=4)
+    >>> model = MoCoV3(encoder, dim=8, mlp_dim=16)
+    >>> model.compile(optimizer=keras.optimizers.SGD(0.1))
+    >>> images = keras.random.uniform((8, 16, 16, 3))
+    >>> history = model.fit(images, images, batch_size=4, verbose=0)
+    >>> sorted(history.history)[:3]
+    ['acc1', 'alignment', 'l_neg']
+    """
+
+    def __init__(
+        self,
+        encoder,
+        dim=MOCOV3_RESNET["dim"],
+        mlp_dim=MOCOV3_RESNET["mlp_dim"],
+        projector_layers=MOCOV3_RESNET["projector_layers"],
+        predictor_last_bn=MOCOV3_RESNET["predictor_last_bn"],
+        momentum=MOCOV3_RESNET["momentum"],
+        temperature=MOCOV3_RESNET["temperature"],
+        momentum_epochs=None,
+        steps_per_epoch=None,
+        health=True,
+        **kwargs,
+    ):
+        # The queue size check of v1/v2 does not apply: pass a valid one.
+        moco.check_arguments(dim, False, 1, momentum, temperature)
+        for label, value in (
+            ("mlp_dim", mlp_dim),
+            ("projector_layers", projector_layers),
+        ):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(
+                    f"`{label}` must be a positive int. Received: "
+                    f"{label}={value!r}"
+                )
+        if momentum_epochs is not None and (
+            not isinstance(steps_per_epoch, int) or steps_per_epoch < 1
+        ):
+            raise ValueError(
+                "The cosine momentum schedule (`momentum_epochs`) needs "
+                "`steps_per_epoch`, a positive int. Received: "
+                f"steps_per_epoch={steps_per_epoch!r}"
+            )
+        super().__init__(**kwargs)
+        if not isinstance(encoder, keras.layers.Layer):
+            raise TypeError(
+                "`encoder` must be a keras.Model mapping images to features. "
+                f"Received: encoder={encoder!r} of type {type(encoder)}"
+            )
+        feature_shape = moco._feature_shape(encoder)
+        if len(feature_shape) != 2 or feature_shape[-1] is None:
+            raise ValueError(
+                "The encoder must return rank-2 features `N x D` with a known "
+                f"D; {encoder.name!r} returns shape {feature_shape}."
+            )
+        feature_dim = feature_shape[-1]
+        self.dim = dim
+        self.mlp_dim = mlp_dim
+        self.projector_layers = projector_layers
+        self.predictor_last_bn = predictor_last_bn
+        self.momentum = momentum
+        self.temperature = temperature
+        self.momentum_epochs = momentum_epochs
+        self.steps_per_epoch = steps_per_epoch
+
+        self.encoder_q = encoder
+        self.encoder_k = moco._clone(encoder)
+        self.projector_q = build_mlp(
+            projector_layers, feature_dim, mlp_dim, dim, True, "projector_q"
+        )
+        self.projector_k = build_mlp(
+            projector_layers, feature_dim, mlp_dim, dim, True, "projector_k"
+        )
+        self.predictor = build_mlp(
+            2, dim, mlp_dim, dim, predictor_last_bn, "predictor"
+        )
+        for q_var, k_var in self._encoder_weight_pairs():
+            k_var.assign(ops.copy(q_var.value))
+        # Variable by variable, so that the layers stay in training mode
+        # (the official momentum encoder uses batch statistics).
+        for k_var in self.encoder_k.weights + self.projector_k.weights:
+            k_var.trainable = False
+        self.train_steps = self.add_weight(
+            shape=(),
+            initializer="zeros",
+            dtype="int32",
+            trainable=False,
+            autocast=False,
+            name="train_steps",
+        )
+        self.acc1 = keras.metrics.Mean(name="acc1")
+        self.health = health
+        if health:
+            self.health_metric = moco.HealthMetric()
+        self.built = True
+
+    @classmethod
+    def from_preset(cls, preset, encoder, **overrides):
+        """Builds MoCo v3 for ResNet or ViT (`"mocov3_resnet"`,
+        `"mocov3_vit"`) on `encoder`; `overrides` replace preset values.
+
+        Example:
+
+        >>> from moco_keras import vits
+        >>> encoder = vits.vit(image_size=16, patch_size=8, embed_dim=8,
+        ...                    depth=1, num_heads=2)
+        >>> model = MoCoV3.from_preset("mocov3_vit", encoder, mlp_dim=16)
+        >>> model.temperature, model.projector_layers
+        (0.2, 3)
+        """
+        if preset not in PRESETS:
+            raise ValueError(
+                f"Unknown preset {preset!r}; expected one of {sorted(PRESETS)}."
+            )
+        return cls(encoder, **{**PRESETS[preset], **overrides})
+
+    def call(self, inputs, training=False):
+        features = self.encoder_q(inputs, training=training)  # N x D
+        z = self.projector_q(features, training=training)  # N x C
+        q = self.predictor(z, training=training)  # N x C
+        return ops.normalize(ops.cast(q, "float32"), axis=1)  # N x C
+
+    def compute_loss(
+        self, x=None, y=None, y_pred=None, sample_weight=None, training=True
+    ):
+        if y is None:
+            raise ValueError(
+                "MoCo v3 trains on pairs of views: pass `fit(view_1, view_2)` "
+                "or a dataset of `(view_1, view_2)` tuples. The second view "
+                "(y) was None."
+            )
+        if sample_weight is not None:
+            raise ValueError(
+                "MoCo v3 does not support sample weights; the dataset should "
+                "yield `(view_1, view_2)` pairs only."
+            )
+        context = distribute.replica_context()
+        if context is not None:
+            raise NotImplementedError(
+                "MoCo v3 under a tf.distribute strategy of several replicas "
+                "needs batch normalization over the global batch (SyncBN), "
+                "which it does not have yet. Train it on one device, or "
+                "with JAX's data parallel (`--strategy=jax_data_parallel`), "
+                "whose BN sees the global batch."
+            )
+        q1 = y_pred  # N x C
+        q2 = self.call(y, training=training)  # N x C
+        if training:
+            self._momentum_update_key_encoder()
+            self.train_steps.assign(self.train_steps + 1)
+        k1 = ops.stop_gradient(self._encode_keys(x, training))  # N x C
+        k2 = ops.stop_gradient(self._encode_keys(y, training))  # N x C
+        loss_12, l_12 = contrastive_loss(q1, k2, self.temperature)  # (), N x M
+        loss_21, _ = contrastive_loss(q2, k1, self.temperature)  # ()
+        loss = loss_12 + loss_21  # ()
+        n = ops.shape(q1)[0]
+        labels = ops.arange(n, dtype="int32")  # N
+        correct = ops.argmax(l_12, axis=1) == labels  # N
+        self.acc1.update_state(ops.cast(correct, "float32"))
+        if self.health:
+            l_pos = ops.sum(q1 * k2, axis=1, keepdims=True)  # N x 1
+            l_neg = _off_diagonal(l_12)  # N x (M-1)
+            self.health_metric.update_state(
+                moco.health_measures(q1, k2, l_pos, l_neg)
+            )
+        for extra in self.losses:
+            loss = loss + self._aggregate_additional_loss(extra)
+        return loss
+
+    def current_momentum(self):
+        """m of this step: fixed, or on the cosine schedule to 1."""
+        if self.momentum_epochs is None:
+            return self.momentum
+        return optimizers.cosine_momentum(
+            self.momentum,
+            self.train_steps.value,
+            self.steps_per_epoch,
+            self.momentum_epochs,
+        )
+
+    def _encoder_weight_pairs(self):
+        pairs = []
+        for q_model, k_model in (
+            (self.encoder_q, self.encoder_k),
+            (self.projector_q, self.projector_k),
+        ):
+            pairs.extend(zip(q_model.weights, k_model.weights, strict=True))
+        return pairs
+
+    def _momentum_update_key_encoder(self):
+        m = self.current_momentum()
+        for q_var, k_var in self._encoder_weight_pairs():
+            # The official loop is over `parameters()`: trainable weights and
+            # the frozen patch projection and position embedding of ViT
+            # (equal on both sides); BN's moving statistics are buffers.
+            if _is_parameter(q_var):
+                q_value = ops.stop_gradient(q_var.value)
+                k_var.assign(m * k_var.value + (1.0 - m) * q_value)
+
+    def _encode_keys(self, images, training):
+        features = self.encoder_k(images, training=training)  # N x D
+        k = self.projector_k(features, training=training)  # N x C
+        return ops.normalize(ops.cast(k, "float32"), axis=1)  # N x C
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "encoder": keras.saving.serialize_keras_object(self.encoder_q),
+            "dim": self.dim,
+            "mlp_dim": self.mlp_dim,
+            "projector_layers": self.projector_layers,
+            "predictor_last_bn": self.predictor_last_bn,
+            "momentum": self.momentum,
+            "temperature": self.temperature,
+            "momentum_epochs": self.momentum_epochs,
+            "steps_per_epoch": self.steps_per_epoch,
+            "health": self.health,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = copy.deepcopy(config)
+        config["encoder"] = keras.saving.deserialize_keras_object(
+            config["encoder"]
+        )
+        return cls(**config)
+
+
+def contrastive_loss(q, k, temperature, context=None):
+    """The official `contrastive_loss`: InfoNCE of q against all keys.
+
+    Args:
+        q: this replica's queries, `N x C` (normalized here).
+        k: this replica's keys, `N x C` (normalized here, gathered over the
+            replicas of `context`).
+        temperature: T.
+        context: the `tf.distribute` replica context, or None for one
+            program over the whole batch.
+
+    Returns:
+        `(loss, logits)`: the cross-entropy with the label of each query
+        its own key (`arange(N) + N * rank`) times `2 * T`, and the
+        similarities `q @ k_all.T` before the temperature (`N x R*N`).
+    """
+    q = ops.normalize(ops.cast(q, "float32"), axis=1)  # N x C
+    k = ops.normalize(ops.cast(k, "float32"), axis=1)  # N x C
+    k_all = distribute.all_gather(context, k)  # M x C, M = R*N
+    similarity = ops.matmul(q, ops.transpose(k_all))  # N x M
+    logits = similarity / temperature  # N x M
+    n = ops.shape(q)[0]
+    labels = ops.arange(n, dtype="int32") + n * distribute.replica_id(
+        context
+    )  # N
+    positive = ops.take_along_axis(logits, labels[:, None], axis=1)  # N x 1
+    loss = ops.mean(ops.logsumexp(logits, axis=1) - positive[:, 0])  # ()
+    return loss * (2.0 * temperature), similarity
+
+
+def build_mlp(num_layers, input_dim, mlp_dim, output_dim, last_bn, name):
+    """The official `_build_mlp`: Linear (no bias), BN, ReLU, ..., Linear,
+    and with `last_bn` a BN without scale or offset (SimCLR's design).
+
+    The Linear layers have torch's default initialisation, as the official
+    heads are built after the encoder's own initialisation; BN is torch's
+    (eps 1e-5, momentum 0.1).
+    """
+    mlp_layers = []
+    for i in range(num_layers):
+        fan_in = input_dim if i == 0 else mlp_dim
+        units = output_dim if i == num_layers - 1 else mlp_dim
+        initializers = moco._torch_linear_initializers(fan_in)
+        mlp_layers.append(
+            layers.Dense(
+                units,
+                use_bias=False,
+                kernel_initializer=initializers["kernel_initializer"],
+                name=f"linear_{i}",
+            )
+        )
+        if i < num_layers - 1:
+            mlp_layers.append(SplitBatchNormalization(name=f"bn_{i}"))
+            mlp_layers.append(layers.ReLU(name=f"relu_{i}"))
+        elif last_bn:
+            mlp_layers.append(
+                SplitBatchNormalization(
+                    center=False, scale=False, name=f"bn_{i}"
+                )
+            )
+    mlp = keras.Sequential(mlp_layers, name=name)
+    mlp.build((None, input_dim))
+    return mlp
+
+
+def _is_parameter(variable):
+    # A torch parameter: trainable, or frozen on purpose (ViT's patch
+    # projection and position embedding); not BN's moving statistics.
+    return variable.trainable or not (
+        "moving_mean" in variable.path or "moving_variance" in variable.path
+    )
+
+
+def _off_diagonal(similarity):
+    """Each row's negatives: `N x M` without each row's positive column i."""
+    n, m = ops.shape(similarity)[0], ops.shape(similarity)[1]
+    rows = ops.arange(n, dtype="int32")[:, None]  # N x 1
+    # Columns i+1, ..., i+M-1 modulo M: every column but the positive.
+    columns = ops.mod(
+        rows + 1 + ops.arange(m - 1, dtype="int32")[None, :], m
+    )  # N x (M-1)
+    return ops.take_along_axis(similarity, columns, axis=1)  # N x (M-1)

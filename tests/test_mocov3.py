@@ -1,0 +1,581 @@
+"""MoCo v3 against the official step, run in plain PyTorch.
+
+The references below are written from facebookresearch/moco-v3
+(`moco/builder.py`: `_build_mlp`, `contrastive_loss`, `forward`;
+`moco/optimizer.py`: `LARS`; `vits.py`: the position embedding and timm's
+blocks) with torch's own layers; the Keras weights are copied into them
+through `export_pytorch`'s state dicts, one step runs on both sides, and
+every weight is compared afterwards.
+"""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+import torch
+from support import snapshot
+from support import to_numpy
+from torch import nn
+from torch_checkpoints import TorchResNet
+
+from moco_keras import encoders
+from moco_keras import export_pytorch
+from moco_keras import optimizers
+from moco_keras import vits
+from moco_keras.mocov3 import MOCOV3_RESNET
+from moco_keras.mocov3 import MOCOV3_VIT
+from moco_keras.mocov3 import MoCoV3
+from moco_keras.mocov3 import contrastive_loss
+
+# ---------------------------------------------------------------- references
+
+
+def torch_mlp(num_layers, input_dim, mlp_dim, output_dim, last_bn=True):
+    """The official `MoCo._build_mlp`."""
+    mlp = []
+    for layer in range(num_layers):
+        dim1 = input_dim if layer == 0 else mlp_dim
+        dim2 = output_dim if layer == num_layers - 1 else mlp_dim
+        mlp.append(nn.Linear(dim1, dim2, bias=False))
+        if layer < num_layers - 1:
+            mlp.append(nn.BatchNorm1d(dim2))
+            mlp.append(nn.ReLU(inplace=True))
+        elif last_bn:
+            mlp.append(nn.BatchNorm1d(dim2, affine=False))
+    return nn.Sequential(*mlp)
+
+
+class TorchLARS(torch.optim.Optimizer):
+    """The official `moco/optimizer.py`."""
+
+    def __init__(
+        self,
+        params,
+        lr=0,
+        weight_decay=0,
+        momentum=0.9,
+        trust_coefficient=0.001,
+    ):
+        defaults = dict(
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            trust_coefficient=trust_coefficient,
+        )
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            for p in g["params"]:
+                dp = p.grad
+                if dp is None:
+                    continue
+                if p.ndim > 1:
+                    dp = dp.add(p, alpha=g["weight_decay"])
+                    param_norm = torch.norm(p)
+                    update_norm = torch.norm(dp)
+                    one = torch.ones_like(param_norm)
+                    q = torch.where(
+                        param_norm > 0.0,
+                        torch.where(
+                            update_norm > 0,
+                            (g["trust_coefficient"] * param_norm / update_norm),
+                            one,
+                        ),
+                        one,
+                    )
+                    dp = dp.mul(q)
+                param_state = self.state[p]
+                if "mu" not in param_state:
+                    param_state["mu"] = torch.zeros_like(p)
+                mu = param_state["mu"]
+                mu.mul_(g["momentum"]).add_(dp)
+                p.add_(mu, alpha=-g["lr"])
+
+
+def torch_contrastive_loss(q, k, temperature):
+    """The official `contrastive_loss` on one GPU (rank 0, no gather)."""
+    q = nn.functional.normalize(q, dim=1)
+    k = nn.functional.normalize(k, dim=1)
+    logits = torch.einsum("nc,mc->nm", [q, k]) / temperature
+    labels = torch.arange(logits.shape[0], dtype=torch.long)
+    return nn.CrossEntropyLoss()(logits, labels) * (2 * temperature)
+
+
+def torch_step(base, momentum_encoder, predictor, optimizer, x1, x2, m, t):
+    """The official `MoCo.forward` and `main_moco.py`'s step."""
+    q1 = predictor(base(x1))
+    q2 = predictor(base(x2))
+    with torch.no_grad():
+        for param_b, param_m in zip(
+            base.parameters(), momentum_encoder.parameters(), strict=True
+        ):
+            param_m.data = param_m.data * m + param_b.data * (1.0 - m)
+        k1 = momentum_encoder(x1)
+        k2 = momentum_encoder(x2)
+    loss = torch_contrastive_loss(q1, k2, t) + torch_contrastive_loss(q2, k1, t)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+def official_sincos(grid_size, embed_dim, temperature=10000.0):
+    """`VisionTransformerMoCo.build_2d_sincos_position_embedding`."""
+    grid_w = torch.arange(grid_size, dtype=torch.float32)
+    grid_h = torch.arange(grid_size, dtype=torch.float32)
+    grid_w, grid_h = torch.meshgrid(grid_w, grid_h, indexing="ij")
+    pos_dim = embed_dim // 4
+    omega = torch.arange(pos_dim, dtype=torch.float32) / pos_dim
+    omega = 1.0 / (temperature**omega)
+    out_w = torch.einsum("m,d->md", [grid_w.flatten(), omega])
+    out_h = torch.einsum("m,d->md", [grid_h.flatten(), omega])
+    pos_emb = torch.cat(
+        [
+            torch.sin(out_w),
+            torch.cos(out_w),
+            torch.sin(out_h),
+            torch.cos(out_h),
+        ],
+        dim=1,
+    )[None, :, :]
+    pe_token = torch.zeros([1, 1, embed_dim], dtype=torch.float32)
+    return torch.cat([pe_token, pos_emb], dim=1)
+
+
+class TorchAttention(nn.Module):
+    """timm's `Attention`."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+
+
+class TorchMlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class TorchBlock(nn.Module):
+    def __init__(self, dim, num_heads, mlp_ratio):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = TorchAttention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = TorchMlp(dim, dim * mlp_ratio)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class TorchPatchEmbed(nn.Module):
+    def __init__(self, patch_size, dim):
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, patch_size, patch_size)
+
+
+class TorchViT(nn.Module):
+    """timm's `VisionTransformer` as MoCo v3 uses it, `head` given."""
+
+    def __init__(
+        self,
+        image_size,
+        patch_size,
+        dim,
+        depth,
+        num_heads,
+        head,
+        stop_grad_conv1=True,
+        mlp_ratio=4,
+    ):
+        super().__init__()
+        grid = image_size // patch_size
+        self.patch_embed = TorchPatchEmbed(patch_size, dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(official_sincos(grid, dim))
+        self.pos_embed.requires_grad = False
+        self.blocks = nn.Sequential(
+            *[TorchBlock(dim, num_heads, mlp_ratio) for _ in range(depth)]
+        )
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.head = head
+        if stop_grad_conv1:
+            self.patch_embed.proj.weight.requires_grad = False
+            self.patch_embed.proj.bias.requires_grad = False
+
+    def forward(self, x):
+        x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = self.norm(self.blocks(x + self.pos_embed))
+        return self.head(x[:, 0])
+
+
+# ------------------------------------------------------------------- helpers
+
+DIM, MLP_DIM = 8, 16
+
+
+def state_of(model, side):
+    """The Keras model's query or key side in the official names."""
+    encoder = model.encoder_q if side == "q" else model.encoder_k
+    projector = model.projector_q if side == "q" else model.projector_k
+    if any(layer.name == "embedding" for layer in encoder.layers):
+        state = export_pytorch.timm_vit_state(encoder)
+        state.update(export_pytorch.mlp_state(projector, "head"))
+    else:
+        state = export_pytorch.backbone_state(encoder)
+        state.update(export_pytorch.mlp_state(projector, "fc"))
+    return state
+
+
+def predictor_state(model):
+    state = export_pytorch.mlp_state(model.predictor, "p")
+    return {key[2:]: value for key, value in state.items()}
+
+
+def load(module, state):
+    module.load_state_dict(
+        {key: torch.from_numpy(np.array(value)) for key, value in state.items()}
+    )
+
+
+def compare(keras_state, torch_module, before, what):
+    """After the step, each weight's change alike within 0.1 % of the
+    largest change of that weight (seen: up to 6e-5 over four seeds; at 32
+    px, where ResNet-18's last BN normalizes 8 values, float32 rounding
+    alone reached 1 %); a wrong decay, trust ratio, momentum or gradient is
+    off by its whole size."""
+    torch_state = torch_module.state_dict()
+    for key, value in keras_state.items():
+        if key.endswith(("running_var", "num_batches_tracked")):
+            # Keras keeps the biased batch variance, torch the unbiased one.
+            continue
+        expected = torch_state[key].detach().numpy()
+        change = expected - before[key]
+        scale = max(float(np.abs(change).max()), 1e-12)
+        np.testing.assert_allclose(
+            value - before[key],
+            change,
+            rtol=0,
+            atol=1e-3 * scale + 1e-6,
+            err_msg=f"{what}: {key}",
+        )
+
+
+def images(n, size, seed):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, size, size, 3)).astype("float32")
+
+
+def one_step_against_torch(
+    model,
+    base,
+    momentum_encoder,
+    predictor,
+    keras_optimizer,
+    torch_optimizer,
+    size,
+    m,
+):
+    # A key side unlike the query side, as after some training: else the
+    # momentum update is the identity on the first step, and its place in
+    # the step would not show.
+    rng = np.random.default_rng(5)
+    for k_var in model.encoder_k.weights + model.projector_k.weights:
+        if "moving" not in k_var.path:
+            k_var.assign(
+                to_numpy(k_var)
+                + rng.normal(0, 0.05, k_var.shape).astype("float32")
+            )
+    load(base, state_of(model, "q"))
+    load(momentum_encoder, state_of(model, "k"))
+    load(predictor, predictor_state(model))
+    for module in (base, momentum_encoder, predictor):
+        module.train()
+    before_q, before_k = state_of(model, "q"), state_of(model, "k")
+    before_p = predictor_state(model)
+    x1, x2 = images(8, size, 1), images(8, size, 2)
+    model.compile(optimizer=keras_optimizer)
+    keras_loss = model.train_on_batch(x1, x2)
+    keras_loss = float(np.asarray(keras_loss).reshape(-1)[0])
+    torch_loss = torch_step(
+        base,
+        momentum_encoder,
+        predictor,
+        torch_optimizer,
+        torch.from_numpy(x1.transpose(0, 3, 1, 2)),
+        torch.from_numpy(x2.transpose(0, 3, 1, 2)),
+        m,
+        model.temperature,
+    )
+    assert keras_loss == pytest.approx(torch_loss, rel=1e-5)
+    compare(state_of(model, "q"), base, before_q, "query side")
+    compare(predictor_state(model), predictor, before_p, "predictor")
+    compare(state_of(model, "k"), momentum_encoder, before_k, "momentum side")
+    return before_q
+
+
+# --------------------------------------------------------------------- tests
+
+
+def test_resnet_step_equals_the_official_step_with_lars():
+    keras.utils.set_random_seed(0)
+    encoder = encoders.resnet18(width=4, input_shape=(64, 64, 3))
+    model = MoCoV3.from_preset(
+        "mocov3_resnet",
+        encoder,
+        dim=DIM,
+        mlp_dim=MLP_DIM,
+        momentum=0.9,
+        health=False,
+    )
+    head = lambda features: torch_mlp(2, features, MLP_DIM, DIM)  # noqa: E731
+    base = TorchResNet(depth=18, width=4, head=head)
+    momentum_encoder = TorchResNet(depth=18, width=4, head=head)
+    predictor = torch_mlp(2, DIM, MLP_DIM, DIM, last_bn=False)
+    lars = dict(momentum=0.9, weight_decay=1e-3, trust_coefficient=0.01)
+    torch_optimizer = TorchLARS(
+        list(base.parameters()) + list(predictor.parameters()), lr=1.0, **lars
+    )
+    one_step_against_torch(
+        model,
+        base,
+        momentum_encoder,
+        predictor,
+        optimizers.LARS(1.0, **lars),
+        torch_optimizer,
+        64,
+        0.9,
+    )
+
+
+def test_vit_step_equals_the_official_step():
+    # SGD rather than the recipes' AdamW (Keras' own): Adam divides each
+    # gradient by its size, and weights before a BN (the k part of qkv's
+    # bias, the last norm's bias) have gradients that are rounding noise,
+    # which Adam would turn into full steps of either sign.
+    keras.utils.set_random_seed(0)
+    vit = dict(image_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2)
+    encoder = vits.vit(**vit, stop_grad_conv1=True)
+    model = MoCoV3.from_preset(
+        "mocov3_vit",
+        encoder,
+        dim=DIM,
+        mlp_dim=MLP_DIM,
+        momentum=0.9,
+        health=False,
+    )
+    ref = dict(image_size=16, patch_size=8, dim=16, depth=2, num_heads=2)
+    base = TorchViT(**ref, head=torch_mlp(3, 16, MLP_DIM, DIM))
+    momentum_encoder = TorchViT(**ref, head=torch_mlp(3, 16, MLP_DIM, DIM))
+    predictor = torch_mlp(2, DIM, MLP_DIM, DIM, last_bn=True)
+    torch_optimizer = torch.optim.SGD(
+        [
+            p
+            for p in list(base.parameters()) + list(predictor.parameters())
+            if p.requires_grad
+        ],
+        lr=0.5,
+        momentum=0.9,
+        weight_decay=1e-2,
+    )
+    keras_optimizer = optimizers.SGD(0.5, momentum=0.9, weight_decay=1e-2)
+    before = one_step_against_torch(
+        model,
+        base,
+        momentum_encoder,
+        predictor,
+        keras_optimizer,
+        torch_optimizer,
+        16,
+        0.9,
+    )
+    # --stop-grad-conv1: the random patch projection did not move.
+    after = state_of(model, "q")
+    for key in (
+        "patch_embed.proj.weight",
+        "patch_embed.proj.bias",
+        "pos_embed",
+    ):
+        np.testing.assert_array_equal(after[key], before[key])
+    assert not np.array_equal(after["cls_token"], before["cls_token"])
+
+
+def test_sincos_position_embedding_equals_the_official():
+    np.testing.assert_allclose(
+        vits.sincos_position_embedding(4, 32),
+        official_sincos(4, 32).numpy(),
+        rtol=1e-6,
+        atol=1e-6,
+    )
+
+
+def test_vit_initialisation_follows_the_official_code():
+    encoder = vits.vit(
+        image_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=4
+    )
+    state = export_pytorch.timm_vit_state(encoder)
+    qkv = state["blocks.0.attn.qkv.weight"]  # 192 x 64
+    assert np.abs(qkv).max() <= math.sqrt(6.0 / (64 + 64))
+    assert np.abs(qkv).max() > 0.9 * math.sqrt(6.0 / (64 + 64))
+    fc1 = state["blocks.0.mlp.fc1.weight"]  # 256 x 64, Xavier
+    assert np.abs(fc1).max() <= math.sqrt(6.0 / (64 + 256))
+    patch = state["patch_embed.proj.weight"]
+    assert np.abs(patch).max() <= math.sqrt(6.0 / (3 * 8 * 8 + 64))
+    for key, value in state.items():
+        if key.endswith(".bias"):
+            assert not value.any(), key
+    assert np.abs(state["cls_token"]).max() < 1e-5
+
+
+def test_loss_is_symmetric_in_the_views():
+    def build():
+        keras.utils.set_random_seed(3)
+        encoder = encoders.cifar_resnet18(width=4, input_shape=(16, 16, 3))
+        model = MoCoV3(encoder, dim=DIM, mlp_dim=MLP_DIM, health=False)
+        model.compile(optimizer=keras.optimizers.SGD(0.1))
+        return model
+
+    x1, x2 = images(8, 16, 1), images(8, 16, 2)
+    forward = build().train_on_batch(x1, x2)
+    backward = build().train_on_batch(x2, x1)
+    assert float(np.ravel(forward)[0]) == pytest.approx(
+        float(np.ravel(backward)[0]), rel=1e-5
+    )
+
+
+def test_momentum_follows_the_cosine_schedule_to_one():
+    encoder = encoders.cifar_resnet18(width=4, input_shape=(16, 16, 3))
+    model = MoCoV3(
+        encoder,
+        dim=DIM,
+        mlp_dim=MLP_DIM,
+        momentum=0.5,
+        momentum_epochs=1,
+        steps_per_epoch=2,
+        health=False,
+    )
+    model.compile(optimizer=keras.optimizers.SGD(0.5))
+    pairs = [
+        (q, k)
+        for q, k in zip(
+            model.encoder_q.weights, model.encoder_k.weights, strict=True
+        )
+        if q.trainable
+    ]
+    q0 = snapshot([q for q, _ in pairs])
+    model.train_on_batch(images(8, 16, 1), images(8, 16, 2))
+    # Step 0: m = 0.5 and the key side started equal to the query side.
+    for (_, k), before in zip(pairs, q0, strict=True):
+        np.testing.assert_allclose(to_numpy(k), before, rtol=1e-6, atol=1e-7)
+    q1, k1 = snapshot([q for q, _ in pairs]), snapshot([k for _, k in pairs])
+    model.train_on_batch(images(8, 16, 3), images(8, 16, 4))
+    # Step 1 of 2: m = 1 - 0.5 * (1 + cos(pi / 2)) * 0.5 = 0.75.
+    for (_, k), q_before, k_before in zip(pairs, q1, k1, strict=True):
+        np.testing.assert_allclose(
+            to_numpy(k),
+            0.75 * k_before + 0.25 * q_before,
+            rtol=1e-5,
+            atol=1e-6,
+        )
+    assert float(model.current_momentum()) == pytest.approx(1.0)
+
+
+def test_contrastive_loss_equals_numpy_and_ranks_its_own_key():
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=(6, 4)).astype("float32")
+    k = rng.normal(size=(6, 4)).astype("float32")
+    loss, similarity = contrastive_loss(q, k, 0.2)
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    kn = k / np.linalg.norm(k, axis=1, keepdims=True)
+    logits = qn @ kn.T / 0.2
+    log_softmax = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    expected = -np.mean(np.diag(log_softmax)) * 2 * 0.2
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(similarity), qn @ kn.T, atol=1e-6
+    )
+
+
+def test_fit_logs_the_metrics_and_health_of_v3():
+    encoder = vits.vit(
+        image_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2
+    )
+    model = MoCoV3.from_preset("mocov3_vit", encoder, dim=DIM, mlp_dim=MLP_DIM)
+    model.compile(optimizer=keras.optimizers.AdamW(1e-3))
+    history = model.fit(
+        images(16, 16, 1), images(16, 16, 2), batch_size=8, verbose=0
+    )
+    logs = history.history
+    for name in ("loss", "acc1", "alignment", "uniformity", "l_neg_max"):
+        assert np.isfinite(logs[name][0]), name
+    # A batch of 8 keys: 7 negatives; l_neg_max <= 1 and >= l_neg.
+    assert logs["l_neg"][0] <= logs["l_neg_max"][0] <= 1.0
+
+
+def test_presets_follow_the_official_code():
+    assert MOCOV3_RESNET == {
+        "dim": 256,
+        "mlp_dim": 4096,
+        "projector_layers": 2,
+        "predictor_last_bn": False,
+        "momentum": 0.99,
+        "temperature": 1.0,
+    }
+    assert MOCOV3_VIT["projector_layers"] == 3
+    assert MOCOV3_VIT["predictor_last_bn"] is True
+    assert MOCOV3_VIT["temperature"] == 0.2
+    assert vits.VIT_SMALL == {
+        "patch_size": 16,
+        "embed_dim": 384,
+        "depth": 12,
+        "num_heads": 12,
+    }
+
+
+def test_config_round_trip_and_keras_file(tmp_path):
+    encoder = encoders.cifar_resnet18(width=4, input_shape=(16, 16, 3))
+    model = MoCoV3(
+        encoder, dim=DIM, mlp_dim=MLP_DIM, momentum_epochs=10, steps_per_epoch=5
+    )
+    model.compile(optimizer=optimizers.LARS(0.1))
+    model.train_on_batch(images(8, 16, 1), images(8, 16, 2))
+    path = tmp_path / "v3.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    config, loaded_config = model.get_config(), loaded.get_config()
+    del config["encoder"], loaded_config["encoder"]
+    assert loaded_config == config
+    for a, b in zip(model.weights, loaded.weights, strict=True):
+        np.testing.assert_array_equal(to_numpy(a), to_numpy(b))
+
+
+def test_bad_arguments_say_what_to_fix():
+    encoder = encoders.cifar_resnet18(width=4)
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        MoCoV3(encoder, momentum_epochs=100)
+    with pytest.raises(ValueError, match="mlp_dim"):
+        MoCoV3(encoder, mlp_dim=0)
+    with pytest.raises(ValueError, match="second view"):
+        model = MoCoV3(encoder, dim=DIM, mlp_dim=MLP_DIM)
+        model.compile(optimizer="sgd")
+        model.fit(images(8, 16, 1), batch_size=8, verbose=0)
