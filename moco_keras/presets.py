@@ -74,6 +74,9 @@ RUN = {
     "keep_checkpoints": 3,
     "keep_every_epochs": 0,
     "log_every_steps": 10,
+    # The feature measures of `MoCo(health=True)` (moco.HEALTH): a few
+    # matrix products of the step's queries; off to save their cost.
+    "health": True,
 }
 
 # ImageNet as the official code reads it: a folder of class folders, views

@@ -129,7 +129,11 @@ def build_moco(config, milestones, steps_per_epoch, replicas=1):
             augmentation_config(config), seed=seed
         )
     model = moco.MoCo(
-        encoder, **config["model"], augmentation=augmentation, seed=seed
+        encoder,
+        **config["model"],
+        augmentation=augmentation,
+        seed=seed,
+        health=config["run"]["health"],
     )
     model.compile(
         optimizer=runs.optimizer(config, milestones, steps_per_epoch),

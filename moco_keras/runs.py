@@ -52,6 +52,10 @@ from moco_keras import training
 # where the same data lies. Every other value changes the model, the data
 # or the optimizer's state, and `check_resume` refuses a rerun that changes
 # it.
+# Keys newer than some workdirs' config.json, with the value those runs
+# had: a run started before a key existed resumes with it.
+ADDED_KEYS = {"run.health": True}
+
 RESUMABLE = (
     "schedule.epochs",
     "run.workdir",
@@ -410,7 +414,7 @@ def check_resume(config):
     if checkpoint is None or not os.path.isfile(path):
         return
     with open(path) as f:
-        stored = flatten(json.load(f))
+        stored = {**ADDED_KEYS, **flatten(json.load(f))}
     current = flatten(config)
     changed = [
         f"{key}: {stored.get(key)!r} in its {CONFIG_FILE}, "

@@ -649,6 +649,24 @@ def test_flags_given_replace_the_presets_values_and_only_those():
         common.recipe_config(lincls.PRESETS)
 
 
+def test_nohealth_builds_moco_without_the_measures():
+    from moco_keras import pretraining
+
+    with parsed_flags("--preset=quickstart", "--nohealth"):
+        config = common.recipe_config(pretrain.PRESETS)
+    assert config["run"]["health"] is False
+    assert pretrain.PRESETS["quickstart"]["run"]["health"] is True
+    config = runs.config(
+        config,
+        encoder={"width": 2},
+        data={"image_size": 8},
+        model={"queue_size": 64},
+    )
+    assert not pretraining.build_moco(config, [], 1).health
+    config = runs.config(config, run={"health": True})
+    assert pretraining.build_moco(config, [], 1).health
+
+
 def recipe_defaults_of(preset, **overrides):
     return defaults(pretrain.PRESETS, preset, **overrides)
 

@@ -97,6 +97,16 @@ def test_rerun_of_a_workdir_refuses_changed_values(tmp_path):
     printed = common.in_flag_names(message)
     assert "--moco_k: 256 in its config.json, 512 now" in printed
     assert "a new --workdir" in printed and "--epochs" in printed
+    # A config.json from before run.health existed: that run had it on.
+    del config["run"]["health"]
+    runs.write_json_atomically(str(tmp_path / "config.json"), config)
+    for health in (True, False):
+        config["run"]["health"] = health
+        if health:
+            runs.check_resume(config)
+            continue
+        with pytest.raises(runs.ConfigError, match="run.health: True in its"):
+            runs.check_resume(config)
 
 
 def test_strategy_of_another_backend_is_refused():

@@ -124,6 +124,12 @@ flags.DEFINE_bool(
     None,
     "TensorFlow backend: deterministic kernels (bitwise-repeatable runs).",
 )
+flags.DEFINE_bool(
+    "health",
+    None,
+    "Log the feature measures (alignment, uniformity, q_std, l_pos, l_neg, "
+    "l_neg_max) and warn on collapse; --nohealth saves their cost.",
+)
 flags.DEFINE_enum(
     "verbose",
     None,
@@ -211,6 +217,7 @@ FLAGS_TO_CONFIG = {
     "keep_checkpoints": ("run", "keep_checkpoints"),
     "keep_every_epochs": ("run", "keep_every_epochs"),
     "log_every_steps": ("run", "log_every_steps"),
+    "health": ("run", "health"),
 }
 
 CONFIG_TO_FLAGS = {
