@@ -9,6 +9,11 @@ Keras model with its weights:
   `fc.2`) and PaddleFleetX pretraining (`*.pdparams`: `base_encoder.*`,
   `momentum_encoder.*`, `queue`, `queue_ptr`): a `MoCo` model, queue and
   pointer included, ready to train on;
+- official MoCo v3 pretraining (facebookresearch/moco-v3 `main_moco.py`'s
+  `r-50-*.pth.tar`, `vit-s-300ep.pth.tar`, `vit-b-300ep.pth.tar`:
+  `module.base_encoder.*` with its projector as `fc.*` (ResNet) or
+  `head.*` (ViT, timm's names), `module.momentum_encoder.*`,
+  `module.predictor.*`): a `mocov3.MoCoV3` model (`kind="mocov3"`);
 - a linear-classification checkpoint (official `main_lincls.py`, or
   PaddleFleetX's) or a bare torchvision ResNet state dict: the classifier,
   a `keras.Model` from images to logits whose layer `fc` is the linear layer
@@ -41,7 +46,10 @@ import numpy as np
 
 from moco_keras import color
 from moco_keras import encoders
+from moco_keras import vits
 from moco_keras.moco import MoCo
+from moco_keras.mocov3 import PRESETS as MOCOV3_PRESETS
+from moco_keras.mocov3 import MoCoV3
 from moco_keras.presets import MOCOV1
 from moco_keras.presets import MOCOV2
 
@@ -69,9 +77,10 @@ class Converted:
     """A converted checkpoint.
 
     Attributes:
-        model: a `MoCo` model (`kind="moco"`) or a classifier
-            `keras.Model` (`kind="classifier"`).
-        kind: `"moco"` or `"classifier"`.
+        model: a `MoCo` model (`kind="moco"`), a `MoCoV3` model
+            (`kind="mocov3"`) or a classifier `keras.Model`
+            (`kind="classifier"`).
+        kind: `"moco"`, `"mocov3"` or `"classifier"`.
         source: `"pytorch"` or `"paddle"`.
         mean, std: the input normalization the weights were trained with.
         info: what was read: architecture, width, head, queue size, classes.
@@ -385,6 +394,11 @@ def convert(path, bn_splits=1, input_shape=(None, None, 3)):
     ```
     """
     state, source = read_checkpoint(path)
+    stripped = _strip_module(state)
+    if source == "pytorch" and any(
+        n.startswith("predictor.") for n in stripped
+    ):
+        return _convert_mocov3(path, stripped, bn_splits, input_shape)
     kind, parts, unexpected = _canonical(state, source)
     plan = _Plan()
     if kind == "moco":
@@ -476,10 +490,190 @@ def convert(path, bn_splits=1, input_shape=(None, None, 3)):
     return Converted(model, kind, source, tuple(mean), tuple(std), info)
 
 
+def _plan_mlp(plan, mlp, weights, prefix):
+    """A MoCo v3 MLP from the official `nn.Sequential`'s `i.weight`, ..."""
+    plan.prefix = prefix
+    for index, layer in enumerate(mlp.layers):
+        if isinstance(layer, keras.layers.Dense):
+            plan.add(layer.kernel, f"{index}.weight", weights, np.transpose)
+        elif isinstance(layer, keras.layers.BatchNormalization):
+            for torch_name, keras_name in BN_NAMES.items():
+                variable = getattr(layer, keras_name, None)
+                if variable is not None:
+                    plan.add(variable, f"{index}.{torch_name}", weights)
+    return [f"{prefix}{name}" for name in weights]
+
+
+def _plan_vit(plan, encoder, weights, prefix):
+    """A `vits.vit` encoder from timm's names (`export_pytorch.
+    timm_vit_state` is the other way)."""
+    plan.prefix = prefix
+    for layer in encoder.layers:
+        key = torch_key(layer)
+        if layer.name == "patch_embed_proj":
+            plan.add(
+                layer.kernel,
+                "patch_embed.proj.weight",
+                weights,
+                lambda w: np.transpose(w, (2, 3, 1, 0)),
+            )
+            plan.add(layer.bias, "patch_embed.proj.bias", weights)
+        elif layer.name == "embedding":
+            plan.add(layer.cls_token, "cls_token", weights)
+            plan.add(layer.pos_embed, "pos_embed", weights)
+        elif isinstance(layer, keras.layers.LayerNormalization):
+            plan.add(layer.gamma, f"{key}.weight", weights)
+            plan.add(layer.beta, f"{key}.bias", weights)
+        elif isinstance(layer, keras.layers.Dense):
+            _plan_dense(plan, layer, weights, f"{key}.")
+        elif isinstance(layer, vits.Attention):
+            _plan_dense(plan, layer.qkv, weights, f"{key}.qkv.")
+            _plan_dense(plan, layer.proj, weights, f"{key}.proj.")
+        elif layer.weights:
+            raise ValueError(f"No mapping for the layer {layer.name!r}.")
+    return [f"{prefix}{name}" for name in weights]
+
+
+def _linear_count(weights):
+    """Linear layers of an official MLP: its 2-D `i.weight` entries."""
+    return sum(
+        1
+        for name, value in weights.items()
+        if name.endswith(".weight") and np.ndim(value) == 2
+    )
+
+
+def _vit_encoder(backbone, arch, input_shape):
+    """The `vits.vit` that a timm-named state dict describes."""
+    kernel = backbone.get("patch_embed.proj.weight")
+    if kernel is None or "pos_embed" not in backbone:
+        raise ValueError(
+            "The ViT has no patch_embed.proj.weight or pos_embed, so its "
+            "shape cannot be read; nothing was loaded."
+        )
+    embed_dim, patch_size = int(kernel.shape[0]), int(kernel.shape[-1])
+    grid = int(round((backbone["pos_embed"].shape[1] - 1) ** 0.5))
+    depth = len(
+        {name.split(".")[1] for name in backbone if name.startswith("blocks.")}
+    )
+    hidden = backbone["blocks.0.mlp.fc1.weight"].shape[0]
+    # The heads are not in the weights: MoCo v3's ViT-S and ViT-B have 12.
+    presets = {"vit_small": vits.VIT_SMALL, "vit_base": vits.VIT_BASE}
+    num_heads = presets.get(arch, vits.VIT_SMALL)["num_heads"]
+    size = input_shape[0] if input_shape[0] else grid * patch_size
+    return vits.vit(
+        image_size=size,
+        patch_size=patch_size,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=num_heads,
+        mlp_ratio=hidden / embed_dim,
+        stop_grad_conv1=True,
+        name=arch if arch in presets else "vit",
+    )
+
+
+def _convert_mocov3(path, state, bn_splits, input_shape):
+    """`convert` of an official MoCo v3 pretraining checkpoint."""
+    state = {
+        name: value
+        for name, value in state.items()
+        if not name.endswith("num_batches_tracked")
+    }
+    import torch
+
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    # `main_moco.py` saves `arch` (vit_small, vit_base, resnet50) beside
+    # the weights.
+    arch = str(checkpoint.get("arch", "")) if "state_dict" in checkpoint else ""
+    base = _split(state, "base_encoder.")
+    vit = "patch_embed.proj.weight" in base
+    head_name = "head." if vit else "fc."
+    sides = {}
+    for side, prefix in (("q", "base_encoder."), ("k", "momentum_encoder.")):
+        encoder = _split(state, prefix)
+        sides[side] = (
+            {n: v for n, v in encoder.items() if not n.startswith(head_name)},
+            _split(encoder, head_name),
+        )
+    predictor = _split(state, "predictor.")
+    projector = sides["q"][1]
+    if not projector or not predictor:
+        raise ValueError(
+            f"{path} is a MoCo v3 checkpoint without its projector "
+            f"({head_name}*) or predictor; nothing was loaded."
+        )
+    if vit:
+        input_shape = tuple(input_shape)
+        encoder = _vit_encoder(sides["q"][0], arch, input_shape)
+        info = {"arch": encoder.name, "embed_dim": encoder.output.shape[-1]}
+    else:
+        arch_found, width = infer_architecture(sides["q"][0])
+        encoder = encoders.get_encoder(
+            arch_found,
+            width=width,
+            bn_splits=bn_splits,
+            input_shape=input_shape,
+        )
+        info = {"arch": arch_found, "width": width}
+    projector_layers = _linear_count(projector)
+    predictor_layers = _linear_count(predictor)
+    last = 3 * (predictor_layers - 1)  # the predictor's last Linear
+    dim = int(predictor[f"{last}.weight"].shape[0])
+    mlp_dim = int(projector["0.weight"].shape[0])
+    preset = MOCOV3_PRESETS["mocov3_vit" if vit else "mocov3_resnet"]
+    model = MoCoV3(
+        encoder,
+        dim=dim,
+        mlp_dim=mlp_dim,
+        projector_layers=projector_layers,
+        predictor_last_bn=f"{last + 1}.running_mean" in predictor,
+        # Not in the checkpoints: the official recipes' values.
+        momentum=preset["momentum"],
+        temperature=preset["temperature"],
+    )
+    plan = _Plan()
+    unexpected = [
+        name
+        for name in state
+        if not name.startswith(
+            ("base_encoder.", "momentum_encoder.", "predictor.")
+        )
+    ]
+    for side, prefix in (("q", "base_encoder."), ("k", "momentum_encoder.")):
+        backbone, head = sides[side]
+        if vit:
+            unexpected += _plan_vit(
+                plan, getattr(model, f"encoder_{side}"), backbone, prefix
+            )
+        else:
+            unexpected += _plan_backbone(
+                plan, getattr(model, f"encoder_{side}"), backbone, prefix
+            )
+        unexpected += _plan_mlp(
+            plan,
+            getattr(model, f"projector_{side}"),
+            head,
+            f"{prefix}{head_name}",
+        )
+    unexpected += _plan_mlp(plan, model.predictor, predictor, "predictor.")
+    plan.apply(unexpected, path)
+    info.update(
+        {
+            "dim": dim,
+            "mlp_dim": mlp_dim,
+            "projector_layers": projector_layers,
+            "checkpoint": os.path.abspath(path),
+        }
+    )
+    mean, std = NORMALIZATION["pytorch"]
+    return Converted(model, "mocov3", "pytorch", tuple(mean), tuple(std), info)
+
+
 def backbone_of(model):
     """The encoder of a converted model: a MoCo's query encoder, or the
     classifier's `backbone` layer."""
-    if isinstance(model, MoCo):
+    if isinstance(model, (MoCo, MoCoV3)):
         return model.encoder_q
     return model.get_layer("backbone")
 

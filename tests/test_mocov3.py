@@ -579,3 +579,128 @@ def test_bad_arguments_say_what_to_fix():
         model = MoCoV3(encoder, dim=DIM, mlp_dim=MLP_DIM)
         model.compile(optimizer="sgd")
         model.fit(images(8, 16, 1), batch_size=8, verbose=0)
+
+
+def randomize_bn(*modules, seed=0):
+    """Random BN statistics and affine weights, so that a mix-up shows."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in modules:
+            for layer in module.modules():
+                if isinstance(layer, nn.BatchNorm1d | nn.BatchNorm2d):
+                    layer.running_mean.normal_(0, 0.1, generator=generator)
+                    layer.running_var.uniform_(0.5, 1.5, generator=generator)
+                    if layer.affine:
+                        layer.weight.uniform_(0.5, 1.5, generator=generator)
+                        layer.bias.normal_(0, 0.1, generator=generator)
+
+
+def save_official_v3(path, base, momentum_encoder, predictor, arch):
+    """A checkpoint as moco-v3's `main_moco.py` writes it (DDP names)."""
+    state = {}
+    for prefix, module in (
+        ("module.base_encoder.", base),
+        ("module.momentum_encoder.", momentum_encoder),
+        ("module.predictor.", predictor),
+    ):
+        for name, value in module.state_dict().items():
+            state[prefix + name] = value
+    torch.save(
+        {"epoch": 100, "arch": arch, "state_dict": state, "optimizer": {}},
+        path,
+    )
+
+
+def check_converted(path, base, momentum_encoder, predictor, size):
+    from moco_keras import convert
+
+    converted = convert.convert(str(path))
+    model = converted.model
+    assert converted.kind == "mocov3" and isinstance(model, MoCoV3)
+    for what, keras_state, module in (
+        ("q", state_of(model, "q"), base),
+        ("k", state_of(model, "k"), momentum_encoder),
+        ("predictor", predictor_state(model), predictor),
+    ):
+        expected = {
+            key: value.numpy()
+            for key, value in module.state_dict().items()
+            if not key.endswith("num_batches_tracked")
+        }
+        got = {
+            key: value
+            for key, value in keras_state.items()
+            if not key.endswith("num_batches_tracked")
+        }
+        assert sorted(got) == sorted(expected), what
+        for key, value in expected.items():
+            np.testing.assert_array_equal(got[key], value, err_msg=key)
+    # The same function: inference-mode predictions of both.
+    for module in (base, predictor):
+        module.eval()
+    x = images(4, size, 7)
+    with torch.no_grad():
+        expected = predictor(base(torch.from_numpy(x.transpose(0, 3, 1, 2))))
+    expected = nn.functional.normalize(expected, dim=1).numpy()
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(model(x)), expected, rtol=1e-4, atol=1e-5
+    )
+    return converted
+
+
+def test_official_v3_resnet_checkpoint_converts(tmp_path):
+    def head(features):
+        return torch_mlp(2, features, MLP_DIM, DIM)
+
+    base = TorchResNet(depth=18, width=4, head=head, seed=1)
+    momentum_encoder = TorchResNet(depth=18, width=4, head=head, seed=2)
+    predictor = torch_mlp(2, DIM, MLP_DIM, DIM, last_bn=False)
+    randomize_bn(base.fc, momentum_encoder.fc, predictor, seed=3)
+    path = tmp_path / "r-50-100ep.pth.tar"
+    save_official_v3(path, base, momentum_encoder, predictor, "resnet18")
+    converted = check_converted(path, base, momentum_encoder, predictor, 32)
+    assert converted.info["arch"] == "resnet18"
+    assert converted.model.projector_layers == 2
+    assert not converted.model.predictor_last_bn
+    assert converted.model.temperature == 1.0
+
+
+def test_official_v3_vit_checkpoint_converts(tmp_path):
+    # 12 heads, as the official ViT-S: the checkpoint does not hold them.
+    ref = dict(image_size=16, patch_size=8, dim=24, depth=2, num_heads=12)
+    torch.manual_seed(0)
+    base = TorchViT(**ref, head=torch_mlp(3, 24, MLP_DIM, DIM))
+    momentum_encoder = TorchViT(**ref, head=torch_mlp(3, 24, MLP_DIM, DIM))
+    predictor = torch_mlp(2, DIM, MLP_DIM, DIM, last_bn=True)
+    with torch.no_grad():
+        for module in (base, momentum_encoder):
+            module.cls_token.normal_()
+            for block in module.blocks:
+                block.norm1.bias.normal_()
+    randomize_bn(base.head, momentum_encoder.head, predictor, seed=3)
+    path = tmp_path / "vit-s-300ep.pth.tar"
+    save_official_v3(path, base, momentum_encoder, predictor, "vit_small")
+    converted = check_converted(path, base, momentum_encoder, predictor, 16)
+    assert converted.info["arch"] == "vit_small"
+    assert converted.model.projector_layers == 3
+    assert converted.model.predictor_last_bn
+    assert converted.model.temperature == 0.2
+
+
+def test_v3_checkpoint_with_a_missing_weight_loads_nothing(tmp_path):
+    def head(features):
+        return torch_mlp(2, features, MLP_DIM, DIM)
+
+    base = TorchResNet(depth=18, width=4, head=head)
+    predictor = torch_mlp(2, DIM, MLP_DIM, DIM, last_bn=False)
+    path = tmp_path / "broken.pth.tar"
+    save_official_v3(path, base, base, predictor, "resnet18")
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["state_dict"][
+        "module.momentum_encoder.layer1.0.conv1.weight"
+    ]
+    torch.save(checkpoint, path)
+    from moco_keras import convert
+
+    with pytest.raises(ValueError, match="momentum_encoder.layer1.0.conv1"):
+        convert.convert(str(path))
