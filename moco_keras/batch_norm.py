@@ -41,7 +41,10 @@ class SplitBatchNormalization(keras.layers.BatchNormalization):
             default BN momentum 0.1 is `momentum=0.9` here.
         epsilon: float, added to the variance. 1e-5 as in PyTorch.
         **kwargs: any other `keras.layers.BatchNormalization` argument,
-            `axis` among them (`axis=1` for channels-first inputs).
+            `axis` among them (`axis=1` for channels-first inputs), and
+            `synchronized=True` (TensorFlow only, with `num_splits=1`):
+            statistics over the global batch of all `tf.distribute`
+            replicas, PyTorch's SyncBN, which MoCo v3 trains with.
 
     Example:
 
@@ -57,6 +60,12 @@ class SplitBatchNormalization(keras.layers.BatchNormalization):
                 "`num_splits` must be a positive integer (the number of BN "
                 f"groups). Received: num_splits={num_splits!r}"
             )
+        if kwargs.get("synchronized") and num_splits != 1:
+            raise ValueError(
+                "`synchronized=True` normalizes over the global batch, "
+                "`num_splits` over groups of it: pass one of them. Received: "
+                f"num_splits={num_splits}"
+            )
         super().__init__(momentum=momentum, epsilon=epsilon, **kwargs)
         self.num_splits = num_splits
 
@@ -65,6 +74,9 @@ class SplitBatchNormalization(keras.layers.BatchNormalization):
         self._rank = len(input_shape)
 
     def call(self, inputs, training=None, mask=None):
+        if self.synchronized:
+            # SyncBN (TensorFlow): Keras' statistics over all replicas.
+            return super().call(inputs, training=training, mask=mask)
         batch_statistics = bool(training and self.trainable)
         context = distribute.replica_context() if batch_statistics else None
         torch_backend = keras.backend.backend() == "torch"

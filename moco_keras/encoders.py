@@ -167,6 +167,7 @@ def resnet(
     input_shape=(None, None, 3),
     data_format=None,
     name=None,
+    sync_bn=False,
 ):
     """A torchvision-layout ResNet that returns pooled features.
 
@@ -191,6 +192,10 @@ def resnet(
             of the layers inside; None for `default_data_format()`. The
             weights are the same in both.
         name: model name; defaults to `resnet{depth}`.
+        sync_bn: bool, batch normalization over the global batch of all
+            `tf.distribute` replicas (PyTorch's SyncBN, as MoCo v3 trains;
+            TensorFlow only). One device, and JAX's data parallel, already
+            normalize over the whole batch with `bn_splits=1`.
 
     Returns:
         A functional `keras.Model` mapping `N x H x W x C` images to
@@ -226,6 +231,8 @@ def resnet(
         norm_layer = functools.partial(
             SplitBatchNormalization, num_splits=bn_splits
         )
+        if sync_bn:
+            norm_layer = functools.partial(norm_layer, synchronized=True)
     block_type, expansion, stage_blocks = _ARCHS[depth]
     block = _bottleneck_block if block_type == "bottleneck" else _basic_block
 

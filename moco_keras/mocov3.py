@@ -81,8 +81,14 @@ class MoCoV3(keras.Model):
     whose statistics are those of the global batch. On one device and
     under JAX's data parallel (one program over the global batch) the
     encoder's BN already sees the whole batch: build it with
-    `bn_splits=1`. Metrics: `loss`, `acc1` (the share of queries whose
-    positive key scores highest among the batch's keys), and with
+    `bn_splits=1`. Under a `tf.distribute` strategy of several replicas,
+    build the model in its scope with a SyncBN encoder
+    (`encoders.resnet50(sync_bn=True)`); the projector and predictor then
+    get SyncBN too, and the keys of all replicas are gathered, each
+    replica's labels offset by its rank.
+
+    Metrics: `loss`, `acc1` (the share of queries whose positive key
+    scores highest among the batch's keys), and with
     `health=True` the `moco.HEALTH` measures of `q1` against `k2`.
 
     Args:
@@ -162,6 +168,9 @@ class MoCoV3(keras.Model):
                 f"D; {encoder.name!r} returns shape {feature_shape}."
             )
         feature_dim = feature_shape[-1]
+        synchronized = distribute.num_replicas() > 1
+        if synchronized:
+            _check_synchronized(encoder)
         self.dim = dim
         self.mlp_dim = mlp_dim
         self.projector_layers = projector_layers
@@ -174,13 +183,25 @@ class MoCoV3(keras.Model):
         self.encoder_q = encoder
         self.encoder_k = moco._clone(encoder)
         self.projector_q = build_mlp(
-            projector_layers, feature_dim, mlp_dim, dim, True, "projector_q"
+            projector_layers,
+            feature_dim,
+            mlp_dim,
+            dim,
+            True,
+            "projector_q",
+            synchronized,
         )
         self.projector_k = build_mlp(
-            projector_layers, feature_dim, mlp_dim, dim, True, "projector_k"
+            projector_layers,
+            feature_dim,
+            mlp_dim,
+            dim,
+            True,
+            "projector_k",
+            synchronized,
         )
         self.predictor = build_mlp(
-            2, dim, mlp_dim, dim, predictor_last_bn, "predictor"
+            2, dim, mlp_dim, dim, predictor_last_bn, "predictor", synchronized
         )
         for q_var, k_var in self._encoder_weight_pairs():
             k_var.assign(ops.copy(q_var.value))
@@ -243,14 +264,6 @@ class MoCoV3(keras.Model):
                 "yield `(view_1, view_2)` pairs only."
             )
         context = distribute.replica_context()
-        if context is not None:
-            raise NotImplementedError(
-                "MoCo v3 under a tf.distribute strategy of several replicas "
-                "needs batch normalization over the global batch (SyncBN), "
-                "which it does not have yet. Train it on one device, or "
-                "with JAX's data parallel (`--strategy=jax_data_parallel`), "
-                "whose BN sees the global batch."
-            )
         q1 = y_pred  # N x C
         q2 = self.call(y, training=training)  # N x C
         if training:
@@ -258,19 +271,26 @@ class MoCoV3(keras.Model):
             self.train_steps.assign(self.train_steps + 1)
         k1 = ops.stop_gradient(self._encode_keys(x, training))  # N x C
         k2 = ops.stop_gradient(self._encode_keys(y, training))  # N x C
-        loss_12, l_12 = contrastive_loss(q1, k2, self.temperature)  # (), N x M
-        loss_21, _ = contrastive_loss(q2, k1, self.temperature)  # ()
+        t = self.temperature
+        loss_12, l_12 = contrastive_loss(q1, k2, t, context)  # (), N x M
+        loss_21, _ = contrastive_loss(q2, k1, t, context)  # ()
         loss = loss_12 + loss_21  # ()
         n = ops.shape(q1)[0]
-        labels = ops.arange(n, dtype="int32")  # N
+        offset = n * distribute.replica_id(context)  # ()
+        labels = ops.arange(n, dtype="int32") + offset  # N
         correct = ops.argmax(l_12, axis=1) == labels  # N
         self.acc1.update_state(ops.cast(correct, "float32"))
         if self.health:
             l_pos = ops.sum(q1 * k2, axis=1, keepdims=True)  # N x 1
-            l_neg = _off_diagonal(l_12)  # N x (M-1)
+            l_neg = _without_positives(l_12, labels)  # N x (M-1)
             self.health_metric.update_state(
                 moco.health_measures(q1, k2, l_pos, l_neg)
             )
+        replicas = distribute.num_replicas()
+        if replicas > 1:
+            # tf.distribute sums the replicas' gradients; Keras does not
+            # divide a `compute_loss` override by the replica count.
+            loss = loss / replicas  # ()
         for extra in self.losses:
             loss = loss + self._aggregate_additional_loss(extra)
         return loss
@@ -365,14 +385,24 @@ def contrastive_loss(q, k, temperature, context=None):
     return loss * (2.0 * temperature), similarity
 
 
-def build_mlp(num_layers, input_dim, mlp_dim, output_dim, last_bn, name):
+def build_mlp(
+    num_layers,
+    input_dim,
+    mlp_dim,
+    output_dim,
+    last_bn,
+    name,
+    synchronized=False,
+):
     """The official `_build_mlp`: Linear (no bias), BN, ReLU, ..., Linear,
     and with `last_bn` a BN without scale or offset (SimCLR's design).
 
     The Linear layers have torch's default initialisation, as the official
     heads are built after the encoder's own initialisation; BN is torch's
-    (eps 1e-5, momentum 0.1).
+    (eps 1e-5, momentum 0.1), over the global batch of all `tf.distribute`
+    replicas with `synchronized` (SyncBN).
     """
+    bn = {"synchronized": True} if synchronized else {}
     mlp_layers = []
     for i in range(num_layers):
         fan_in = input_dim if i == 0 else mlp_dim
@@ -387,17 +417,36 @@ def build_mlp(num_layers, input_dim, mlp_dim, output_dim, last_bn, name):
             )
         )
         if i < num_layers - 1:
-            mlp_layers.append(SplitBatchNormalization(name=f"bn_{i}"))
+            mlp_layers.append(SplitBatchNormalization(name=f"bn_{i}", **bn))
             mlp_layers.append(layers.ReLU(name=f"relu_{i}"))
         elif last_bn:
             mlp_layers.append(
                 SplitBatchNormalization(
-                    center=False, scale=False, name=f"bn_{i}"
+                    center=False, scale=False, name=f"bn_{i}", **bn
                 )
             )
     mlp = keras.Sequential(mlp_layers, name=name)
     mlp.build((None, input_dim))
     return mlp
+
+
+def _check_synchronized(encoder):
+    """Under several `tf.distribute` replicas every BN of the encoder must
+    be SyncBN: the official code converts them all."""
+    plain = [
+        layer.name
+        for layer in encoder._flatten_layers(include_self=False)
+        if isinstance(layer, layers.BatchNormalization)
+        and not layer.synchronized
+    ]
+    if plain:
+        raise ValueError(
+            f"MoCo v3 over {distribute.num_replicas()} replicas normalizes "
+            "over the global batch (SyncBN, as the official code), but the "
+            f"encoder {encoder.name!r} has per-replica BN layers "
+            f"({', '.join(plain[:3])}, ...). Build it with `sync_bn=True` "
+            "(`encoders.resnet50(sync_bn=True)`) inside the strategy's scope."
+        )
 
 
 def _is_parameter(variable):
@@ -408,12 +457,12 @@ def _is_parameter(variable):
     )
 
 
-def _off_diagonal(similarity):
-    """Each row's negatives: `N x M` without each row's positive column i."""
-    n, m = ops.shape(similarity)[0], ops.shape(similarity)[1]
-    rows = ops.arange(n, dtype="int32")[:, None]  # N x 1
-    # Columns i+1, ..., i+M-1 modulo M: every column but the positive.
+def _without_positives(similarity, labels):
+    """Each row's negatives: `N x M` without row i's positive column
+    `labels[i]`."""
+    m = ops.shape(similarity)[1]
+    # Columns l+1, ..., l+M-1 modulo M: every column but the positive.
     columns = ops.mod(
-        rows + 1 + ops.arange(m - 1, dtype="int32")[None, :], m
+        labels[:, None] + 1 + ops.arange(m - 1, dtype="int32")[None, :], m
     )  # N x (M-1)
     return ops.take_along_axis(similarity, columns, axis=1)  # N x (M-1)

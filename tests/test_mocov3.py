@@ -704,3 +704,28 @@ def test_v3_checkpoint_with_a_missing_weight_loads_nothing(tmp_path):
 
     with pytest.raises(ValueError, match="momentum_encoder.layer1.0.conv1"):
         convert.convert(str(path))
+
+
+@pytest.mark.slow
+@pytest.mark.process
+@pytest.mark.backends("tensorflow")
+def test_four_replicas_equal_one_device_with_the_whole_batch():
+    """SyncBN, the keys gathered over the replicas and each replica's labels
+    offset by its rank: two steps on 4 logical CPU devices (4 images each)
+    equal two steps on one device with the batch of 16."""
+    from test_distribute import run_script
+
+    result = run_script("mirrored_v3_step.py", KERAS_BACKEND="tensorflow")
+    assert result["replicas"] == 4
+    single, mirrored = result["loss"]
+    assert mirrored == pytest.approx(single, rel=1e-5)
+    assert result["acc1"][0] == pytest.approx(result["acc1"][1], abs=1e-6)
+    # Every weight, BN statistics and the momentum side included, within
+    # 0.1 % of its change in the two steps, or 2e-5 (float32 sums in
+    # another order; seen: 4e-4 of the change on the MLPs' BN scales, 1e-5
+    # on a moving mean that barely moved).
+    for path, (gap, change) in result["weights"].items():
+        assert gap < 1e-3 * change + 2e-5, (path, gap, change)
+    assert any("moving_mean" in path for path in result["weights"])
+    assert any(path.startswith("projector_k") for path in result["weights"])
+    assert "sync_bn=True" in result["refused"]

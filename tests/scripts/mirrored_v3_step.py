@@ -1,0 +1,73 @@
+"""MoCo v3 under MirroredStrategy over 4 CPU devices against one device
+with the whole batch (tests/test_mocov3.py): prints one JSON line."""
+
+import json
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import ops
+
+from moco_keras import distribute
+from moco_keras import encoders
+from moco_keras import optimizers
+from moco_keras.mocov3 import MoCoV3
+
+
+def main():
+    strategy = distribute.make_strategy("mirrored", cpu_devices=4)
+
+    def build(sync_bn):
+        keras.utils.set_random_seed(0)
+        encoder = encoders.cifar_resnet18(
+            width=4, input_shape=(16, 16, 3), sync_bn=sync_bn
+        )
+        model = MoCoV3(encoder, dim=8, mlp_dim=16, momentum=0.9)
+        model.compile(
+            optimizer=optimizers.LARS(
+                1.0, weight_decay=1e-3, trust_coefficient=0.01
+            )
+        )
+        return model
+
+    def diff(a, b):
+        return float(
+            np.max(np.abs(ops.convert_to_numpy(a) - ops.convert_to_numpy(b)))
+        )
+
+    rng = np.random.default_rng(0)
+    views = rng.normal(size=(2, 32, 16, 16, 3)).astype("float32")
+    pairs = tf.data.Dataset.from_tensor_slices((views[0], views[1])).batch(16)
+    single = build(sync_bn=False)
+    initial = [ops.convert_to_numpy(w).copy() for w in single.weights]
+    single_logs = single.fit(pairs, verbose=0).history
+    with strategy.scope():
+        mirrored = build(sync_bn=True)
+    mirrored_logs = mirrored.fit(pairs, verbose=0).history
+    refused = ""
+    with strategy.scope():
+        try:
+            build(sync_bn=False)
+        except ValueError as error:
+            refused = str(error)
+    print(
+        json.dumps(
+            {
+                "replicas": strategy.num_replicas_in_sync,
+                "loss": [single_logs["loss"], mirrored_logs["loss"]],
+                "acc1": [single_logs["acc1"], mirrored_logs["acc1"]],
+                # Each variable's gap, and its change in the two steps.
+                "weights": {
+                    w.path: [diff(w, v), diff(w, w0)]
+                    for w, v, w0 in zip(
+                        single.weights, mirrored.weights, initial, strict=True
+                    )
+                },
+                "refused": refused,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
