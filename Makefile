@@ -72,6 +72,10 @@ bench: venv fashion-mnist
 	$(BIN)/python bench/train_step.py --model=cifar18 --runs=3 --output=BENCHMARKS.md
 	$(BIN)/python bench/train_step.py --model=resnet50 --runs=2 --steps=4 \
 	  --output=BENCHMARKS.md
+	@set -e; for backend in torch tensorflow jax; do \
+	  KERAS_BACKEND=$$backend $(BIN)/python bench/health_cost.py --rounds=12 \
+	    --steps=3 --output=BENCHMARKS.md; \
+	done
 	$(BIN)/python bench/learning.py --output=bench/results --markdown=BENCHMARKS.md \
 	  $(BENCH_ARGS)
 

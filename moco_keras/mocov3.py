@@ -118,8 +118,8 @@ class MoCoV3(keras.Model):
     >>> model.compile(optimizer=keras.optimizers.SGD(0.1))
     >>> images = keras.random.uniform((8, 16, 16, 3))
     >>> history = model.fit(images, images, batch_size=4, verbose=0)
-    >>> sorted(history.history)[:3]
-    ['acc1', 'alignment', 'l_neg']
+    >>> "acc1" in history.history and "uniformity" in history.history
+    True
     """
 
     def __init__(

@@ -75,6 +75,20 @@ TINY = {
         ("cifar_resnet18(bn_splits=8)", "cifar_resnet18(width=2, bn_splits=2)"),
         ("workers=2", "workers=0"),
     ],
+    "docs/mocov3.md": [
+        ("encoders.resnet50()", "encoders.resnet18(width=2)"),
+        (
+            "momentum_epochs=epochs,",
+            "momentum_epochs=epochs, dim=8, mlp_dim=16,",
+        ),
+        ('"mocov3_vit", encoder)', '"mocov3_vit", encoder, dim=8, mlp_dim=16)'),
+        ("(8, 224, 224, 3)", "(8, 32, 32, 3)"),
+        (
+            "vits.vit_small(stop_grad_conv1=True)",
+            "vits.vit(image_size=32, patch_size=16, embed_dim=16, depth=1, "
+            "num_heads=2, stop_grad_conv1=True)",
+        ),
+    ],
     "docs/monitoring.md": [
         (
             'datasets.load_fashion_mnist("test")',

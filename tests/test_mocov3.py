@@ -729,3 +729,27 @@ def test_four_replicas_equal_one_device_with_the_whole_batch():
     assert any("moving_mean" in path for path in result["weights"])
     assert any(path.startswith("projector_k") for path in result["weights"])
     assert "sync_bn=True" in result["refused"]
+
+
+@pytest.mark.process
+@pytest.mark.backends("torch")
+def test_convert_recipe_reads_an_official_v3_checkpoint(tmp_path):
+    from support import run_module
+
+    def head(features):
+        return torch_mlp(2, features, MLP_DIM, DIM)
+
+    base = TorchResNet(depth=18, width=4, head=head)
+    predictor = torch_mlp(2, DIM, MLP_DIM, DIM, last_bn=False)
+    source = tmp_path / "r-50-100ep.pth.tar"
+    save_official_v3(source, base, base, predictor, "resnet18")
+    output = tmp_path / "converted"
+    result = run_module(
+        "moco_keras.recipes.convert", f"--source={source}", f"--output={output}"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "MoCo v3 pretraining (2-layer projector" in result.stdout
+    from moco_keras import convert
+
+    model, metadata = convert.load_converted(str(output))
+    assert isinstance(model, MoCoV3) and metadata["kind"] == "mocov3"

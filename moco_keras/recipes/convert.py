@@ -55,15 +55,26 @@ def main(argv):
         raise app.UsageError(str(error)) from error
     converted.save(FLAGS.output)
     info = converted.info
-    what = (
-        f"MoCo {'v2' if info.get('mlp') else 'v1'} pretraining (K "
-        f"{info.get('queue_size')}, queue and pointer included)"
-        if converted.kind == "moco"
-        else f"linear classifier ({info['classes']} classes)"
+    if converted.kind == "moco":
+        what = (
+            f"MoCo {'v2' if info.get('mlp') else 'v1'} pretraining (K "
+            f"{info.get('queue_size')}, queue and pointer included)"
+        )
+    elif converted.kind == "mocov3":
+        what = (
+            f"MoCo v3 pretraining ({info['projector_layers']}-layer "
+            f"projector, predictor, momentum encoder; {info['dim']}-d)"
+        )
+    else:
+        what = f"linear classifier ({info['classes']} classes)"
+    shape = (
+        f"width {info['width']}"
+        if "width" in info
+        else f"embed_dim {info.get('embed_dim')}"
     )
     print(
         f"Converted {FLAGS.source} ({converted.source}): {what} on "
-        f"{info['arch']} (width {info['width']}).\n"
+        f"{info['arch']} ({shape}).\n"
         f"Inputs: RGB in [0, 1], normalized with mean {converted.mean} and "
         f"std {converted.std}.\n"
         f"Wrote {os.path.join(FLAGS.output, convert.MODEL_FILE)}; linear "
