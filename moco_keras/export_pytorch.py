@@ -42,7 +42,7 @@ import numpy as np
 from moco_keras import convert
 
 # What `recipes/export --format=` writes.
-FORMATS = ("torchvision", "moco_pytorch", "detectron2")
+FORMATS = ("torchvision", "moco_pytorch", "detectron2", "timm")
 
 
 def _numpy(variable):

@@ -36,6 +36,7 @@ from moco_keras import convert
 from moco_keras import datasets
 from moco_keras import distribute
 from moco_keras import moco
+from moco_keras import mocov3
 from moco_keras import runs
 from moco_keras import training
 from moco_keras import views
@@ -108,7 +109,7 @@ def load_moco(path):
             "written by moco_keras.recipes.pretrain, or its workdir."
         ) from error
     check(
-        isinstance(model, moco.MoCo),
+        isinstance(model, moco.MoCo | mocov3.MoCoV3),
         f"--pretrained={path} holds a {type(model).__name__}, not a MoCo "
         "model; pass a checkpoint of moco_keras.recipes.pretrain.",
     )

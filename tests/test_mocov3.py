@@ -753,3 +753,71 @@ def test_convert_recipe_reads_an_official_v3_checkpoint(tmp_path):
 
     model, metadata = convert.load_converted(str(output))
     assert isinstance(model, MoCoV3) and metadata["kind"] == "mocov3"
+
+
+@pytest.mark.process
+@pytest.mark.backends("torch")
+def test_export_recipe_writes_v3_weights_for_torchvision_and_timm(tmp_path):
+    from support import run_module
+
+    def head(features):
+        return torch_mlp(2, features, MLP_DIM, DIM)
+
+    def convert_and_export(base, predictor, arch, fmt):
+        source = tmp_path / f"{arch}.pth.tar"
+        save_official_v3(source, base, base, predictor, arch)
+        converted = tmp_path / f"converted_{arch}"
+        result = run_module(
+            "moco_keras.recipes.convert",
+            f"--source={source}",
+            f"--output={converted}",
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        output = tmp_path / f"{arch}_{fmt}.pth"
+        return output, run_module(
+            "moco_keras.recipes.export",
+            f"--format={fmt}",
+            f"--pretrained={converted}",
+            f"--output={output}",
+        )
+
+    resnet = TorchResNet(depth=18, width=64, head=head)
+    output, result = convert_and_export(
+        resnet,
+        torch_mlp(2, DIM, MLP_DIM, DIM, last_bn=False),
+        "resnet18",
+        "torchvision",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    plain = TorchResNet(depth=18, width=64)
+    missing = plain.load_state_dict(
+        torch.load(output, weights_only=True), strict=False
+    ).missing_keys
+    assert sorted(missing) == ["fc.bias", "fc.weight"]
+    for key, value in plain.state_dict().items():
+        if not key.startswith("fc."):
+            np.testing.assert_array_equal(
+                value.numpy(), resnet.state_dict()[key].numpy(), err_msg=key
+            )
+
+    ref = dict(image_size=16, patch_size=8, dim=24, depth=2, num_heads=12)
+    vit = TorchViT(**ref, head=torch_mlp(3, 24, MLP_DIM, DIM))
+    output, result = convert_and_export(
+        vit, torch_mlp(2, DIM, MLP_DIM, DIM), "vit_small", "timm"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = torch.load(output, weights_only=True)
+    expected = {
+        k: v for k, v in vit.state_dict().items() if not k.startswith("head.")
+    }
+    assert sorted(state) == sorted(expected)
+    for key, value in expected.items():
+        np.testing.assert_array_equal(state[key].numpy(), value.numpy())
+    result = run_module(
+        "moco_keras.recipes.export",
+        "--format=torchvision",
+        f"--pretrained={tmp_path / 'converted_vit_small'}",
+        f"--output={tmp_path / 'no.pth'}",
+    )
+    assert result.returncode != 0
+    assert "use --format=timm" in result.stderr

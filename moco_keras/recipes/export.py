@@ -42,7 +42,8 @@ flags.DEFINE_enum(
     "preprocessing in OUTPUT.json (TensorFlow or torch backend); "
     "torchvision: a torchvision ResNet state dict .pth (fc from a lincls "
     "run); moco_pytorch: main_moco.py's checkpoint .pth.tar; detectron2: "
-    "the official detection converter's .pkl.",
+    "the official detection converter's .pkl; timm: a MoCo v3 ViT as "
+    "timm's VisionTransformer state dict .pth (no head).",
 )
 
 
@@ -110,10 +111,13 @@ def weights_to_export(pretrained):
         )
         backbone, _ = linear_classification.load_backbone(source)
         return None, backbone, classifier.get_layer("fc"), 0, found
+    from moco_keras import mocov3
+
     checkpoint = linear_classification.resolve_pretrained(pretrained)
     if os.path.isfile(os.path.join(checkpoint, convert.METADATA)):
         model, _ = convert.load_converted(checkpoint)
-        if not isinstance(model, moco.MoCo):  # a converted classifier
+        if not isinstance(model, moco.MoCo | mocov3.MoCoV3):
+            # a converted classifier
             backbone = convert.backbone_of(model)
             return None, backbone, model.get_layer("fc"), 0, checkpoint
     else:
@@ -129,14 +133,27 @@ def weights_to_export(pretrained):
 
 def export_for_pytorch(pretrained, output, format):
     """Writes `--format=torchvision|moco_pytorch|detectron2`."""
+    from moco_keras import moco
+
     model, backbone, fc, epoch, origin = weights_to_export(pretrained)
+    vit = any(layer.name == "embedding" for layer in backbone.layers)
+    runs.check(
+        vit == (format == "timm"),
+        f"--format=timm writes ViTs and the other PyTorch formats ResNets; "
+        f"{origin} holds a {'ViT' if vit else 'ResNet'}: use "
+        f"{'--format=timm' if vit else '--format=torchvision'}.",
+    )
     try:
-        if format == "moco_pytorch":
+        if format == "timm":
+            state = export_pytorch.timm_vit_state(backbone)
+            export_pytorch.save_torch(state, output)
+            what = "a timm VisionTransformer state dict (all but the head)"
+        elif format == "moco_pytorch":
             runs.check(
-                model is not None,
+                isinstance(model, moco.MoCo),
                 f"--format=moco_pytorch writes a MoCo pretraining checkpoint "
-                f"(query and key encoders, queue); {origin} is a linear "
-                "classifier. Pass its pretraining run, or use "
+                f"(query and key encoders, queue); {origin} is not one "
+                "(a linear classifier, or MoCo v3, which has no queue). Use "
                 "--format=torchvision.",
             )
             checkpoint = export_pytorch.moco_pytorch_checkpoint(model, epoch)
@@ -154,7 +171,7 @@ def export_for_pytorch(pretrained, output, format):
         else:
             export_pytorch.check_detectron2(backbone)
             state = export_pytorch.backbone_state(backbone)
-            head = model.head_q.layers if model is not None else [fc]
+            head = model.head_q.layers if isinstance(model, moco.MoCo) else [fc]
             state.update(export_pytorch.dense_state(head))
             export_pytorch.save_detectron2(
                 output, export_pytorch.detectron2_model(state)
