@@ -753,6 +753,12 @@ def test_convert_recipe_reads_an_official_v3_checkpoint(tmp_path):
 
     model, metadata = convert.load_converted(str(output))
     assert isinstance(model, MoCoV3) and metadata["kind"] == "mocov3"
+    # What recipes/lincls trains on: the query encoder, the official
+    # normalization.
+    from moco_keras import linear_classification
+
+    backbone, normalization = linear_classification.load_backbone(str(output))
+    assert backbone.output.shape[-1] == 32 and normalization is not None
 
 
 @pytest.mark.process
