@@ -317,13 +317,17 @@ def one_step_against_torch(
     model.compile(optimizer=keras_optimizer)
     keras_loss = model.train_on_batch(x1, x2)
     keras_loss = float(np.asarray(keras_loss).reshape(-1)[0])
+    # NCHW in contiguous memory: a transposed view has channels-last
+    # strides, on which torch 2.13's CPU backward of the 1 x 1 stride-2
+    # convolution of layer2's shortcut gave a different weight gradient
+    # from run to run (the loss the same to the last digit).
     torch_loss = torch_step(
         base,
         momentum_encoder,
         predictor,
         torch_optimizer,
-        torch.from_numpy(x1.transpose(0, 3, 1, 2)),
-        torch.from_numpy(x2.transpose(0, 3, 1, 2)),
+        torch.from_numpy(np.ascontiguousarray(x1.transpose(0, 3, 1, 2))),
+        torch.from_numpy(np.ascontiguousarray(x2.transpose(0, 3, 1, 2))),
         m,
         model.temperature,
     )
