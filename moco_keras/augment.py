@@ -1,4 +1,4 @@
-"""MoCo v1 / v2 two-crop augmentation: presets and the crop half, tf.data.
+"""MoCo's two-crop augmentation: presets and the crop half, tf.data.
 
 The official code augments PIL images with torchvision transforms
 (`main_moco.py`):
@@ -10,6 +10,10 @@ The official code augments PIL images with torchvision transforms
   RandomApply([ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
   RandomGrayscale(p=0.2), RandomApply([GaussianBlur([0.1, 2.0])], p=0.5),
   RandomHorizontalFlip, Normalize(ImageNet).
+- v3 (arXiv 2104.02057, BYOL's pair): RandomResizedCrop(224, scale=(0.08,
+  1)), RandomApply([ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+  RandomGrayscale(p=0.2), GaussianBlur with p 1.0 (first view) or 0.1
+  (second), Solarize with p 0 or 0.2, RandomHorizontalFlip, Normalize.
 
 A view is made in two halves. The crop half is here, per image in
 tf.data (images differ in size): decode, RandomResizedCrop, resize,
@@ -28,6 +32,7 @@ import math
 import tensorflow as tf
 
 from moco_keras import color
+from moco_keras import views
 
 # The views' presets live with the TensorFlow-free crop half, so that a
 # host without TensorFlow has them too; here for the tf.data pipelines.
@@ -175,7 +180,8 @@ def two_crops(image_or_contents, seed, config, encoded, color_in_model=False):
         image_or_contents: encoded image bytes (`encoded=True`) or a decoded
             uint8 `H x W x C` image.
         seed: int32 shape `[2]` stateless seed for this image.
-        config: an `AUGMENTATIONS` dict.
+        config: an `AUGMENTATIONS` dict, or a pair of them (MoCo v3's
+            views: the first view's, the second's).
         encoded: whether the first argument is encoded bytes.
         color_in_model: stop after crop and flip.
 
@@ -196,12 +202,18 @@ def two_crops(image_or_contents, seed, config, encoded, color_in_model=False):
             image_or_contents, channels=3, expand_animations=False
         )
     image = _rgb(image)
+    configs = views.view_pair(config)
     windows = random_resized_crop_window(
-        tf.shape(image), crop_seed, config["scale"], config["ratio"], count=2
+        tf.shape(image),
+        crop_seed,
+        configs[0]["scale"],
+        configs[0]["ratio"],
+        count=2,
     )
     flips = _uniform(flip_seed, 0.0, 1.0, [2]) < 0.5
-    views = []
+    crops = []
     for index, color_seed in enumerate(color_seeds):
+        config = configs[index]
         crop = _view(image, windows[index], flips[index], config)
         if not color_in_model:
             parameters = color.sample_parameters(
@@ -215,5 +227,5 @@ def two_crops(image_or_contents, seed, config, encoded, color_in_model=False):
                 config,
                 color.TF_OPS,
             )[0]
-        views.append(crop)
-    return tuple(views)
+        crops.append(crop)
+    return tuple(crops)

@@ -41,6 +41,9 @@ LUMA = (0.299, 0.587, 0.114)
 BLUR_KERNEL_SIZE = 13
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
 
+# The probabilities of a colour config: all 0 is a view of crop and flip only.
+PROBABILITIES = ("jitter_p", "grayscale_p", "blur_p", "solarize_p")
+
 # The keys of an `augment.AUGMENTATIONS` dict that the colour half reads.
 CONFIG_KEYS = (
     "jitter",
@@ -49,6 +52,7 @@ CONFIG_KEYS = (
     "grayscale_first",
     "blur_p",
     "blur_sigma",
+    "solarize_p",
     "mean",
     "std",
 )
@@ -77,7 +81,7 @@ TF_OPS = _TensorFlowOps()
 
 def validate(config):
     """Raises ValueError if a colour config is out of torchvision's ranges."""
-    for name in ("jitter_p", "grayscale_p", "blur_p"):
+    for name in PROBABILITIES:
         if not 0.0 <= config[name] <= 1.0:
             raise ValueError(
                 f"`{name}` is a probability and must be in [0, 1]. "
@@ -103,7 +107,9 @@ def sample_parameters(config, uniform, ops=ops):
 
     Brightness, contrast and saturation factors ~ U(max(0, 1 - x), 1 + x),
     the hue delta ~ U(-x, x), a random order of the four jitter ops, the
-    coins of jitter, grayscale and blur, and the blur's sigma ~ U(range).
+    coins of jitter, grayscale and blur, and the blur's sigma ~ U(range);
+    with `solarize_p` > 0 (MoCo v3's second view) a coin of solarization,
+    drawn last so that the other draws stay those of v1/v2.
 
     Args:
         config: a dict with `CONFIG_KEYS`.
@@ -127,7 +133,7 @@ def sample_parameters(config, uniform, ops=ops):
     coins = uniform((3,))
     sigma_low, sigma_high = config["blur_sigma"]
     sigma = uniform(()) * (sigma_high - sigma_low) + sigma_low
-    return {
+    parameters = {
         "factors": factors,
         "order": order,
         "jitter": coins[..., 0] < config["jitter_p"],
@@ -135,6 +141,9 @@ def sample_parameters(config, uniform, ops=ops):
         "blur": coins[..., 2] < config["blur_p"],
         "sigma": sigma,
     }
+    if config["solarize_p"] > 0:
+        parameters["solarize"] = uniform(()) < config["solarize_p"]
+    return parameters
 
 
 def _column(values, ops):
@@ -302,6 +311,13 @@ def gaussian_blur(images, sigma, ops=ops):
     return ops.transpose(images, (2, 0, 1, 3))
 
 
+def solarize(images, ops=ops):
+    """PIL's `ImageOps.solarize` (threshold 128) on images in [0, 1]: every
+    value of 128/255 or more inverted; between the uint8 levels 127 and 128
+    the cut at 0.5 gives the same result."""
+    return ops.where(images >= 0.5, 1.0 - images, images)
+
+
 def augment(images, parameters, config, ops=ops):
     """Applies drawn `parameters` to float images in [0, 1]: the whole
     colour half but the normalization.
@@ -341,9 +357,11 @@ def augment(images, parameters, config, ops=ops):
         if config["grayscale_first"]
         else gray(jitter(images))
     )
-    return maybe(
+    images = maybe(
         "blur", lambda y: gaussian_blur(y, parameters["sigma"], ops), images
     )
+    # MoCo v3's second view solarizes after the blur (`main_moco.py`).
+    return maybe("solarize", lambda y: solarize(y, ops), images)
 
 
 def normalize(images, mean, std, ops=ops):
@@ -380,6 +398,8 @@ class ColorAugmentation(keras.layers.Layer):
         grayscale_first: grayscale before the jitter (MoCo v1).
         blur_p: probability of the blur.
         blur_sigma: (low, high) range of the blur's sigma.
+        solarize_p: probability of solarization, after the blur (MoCo v3's
+            second view: 0.2).
         mean: per-channel mean of the normalization of [0, 1] images.
         std: per-channel standard deviation of that normalization.
         seed: int, seeds the draws.
@@ -403,6 +423,7 @@ class ColorAugmentation(keras.layers.Layer):
         grayscale_first=False,
         blur_p=0.5,
         blur_sigma=(0.1, 2.0),
+        solarize_p=0.0,
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
         seed=None,
@@ -415,6 +436,7 @@ class ColorAugmentation(keras.layers.Layer):
         self.grayscale_first = bool(grayscale_first)
         self.blur_p = float(blur_p)
         self.blur_sigma = tuple(float(x) for x in blur_sigma)
+        self.solarize_p = float(solarize_p)
         self.mean = tuple(float(x) for x in mean)
         self.std = tuple(float(x) for x in std)
         validate(self.config)

@@ -206,7 +206,7 @@ def labelled_dataset(
         return _batched(dataset, source, batch_size, drop_remainder=False)
     colored = [
         name
-        for name in ("jitter_p", "grayscale_p", "blur_p")
+        for name in color.PROBABILITIES
         if train_augmentation and train_augmentation[name] > 0
     ]
     if colored:

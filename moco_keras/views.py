@@ -58,6 +58,7 @@ def _preset(**overrides):
         "grayscale_first": False,
         "blur_p": 0.5,
         "blur_sigma": (0.1, 2.0),
+        "solarize_p": 0.0,
         "flip": True,
         # False: plain bilinear where a crop shrinks, more pairs per core
         # for the split path's CPU half at a measured cost in fidelity to
@@ -91,22 +92,63 @@ AUGMENTATIONS = {
 }
 
 
+# MoCo v3's asymmetric pair, BYOL's recipe (`main_moco.py`): crops of
+# 0.08 or more, a milder saturation jitter, the blur always on the first
+# view and on a tenth of the second, solarization on a fifth of the second.
+_MOCOV3_VIEW = _preset(scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.2, 0.1))
+AUGMENTATIONS["mocov3"] = (
+    {**_MOCOV3_VIEW, "blur_p": 1.0},
+    {**_MOCOV3_VIEW, "blur_p": 0.1, "solarize_p": 0.2},
+)
+
+# The keys that make a view's crop: equal in the two views of a pair, which
+# are batched together.
+CROP_KEYS = ("size", "scale", "ratio", "flip", "antialias")
+
+
 def get_augmentation(name, **overrides):
-    """A copy of preset `name` ("mocov1", "mocov2", "cifar") with overrides."""
+    """A copy of preset `name` with overrides: a dict of one view's
+    settings that both views take ("mocov1", "mocov2", "cifar"), or a pair
+    of them, the first view's and the second's ("mocov3"), with the
+    overrides applied to both.
+
+    Example:
+
+    >>> first, second = get_augmentation("mocov3", size=32)
+    >>> first["blur_p"], second["solarize_p"], second["size"]
+    (1.0, 0.2, 32)
+    """
     if name not in AUGMENTATIONS:
         raise ValueError(
             f"Unknown augmentation {name!r}; expected one of "
             f"{sorted(AUGMENTATIONS)}."
         )
-    unknown = set(overrides) - set(AUGMENTATIONS[name])
+    preset = AUGMENTATIONS[name]
+    unknown = set(overrides) - set(view_pair(preset)[0])
     if unknown:
         raise ValueError(
             f"Unknown augmentation arguments {sorted(unknown)}; expected some "
-            f"of {sorted(AUGMENTATIONS[name])}."
+            f"of {sorted(view_pair(preset)[0])}."
         )
-    config = {**AUGMENTATIONS[name], **overrides}
-    color.validate(config)
-    return config
+    configs = [{**config, **overrides} for config in view_pair(preset)]
+    for config in configs:
+        color.validate(config)
+    return configs[0] if isinstance(preset, dict) else tuple(configs)
+
+
+def view_pair(augmentation):
+    """`(first view's, second view's)` settings of an augmentation: a dict
+    twice, or a pair whose crop settings (`CROP_KEYS`) agree."""
+    if isinstance(augmentation, dict):
+        return augmentation, augmentation
+    first, second = augmentation
+    differ = [key for key in CROP_KEYS if first[key] != second[key]]
+    if differ:
+        raise ValueError(
+            "The two views of a pair are cropped alike and batched together; "
+            f"these crop settings differ: {differ}. Give both views the same."
+        )
+    return first, second
 
 
 def view_rng(seed, epoch, index):
@@ -296,12 +338,15 @@ def two_crops(image, rng, augmentation):
         image: encoded bytes (JPEG, PNG, ...), a uint8 array, or a PIL
             image.
         rng: a `numpy.random.Generator` (`view_rng`).
-        augmentation: an `augment.AUGMENTATIONS` dict: its `size`,
+        augmentation: an `augment.AUGMENTATIONS` dict or pair: its `size`,
             `scale`, `ratio`, `flip` and `antialias` are used here, the
             colour entries by `color.ColorAugmentation` in the model.
     """
     picture = image if hasattr(image, "crop") else decode(image)
-    return tuple(crop_and_flip(picture, rng, augmentation) for _ in range(2))
+    return tuple(
+        crop_and_flip(picture, rng, config)
+        for config in view_pair(augmentation)
+    )
 
 
 def crop_and_flip(picture, rng, augmentation):
@@ -329,7 +374,7 @@ class TwoViews:
     def __init__(self, source, augmentation, seed, epoch):
         self.items = source.paths_or_arrays
         self.encoded = source.encoded
-        self.augmentation = dict(augmentation)
+        self.augmentation = view_pair(augmentation)
         self.seed, self.epoch = seed, epoch
 
     def __call__(self, index):
@@ -438,9 +483,7 @@ def labelled_batches(
     """
     if train_augmentation is not None:
         colored = [
-            name
-            for name in ("jitter_p", "grayscale_p", "blur_p")
-            if train_augmentation[name] > 0
+            name for name in color.PROBABILITIES if train_augmentation[name] > 0
         ]
         if colored:
             raise ValueError(

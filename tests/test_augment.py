@@ -25,10 +25,55 @@ def test_presets_follow_the_official_code():
         assert config["grayscale_p"] == 0.2 and config["flip"]
         assert config["mean"] == color.IMAGENET_MEAN
     assert augment.AUGMENTATIONS["cifar"]["size"] == 32
+    # v3: BYOL's asymmetric pair, the same crop in both views.
+    first, second = augment.AUGMENTATIONS["mocov3"]
+    for config in (first, second):
+        assert config["scale"] == (0.08, 1.0) and config["size"] == 224
+        assert config["jitter"] == (0.4, 0.4, 0.2, 0.1)
+        assert config["jitter_p"] == 0.8 and config["grayscale_p"] == 0.2
+        assert not config["grayscale_first"] and config["flip"]
+    assert (first["blur_p"], first["solarize_p"]) == (1.0, 0.0)
+    assert (second["blur_p"], second["solarize_p"]) == (0.1, 0.2)
+    assert v2["solarize_p"] == 0.0
+    with pytest.raises(ValueError, match="crop settings differ"):
+        augment.two_crops(
+            tf.zeros((8, 8, 3), tf.uint8),
+            seeds(1)[0],
+            (first, {**second, "size": 32}),
+            encoded=False,
+        )
     with pytest.raises(ValueError, match="Unknown augmentation arguments"):
         augment.get_augmentation("mocov2", blur=1.0)
     with pytest.raises(ValueError, match="Unknown augmentation 'simclr'"):
         augment.get_augmentation("simclr")
+
+
+def test_a_pairs_views_take_their_own_colour_half():
+    """MoCo v3's pair in tf.data: the same crop half as one config's, the
+    second view's colour settings on the second view only."""
+    rng = np.random.default_rng(0)
+    image = tf.constant(rng.integers(0, 256, (20, 24, 3)), tf.uint8)
+    plain = augment.get_augmentation(
+        "mocov2",
+        size=8,
+        jitter_p=0.0,
+        grayscale_p=0.0,
+        blur_p=0.0,
+        mean=(0.0, 0.0, 0.0),
+        std=(1.0, 1.0, 1.0),
+    )
+    seed = seeds(1)[0]
+    first, second = augment.two_crops(
+        image, seed, (plain, {**plain, "solarize_p": 1.0}), encoded=False
+    )
+    crop_1, crop_2 = augment.two_crops(
+        image, seed, plain, encoded=False, color_in_model=True
+    )
+    crop_1, crop_2 = crop_1.numpy() / 255.0, crop_2.numpy() / 255.0
+    np.testing.assert_allclose(first.numpy(), crop_1, atol=1e-6)
+    np.testing.assert_allclose(
+        second.numpy(), np.where(crop_2 >= 0.5, 1 - crop_2, crop_2), atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("count", [None, 2])

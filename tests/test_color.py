@@ -24,6 +24,7 @@ from moco_keras import pipelines
 
 V1 = augment.get_augmentation("mocov1", size=16)
 V2 = augment.get_augmentation("mocov2", size=16)
+V3_FIRST, V3_SECOND = augment.get_augmentation("mocov3", size=16)
 LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
 
@@ -93,6 +94,9 @@ def _augment_one(x, p, i, config):
         x = _gray(x)
     if config["blur_p"] > 0 and p["blur"][i]:
         x = _blur_one(x, p["sigma"][i])
+    if config["solarize_p"] > 0 and p["solarize"][i]:
+        # PIL's ImageOps.solarize on uint8: levels of 128 and up inverted.
+        x = np.where(np.round(x * 255) >= 128, 1 - x, x)
     return x
 
 
@@ -125,7 +129,11 @@ def test_ops_equal_the_per_image_references():
     )
 
 
-@pytest.mark.parametrize("config", [V1, V2], ids=["mocov1", "mocov2"])
+@pytest.mark.parametrize(
+    "config",
+    [V1, V2, V3_FIRST, V3_SECOND],
+    ids=["mocov1", "mocov2", "mocov3_first", "mocov3_second"],
+)
 def test_augment_composes_the_ops_in_the_preset_order(config):
     rng = np.random.default_rng(1)
     images = rng.random((16, 12, 12, 3)).astype("float32")
@@ -136,7 +144,8 @@ def test_augment_composes_the_ops_in_the_preset_order(config):
         np.testing.assert_allclose(out[i], expected, atol=2e-5)
 
 
-def test_tf_data_and_model_run_the_same_ops():
+@pytest.mark.parametrize("V2", [V2, V3_SECOND], ids=["mocov2", "mocov3"])
+def test_tf_data_and_model_run_the_same_ops(V2):
     """`TF_OPS` (tf.data, whatever the backend) equals `keras.ops`."""
     rng = np.random.default_rng(2)
     crops = rng.integers(0, 256, (8, 12, 12, 3)).astype("uint8")
@@ -305,6 +314,27 @@ def test_call_normalizes_and_augments_only_in_training():
     run_serialization_test(layer)
 
 
+def test_mocov3s_second_view_solarizes_a_fifth_and_v2_draws_stay():
+    p = _draws(V3_SECOND, 4000, seed=3)
+    assert abs(p["solarize"].mean() - 0.2) < 0.025
+    assert abs(p["blur"].mean() - 0.1) < 0.02
+    assert _draws(V3_FIRST, 4000, seed=3)["blur"].all()
+    # The solarize coin is drawn last, and only where it is used: v2's
+    # draws are those of a config without it.
+    assert "solarize" not in _draws(V2, 8)
+    v2 = _draws(V2, 8, seed=6)
+    with_coin = _draws({**V2, "solarize_p": 0.5}, 8, seed=6)
+    for name, value in v2.items():
+        np.testing.assert_array_equal(with_coin[name], value)
+    images = np.linspace(0, 1, 256, dtype="float32").reshape(1, 16, 16, 1)
+    images = np.broadcast_to(images, (1, 16, 16, 3))
+    solarized = _numpy(color.solarize(images))
+    levels = np.round(images * 255)
+    np.testing.assert_allclose(
+        solarized, np.where(levels >= 128, 1 - images, images), atol=1e-7
+    )
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="jitter_p"):
         color.ColorAugmentation(jitter_p=1.5)
@@ -314,6 +344,8 @@ def test_bad_arguments_are_refused():
         color.ColorAugmentation(blur_sigma=(0.0, 2.0))
     with pytest.raises(ValueError, match="grayscale_p"):
         augment.get_augmentation("mocov2", grayscale_p=-0.1)
+    with pytest.raises(ValueError, match="solarize_p"):
+        color.ColorAugmentation(solarize_p=2.0)
 
 
 @tf_data_only
