@@ -120,13 +120,13 @@ class _Layout:
         )(x)
 
 
-def _basic_block(x, filters, strides, norm_layer, layout, name):
+def _basic_block(x, filters, strides, norm_layer, layout, name, last_norm):
     shortcut = x
     y = layout.conv(x, filters, 3, strides, f"{name}_conv1")
     y = norm_layer(name=f"{name}_bn1", axis=layout.axis)(y)
     y = layers.ReLU(name=f"{name}_relu1")(y)
     y = layout.conv(y, filters, 3, 1, f"{name}_conv2")
-    y = norm_layer(name=f"{name}_bn2", axis=layout.axis)(y)
+    y = last_norm(name=f"{name}_bn2", axis=layout.axis)(y)
     if strides != 1 or layout.channels(x) != filters:
         shortcut = layout.conv(x, filters, 1, strides, f"{name}_downsample_0")
         shortcut = norm_layer(name=f"{name}_downsample_1", axis=layout.axis)(
@@ -136,7 +136,7 @@ def _basic_block(x, filters, strides, norm_layer, layout, name):
     return layers.ReLU(name=f"{name}_relu")(y)
 
 
-def _bottleneck_block(x, filters, strides, norm_layer, layout, name):
+def _bottleneck_block(x, filters, strides, norm_layer, layout, name, last_norm):
     shortcut = x
     y = layout.conv(x, filters, 1, 1, f"{name}_conv1")
     y = norm_layer(name=f"{name}_bn1", axis=layout.axis)(y)
@@ -146,7 +146,7 @@ def _bottleneck_block(x, filters, strides, norm_layer, layout, name):
     y = norm_layer(name=f"{name}_bn2", axis=layout.axis)(y)
     y = layers.ReLU(name=f"{name}_relu2")(y)
     y = layout.conv(y, filters * 4, 1, 1, f"{name}_conv3")
-    y = norm_layer(name=f"{name}_bn3", axis=layout.axis)(y)
+    y = last_norm(name=f"{name}_bn3", axis=layout.axis)(y)
     if strides != 1 or layout.channels(x) != filters * 4:
         shortcut = layout.conv(
             x, filters * 4, 1, strides, f"{name}_downsample_0"
@@ -168,6 +168,7 @@ def resnet(
     data_format=None,
     name=None,
     sync_bn=False,
+    zero_init_residual=False,
 ):
     """A torchvision-layout ResNet that returns pooled features.
 
@@ -196,6 +197,11 @@ def resnet(
             `tf.distribute` replicas (PyTorch's SyncBN, as MoCo v3 trains;
             TensorFlow only). One device, and JAX's data parallel, already
             normalize over the whole batch with `bn_splits=1`.
+        zero_init_residual: bool, start the last BN of every residual
+            block with a zero scale, so that each block starts as the
+            identity (torchvision's `zero_init_residual`, which MoCo v3's
+            ResNet-50 trains with). A `norm_layer` must then take
+            `gamma_initializer`.
 
     Returns:
         A functional `keras.Model` mapping `N x H x W x C` images to
@@ -233,6 +239,9 @@ def resnet(
         )
         if sync_bn:
             norm_layer = functools.partial(norm_layer, synchronized=True)
+    last_norm = norm_layer
+    if zero_init_residual:
+        last_norm = functools.partial(norm_layer, gamma_initializer="zeros")
     block_type, expansion, stage_blocks = _ARCHS[depth]
     block = _bottleneck_block if block_type == "bottleneck" else _basic_block
 
@@ -267,6 +276,7 @@ def resnet(
                 norm_layer,
                 layout,
                 f"layer{stage + 1}_{index}",
+                last_norm,
             )
     assert layout.channels(x) == width * 8 * expansion
     outputs = layers.GlobalAveragePooling2D(

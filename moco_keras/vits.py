@@ -29,8 +29,14 @@ from keras import ops
 
 # The two encoders of the paper's tables (`vits.py`): 12 blocks of 16 x 16
 # patches; ViT-Small has 12 heads in MoCo v3 (timm's has 6).
-VIT_SMALL = {"patch_size": 16, "embed_dim": 384, "depth": 12, "num_heads": 12}
-VIT_BASE = {"patch_size": 16, "embed_dim": 768, "depth": 12, "num_heads": 12}
+PATCH_SIZE = 16
+VIT_SMALL = {
+    "patch_size": PATCH_SIZE,
+    "embed_dim": 384,
+    "depth": 12,
+    "num_heads": 12,
+}
+VIT_BASE = {**VIT_SMALL, "embed_dim": 768}
 
 
 def sincos_position_embedding(grid_size, embed_dim, temperature=10000.0):
@@ -270,3 +276,7 @@ def vit_small(**kwargs):
 def vit_base(**kwargs):
     """ViT-Base/16 of MoCo v3 (`vits.vit_base`); arguments as `vit`."""
     return vit(**{**VIT_BASE, "name": "vit_base", **kwargs})
+
+
+# The ViTs by the official `--arch` names.
+VITS = {"vit_small": vit_small, "vit_base": vit_base}

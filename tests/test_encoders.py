@@ -232,3 +232,22 @@ def test_initialisation_is_torchvisions():
                 array = keras.ops.convert_to_numpy(getattr(layer, name))
                 np.testing.assert_array_equal(array, value, layer.name)
     assert checked >= 15
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_zero_init_residual_zeroes_each_blocks_last_bn_as_torchvision(arch):
+    """torchvision's `zero_init_residual=True` (MoCo v3's ResNet): the last
+    BN weight of every block is 0 (bn3 of a bottleneck, bn2 of a basic
+    block), every other BN weight 1."""
+    model = encoders.get_encoder(
+        arch, width=4, input_shape=(32, 32, 3), zero_init_residual=True
+    )
+    last = "_bn3" if arch == "resnet50" else "_bn2"
+    zeroed = 0
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            gamma = keras.ops.convert_to_numpy(layer.gamma)
+            expected = 0.0 if layer.name.endswith(last) else 1.0
+            np.testing.assert_array_equal(gamma, expected, layer.name)
+            zeroed += expected == 0.0
+    assert zeroed == (16 if arch == "resnet50" else 8)
