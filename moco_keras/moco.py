@@ -108,32 +108,14 @@ class MoCo(keras.Model):
     ):
         check_arguments(dim, mlp, queue_size, momentum, temperature)
         super().__init__(**kwargs)
-        if not isinstance(encoder, keras.layers.Layer):
-            raise TypeError(
-                "`encoder` must be a keras.Model mapping images to features. "
-                f"Received: encoder={encoder!r} of type {type(encoder)}"
-            )
-        feature_shape = _feature_shape(encoder)
-        if len(feature_shape) != 2 or feature_shape[-1] is None:
-            raise ValueError(
-                "The encoder must return rank-2 features `N x D` with a known "
-                f"D; {encoder.name!r} returns shape {feature_shape}. End it "
-                "with a global pooling layer (the encoders in "
-                "`moco_keras.encoders` do)."
-            )
-        feature_dim = feature_shape[-1]
+        feature_dim = check_encoder(encoder)
         self.dim = dim
         self.mlp = mlp
         self.queue_size = queue_size
         self.momentum = momentum
         self.temperature = temperature
         self.seed = seed
-        if augmentation is not None and not callable(augmentation):
-            raise TypeError(
-                "`augmentation` must be a Keras layer applied to both views "
-                "(e.g. `color.ColorAugmentation`). Received: "
-                f"augmentation={augmentation!r}"
-            )
+        check_augmentation(augmentation)
         self.augmentation = augmentation
 
         self.encoder_q = encoder
@@ -596,6 +578,35 @@ def _projection_head(feature_dim, dim, mlp, name):
     head = keras.Sequential(head_layers, name=name)
     head.build((None, feature_dim))
     return head
+
+
+def check_encoder(encoder):
+    """The feature size D of an encoder from images to `N x D` features, or
+    an error that says what the encoder lacks."""
+    if not isinstance(encoder, keras.layers.Layer):
+        raise TypeError(
+            "`encoder` must be a keras.Model mapping images to features. "
+            f"Received: encoder={encoder!r} of type {type(encoder)}"
+        )
+    feature_shape = _feature_shape(encoder)
+    if len(feature_shape) != 2 or feature_shape[-1] is None:
+        raise ValueError(
+            "The encoder must return rank-2 features `N x D` with a known "
+            f"D; {encoder.name!r} returns shape {feature_shape}. End it "
+            "with a global pooling layer (the encoders in "
+            "`moco_keras.encoders` do)."
+        )
+    return feature_shape[-1]
+
+
+def check_augmentation(augmentation):
+    """Refuses an in-model augmentation that is not a layer (or None)."""
+    if augmentation is not None and not callable(augmentation):
+        raise TypeError(
+            "`augmentation` must be a Keras layer applied to the views "
+            "(e.g. `color.ColorAugmentation`). Received: "
+            f"augmentation={augmentation!r}"
+        )
 
 
 def _feature_shape(encoder):

@@ -29,26 +29,10 @@ from moco_keras import distribute
 from moco_keras import moco
 from moco_keras import optimizers
 from moco_keras.batch_norm import SplitBatchNormalization
+from moco_keras.presets import MOCOV3_RESNET
+from moco_keras.presets import MOCOV3_VIT
 
-# `MoCoV3` arguments of the official recipes (`main_moco.py`, CONFIG.md):
-# 256-d outputs, 4096-d hidden layers, momentum 0.99 (raised to 1 along a
-# cosine with --moco-m-cos); ResNet-50 at T 1.0 with a 2-layer projector
-# and a predictor without a last BN, ViT at T 0.2 with a 3-layer projector
-# and a predictor with one.
-MOCOV3_RESNET = {
-    "dim": 256,
-    "mlp_dim": 4096,
-    "projector_layers": 2,
-    "predictor_last_bn": False,
-    "momentum": 0.99,
-    "temperature": 1.0,
-}
-MOCOV3_VIT = {
-    **MOCOV3_RESNET,
-    "projector_layers": 3,
-    "predictor_last_bn": True,
-    "temperature": 0.2,
-}
+# `MoCoV3` arguments of the official recipes, in `moco_keras.presets`.
 PRESETS = {"mocov3_resnet": MOCOV3_RESNET, "mocov3_vit": MOCOV3_VIT}
 
 
@@ -107,6 +91,12 @@ class MoCoV3(keras.Model):
             schedule (the run's epochs); None keeps `momentum` fixed.
         steps_per_epoch: int, optimizer steps per epoch, with
             `momentum_epochs`.
+        augmentation: optional in-model colour half of the views: one
+            layer for both, or a pair, the first view's and the second's
+            (`color.ColorAugmentation`s of `views.get_augmentation(
+            "mocov3")`), for inputs that are uint8 crops
+            (`color_in_model`). Inference takes the first (which only
+            normalizes outside training).
         health: bool, also track the `moco.HEALTH` measures.
         **kwargs: `keras.Model` arguments such as `name`.
 
@@ -133,6 +123,7 @@ class MoCoV3(keras.Model):
         temperature=MOCOV3_RESNET["temperature"],
         momentum_epochs=None,
         steps_per_epoch=None,
+        augmentation=None,
         health=True,
         **kwargs,
     ):
@@ -156,18 +147,24 @@ class MoCoV3(keras.Model):
                 f"steps_per_epoch={steps_per_epoch!r}"
             )
         super().__init__(**kwargs)
-        if not isinstance(encoder, keras.layers.Layer):
-            raise TypeError(
-                "`encoder` must be a keras.Model mapping images to features. "
-                f"Received: encoder={encoder!r} of type {type(encoder)}"
-            )
-        feature_shape = moco._feature_shape(encoder)
-        if len(feature_shape) != 2 or feature_shape[-1] is None:
+        feature_dim = moco.check_encoder(encoder)
+        pair = (
+            tuple(augmentation)
+            if isinstance(augmentation, (list, tuple))
+            else (augmentation, augmentation)
+        )
+        if len(pair) != 2:
             raise ValueError(
-                "The encoder must return rank-2 features `N x D` with a known "
-                f"D; {encoder.name!r} returns shape {feature_shape}."
+                "`augmentation` is one layer for both views or a pair, the "
+                f"first view's and the second's. Received {len(pair)} layers."
             )
-        feature_dim = feature_shape[-1]
+        for layer in pair:
+            moco.check_augmentation(layer)
+        if (pair[0] is None) != (pair[1] is None):
+            raise ValueError(
+                "Both views take an in-model augmentation or neither: "
+                f"received augmentation={augmentation!r}."
+            )
         synchronized = distribute.num_replicas() > 1
         if synchronized:
             _check_synchronized(encoder)
@@ -179,6 +176,8 @@ class MoCoV3(keras.Model):
         self.temperature = temperature
         self.momentum_epochs = momentum_epochs
         self.steps_per_epoch = steps_per_epoch
+        self.augmentation = augmentation
+        self._augmentations = pair
 
         self.encoder_q = encoder
         self.encoder_k = moco._clone(encoder)
@@ -244,7 +243,20 @@ class MoCoV3(keras.Model):
         return cls(encoder, **{**PRESETS[preset], **overrides})
 
     def call(self, inputs, training=False):
-        features = self.encoder_q(inputs, training=training)  # N x D
+        images = self._augment(inputs, 0, training)
+        q = self._predict(images, training)  # N x C
+        if training and self.augmentation is not None:
+            # The keys of the first view need its augmented images:
+            # `compute_loss` takes them from here.
+            return q, images
+        return q
+
+    def _augment(self, images, view, training):
+        layer = self._augmentations[view]
+        return images if layer is None else layer(images, training=training)
+
+    def _predict(self, images, training):
+        features = self.encoder_q(images, training=training)  # N x D
         z = self.projector_q(features, training=training)  # N x C
         q = self.predictor(z, training=training)  # N x C
         return ops.normalize(ops.cast(q, "float32"), axis=1)  # N x C
@@ -264,8 +276,13 @@ class MoCoV3(keras.Model):
                 "yield `(view_1, view_2)` pairs only."
             )
         context = distribute.replica_context()
-        q1 = y_pred  # N x C
-        q2 = self.call(y, training=training)  # N x C
+        if isinstance(y_pred, (tuple, list)):
+            q1, x = y_pred  # N x C, the augmented first view
+        else:
+            q1 = y_pred  # N x C
+            x = self._augment(x, 0, training)
+        y = self._augment(y, 1, training)
+        q2 = self._predict(y, training)  # N x C
         if training:
             self._momentum_update_key_encoder()
             self.train_steps.assign(self.train_steps + 1)
@@ -343,15 +360,17 @@ class MoCoV3(keras.Model):
             "temperature": self.temperature,
             "momentum_epochs": self.momentum_epochs,
             "steps_per_epoch": self.steps_per_epoch,
+            "augmentation": keras.saving.serialize_keras_object(
+                self.augmentation
+            ),
             "health": self.health,
         }
 
     @classmethod
     def from_config(cls, config):
         config = copy.deepcopy(config)
-        config["encoder"] = keras.saving.deserialize_keras_object(
-            config["encoder"]
-        )
+        for key in ("encoder", "augmentation"):
+            config[key] = keras.saving.deserialize_keras_object(config.get(key))
         return cls(**config)
 
 

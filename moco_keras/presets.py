@@ -53,6 +53,26 @@ MOCOV2 = {**MOCOV1, "mlp": True, "temperature": 0.2}
 
 PRESETS = {"mocov1": MOCOV1, "mocov2": MOCOV2}
 
+# `MoCoV3` arguments of the official v3 recipes (facebookresearch/moco-v3
+# `main_moco.py`, CONFIG.md): 256-d outputs, 4096-d hidden layers, momentum
+# 0.99 (raised to 1 along a cosine with --moco-m-cos); ResNet-50 at T 1.0
+# with a 2-layer projector and a predictor without a last BN, ViT at T 0.2
+# with a 3-layer projector and a predictor with one.
+MOCOV3_RESNET = {
+    "dim": 256,
+    "mlp_dim": 4096,
+    "projector_layers": 2,
+    "predictor_last_bn": False,
+    "momentum": 0.99,
+    "temperature": 1.0,
+}
+MOCOV3_VIT = {
+    **MOCOV3_RESNET,
+    "projector_layers": 3,
+    "predictor_last_bn": True,
+    "temperature": 0.2,
+}
+
 # The official views' crop and resize (`main_moco.py`), which
 # `augment.AUGMENTATIONS` and the runs' `augmentation` sections both take:
 # RandomResizedCrop's smallest area fraction (MoCo v3's --crop-min), and the
@@ -156,9 +176,56 @@ _MOCOV2_FASHION_MNIST = merge(
     run={"keep_every_epochs": 0},
 )
 
+# MoCo v3, ResNet-50, 100 epochs, as CONFIG.md runs it (`--moco-m-cos
+# --crop-min=.2` on `main_moco.py`'s defaults): batch 4096, LARS at lr 0.6
+# per 256 images, wd 1e-6, 10 warm-up epochs then a cosine; BN over the
+# global batch (SyncBN), torchvision's zero_init_residual; BYOL's pair of
+# views (`views.AUGMENTATIONS["mocov3"]`).
+_MOCOV3_R50_IMAGENET = {
+    "model": MOCOV3_RESNET,
+    "encoder": {"arch": "resnet50", "width": 64},
+    "augmentation": {
+        "blur": True,
+        **VIEWS,
+        "color_in_model": False,
+    },
+    "data": {**_IMAGENET, "batch_size": 4096},
+    "optimizer": {
+        "name": "lars",
+        "lr": 0.6,
+        "lr_batch_size": 256,
+        "momentum": 0.9,
+        "weight_decay": 1e-6,
+    },
+    "schedule": {"epochs": 100, "warmup_epochs": 10, "momentum_cosine": True},
+    "knn": _MOCOV1_IMAGENET["knn"],
+    "run": {**RUN, "keep_every_epochs": 10},
+}
+
+# MoCo v3, ViT-Small/16, 300 epochs, as CONFIG.md runs it: AdamW at lr
+# 1.5e-4 per 256 images, wd 0.1, 40 warm-up epochs, the frozen random patch
+# projection (--stop-grad-conv1), T 0.2, crops of 0.08 or more.
+_MOCOV3_VIT_SMALL_IMAGENET = merge(
+    _MOCOV3_R50_IMAGENET,
+    model=MOCOV3_VIT,
+    augmentation={"crop_min": 0.08},
+    optimizer={"name": "adamw", "lr": 1.5e-4, "weight_decay": 0.1},
+    schedule={"epochs": 300, "warmup_epochs": 40},
+)
+_MOCOV3_VIT_SMALL_IMAGENET["encoder"] = {
+    "arch": "vit_small",
+    "stop_grad_conv1": True,
+}
+del _MOCOV3_VIT_SMALL_IMAGENET["optimizer"]["momentum"]
+
 PRETRAINING = {
     "mocov1": _MOCOV1_IMAGENET,
     "mocov2": _MOCOV2_IMAGENET,
+    "mocov3_r50": _MOCOV3_R50_IMAGENET,
+    "mocov3_vit_small": _MOCOV3_VIT_SMALL_IMAGENET,
+    "mocov3_vit_base": merge(
+        _MOCOV3_VIT_SMALL_IMAGENET, encoder={"arch": "vit_base"}
+    ),
     # `make demo` and `recipes/quickstart.flags` on 2 CPU cores: values
     # chosen to pass raw pixels' kNN within 10 minutes
     # (bench/quickstart_search.py, BENCHMARKS.md "Learning: the quick
@@ -185,6 +252,25 @@ PRETRAINING = {
         schedule={"epochs": 4},
     ),
 }
+
+# MoCo v3 beside the quick start's v2 (`--preset=quickstart_mocov3`): the
+# same network, images, crops and epochs, no blur on 28 px images; the
+# values of solo-learn's CIFAR MoCo v3 where the ImageNet ones assume a
+# 4096 batch and 100 epochs (T 0.2, LARS at lr 0.3 per 256 images, wd
+# 1e-5), one warm-up epoch of five, and 1024-d hidden layers, a quarter of
+# the step's time saved beside 4096 on a width-16 encoder.
+PRETRAINING["quickstart_mocov3"] = merge(
+    _MOCOV3_R50_IMAGENET,
+    model={"mlp_dim": 1024, "temperature": 0.2},
+    encoder=PRETRAINING["quickstart"]["encoder"],
+    augmentation={"blur": False, "crop_min": 0.5},
+    data=PRETRAINING["quickstart"]["data"],
+    optimizer={"lr": 0.3, "weight_decay": 1e-5},
+    schedule={"epochs": 5, "warmup_epochs": 1},
+    knn=PRETRAINING["quickstart"]["knn"],
+    run=PRETRAINING["quickstart"]["run"],
+)
+del PRETRAINING["quickstart_mocov3"]["encoder"]["bn_splits"]
 
 # MoCo v2 on a folder of one's own images (`--preset=own_images`): the
 # pretraining recipe sizes the queue, the key momentum, the blur and the
@@ -282,6 +368,24 @@ LINEAR_CLASSIFICATION = {
         "schedule": {"epochs": 100, "milestones": [60, 80], "cosine": False},
         "run": RUN,
     },
+}
+# MoCo v3's `main_lincls.py` (facebookresearch/moco-v3): the same frozen
+# backbone, N(0, 0.01) layer and views; SGD at lr 0.1 per 256 images
+# (0.4 at batch 1024), momentum 0.9, wd 0, 90 epochs of a per-epoch
+# cosine. Its ViTs at lr 3 per 256 (CONFIG.md).
+LINEAR_CLASSIFICATION["mocov3"] = {
+    **LINEAR_CLASSIFICATION["imagenet"],
+    "data": {**_IMAGENET, "batch_size": 1024},
+    "optimizer": {
+        **LINEAR_CLASSIFICATION["imagenet"]["optimizer"],
+        "lr": 0.1,
+        "lr_batch_size": 256,
+    },
+    "schedule": {"epochs": 90, "milestones": [], "cosine": True},
+}
+LINEAR_CLASSIFICATION["mocov3_vit"] = {
+    **LINEAR_CLASSIFICATION["mocov3"],
+    "optimizer": {**LINEAR_CLASSIFICATION["mocov3"]["optimizer"], "lr": 3.0},
 }
 
 

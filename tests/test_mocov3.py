@@ -19,9 +19,11 @@ from support import to_numpy
 from torch import nn
 from torch_checkpoints import TorchResNet
 
+from moco_keras import color
 from moco_keras import encoders
 from moco_keras import export_pytorch
 from moco_keras import optimizers
+from moco_keras import views
 from moco_keras import vits
 from moco_keras.mocov3 import MOCOV3_RESNET
 from moco_keras.mocov3 import MOCOV3_VIT
@@ -534,6 +536,55 @@ def test_fit_logs_the_metrics_and_health_of_v3():
         assert np.isfinite(logs[name][0]), name
     # A batch of 8 keys: 7 negatives; l_neg_max <= 1 and >= l_neg.
     assert logs["l_neg"][0] <= logs["l_neg_max"][0] <= 1.0
+
+
+def test_in_model_views_pair_each_view_with_its_own_layer(tmp_path):
+    """With the colour half in the model (uint8 crops in), a pair of
+    layers gives each view its own, and the first view's keys come from its
+    augmented images: one step equals the step of a plain model on the
+    views augmented beforehand."""
+    plain = views.get_augmentation(
+        "mocov2",
+        size=16,
+        jitter_p=0.0,
+        grayscale_p=0.0,
+        blur_p=0.0,
+        mean=(0.0, 0.0, 0.0),
+        std=(1.0, 1.0, 1.0),
+    )
+    pair = [
+        color.ColorAugmentation.from_augmentation(config)
+        for config in (plain, {**plain, "solarize_p": 1.0})
+    ]
+    rng = np.random.default_rng(0)
+    x1, x2 = rng.integers(0, 256, (2, 8, 16, 16, 3)).astype("uint8")
+
+    def step(augmentation, view_1, view_2):
+        keras.utils.set_random_seed(3)
+        encoder = encoders.cifar_resnet18(width=4, input_shape=(16, 16, 3))
+        model = MoCoV3(
+            encoder, dim=DIM, mlp_dim=MLP_DIM, augmentation=augmentation
+        )
+        model.compile(optimizer=keras.optimizers.SGD(0.5))
+        logs = model.train_on_batch(view_1, view_2, return_dict=True)
+        return model, logs
+
+    model, logs = step(pair, x1, x2)
+    # As the layer computes them, so that the two steps see the same bits.
+    y1, y2 = x1.astype("float32") / 255.0, x2.astype("float32") / 255.0
+    plain_model, expected = step(None, y1, np.where(y2 >= 0.5, 1 - y2, y2))
+    assert logs["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+    # Inference: the first layer, which only normalizes.
+    np.testing.assert_allclose(
+        model.predict(x1, verbose=0),
+        plain_model.predict(y1, verbose=0),
+        atol=1e-5,
+    )
+    model.save(tmp_path / "v3.keras")
+    loaded = keras.saving.load_model(tmp_path / "v3.keras")
+    assert [layer.solarize_p for layer in loaded.augmentation] == [0.0, 1.0]
+    with pytest.raises(ValueError, match="neither"):
+        MoCoV3(encoders.cifar_resnet18(width=4), augmentation=[pair[0], None])
 
 
 def test_presets_follow_the_official_code():
