@@ -242,7 +242,8 @@ def quickstart(config, linear_epochs=LINEAR_EPOCHS, progress=None):
 
     epochs = config["schedule"]["epochs"]
     progress(
-        f"Quick start: MoCo v2 on Fashion-MNIST, {epochs} epochs on the "
+        f"Quick start: {pretraining.method_name(config)} on Fashion-MNIST, "
+        f"{epochs} epochs on the "
         f"{keras.backend.backend()} backend"
     )
     # The run's own initial weights: `pretraining.pretrain` seeds and builds
@@ -280,9 +281,9 @@ def quickstart(config, linear_epochs=LINEAR_EPOCHS, progress=None):
         config,
         {
             "trained": trained.encoder_q,
-            "trained head": ("trained", trained.head_q),
+            "trained head": ("trained", pretraining.query_head(trained)),
             "random": initial.encoder_q,
-            "random head": ("random", initial.head_q),
+            "random head": ("random", pretraining.query_head(initial)),
         },
         linear_probe_of=("trained", "random"),
         linear_epochs=linear_epochs,
@@ -355,7 +356,8 @@ def summary(config, results):
             % results["linear_epochs"],
             f"  {'':<30}{'kNN':>12}{'kNN head':>12}{'linear':>12}",
             row(
-                f"MoCo v2 encoder, {config['schedule']['epochs']} epochs",
+                f"{pretraining.method_name(config)} encoder, "
+                f"{config['schedule']['epochs']} epochs",
                 results["knn_top1_trained"],
                 results["knn_top1_head_trained"],
                 results["linear_top1_trained"],

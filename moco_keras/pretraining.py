@@ -31,10 +31,37 @@ from moco_keras import distribute
 from moco_keras import encoders
 from moco_keras import knn
 from moco_keras import moco
+from moco_keras import mocov3
 from moco_keras import runs
 from moco_keras import training
 from moco_keras import views
+from moco_keras import vits
 from moco_keras.runs import check
+
+# The encoders a pretraining config names (`encoder.arch`): the ResNets of
+# `encoders.ENCODERS` and, for MoCo v3, the ViTs of `vits.VITS`.
+ARCHS = (*encoders.ENCODERS, *vits.VITS)
+
+
+def is_mocov3(config):
+    """Whether the config trains MoCo v3: its `model` section holds
+    `MoCoV3`'s arguments (`presets.MOCOV3_RESNET`), not `MoCo`'s."""
+    return "mlp_dim" in config["model"]
+
+
+def method_name(config):
+    """ "MoCo v1", "MoCo v2" or "MoCo v3", for titles and logs."""
+    if is_mocov3(config):
+        return "MoCo v3"
+    return "MoCo v2" if config["augmentation"]["aug_plus"] else "MoCo v1"
+
+
+def query_head(model):
+    """The head after the query encoder whose features the kNN reads:
+    v1/v2's `head_q`, v3's projector (the predictor follows it)."""
+    return (
+        model.projector_q if isinstance(model, mocov3.MoCoV3) else model.head_q
+    )
 
 
 def check_pretraining(config):
@@ -44,22 +71,34 @@ def check_pretraining(config):
         The lr milestones as ints.
     """
     milestones = runs.check_common(config)
-    batch, k = config["data"]["batch_size"], config["model"]["queue_size"]
-    check(
-        k % batch == 0,
-        f"--moco_k={k} is not divisible by the global --batch_size={batch}; "
-        "the official code asserts it so that each step replaces whole "
-        f"batches of keys. Use e.g. --moco_k={max(batch, k // batch * batch)}.",
-    )
+    batch = config["data"]["batch_size"]
     encoder = config["encoder"]
-    splits = encoder["bn_splits"]
-    check(
-        splits >= 1 and batch % splits == 0,
-        f"--bn_splits={splits} does not divide the global batch of {batch}: "
-        f"split BN needs equal groups. Pick a divisor of {batch}.",
-    )
+    if is_mocov3(config):
+        check_mocov3(config)
+    else:
+        k = config["model"]["queue_size"]
+        check(
+            k % batch == 0,
+            f"--moco_k={k} is not divisible by the global --batch_size="
+            f"{batch}; the official code asserts it so that each step "
+            "replaces whole batches of keys. Use e.g. "
+            f"--moco_k={max(batch, k // batch * batch)}.",
+        )
+        splits = encoder["bn_splits"]
+        check(
+            splits >= 1 and batch % splits == 0,
+            f"--bn_splits={splits} does not divide the global batch of "
+            f"{batch}: split BN needs equal groups. Pick a divisor of {batch}.",
+        )
     try:
-        moco.check_arguments(**config["model"])
+        model = config["model"]
+        moco.check_arguments(
+            model["dim"],
+            model.get("mlp", False),
+            model.get("queue_size", 1),
+            model["momentum"],
+            model["temperature"],
+        )
     except ValueError as error:
         # Named as `section.key`, which the recipes print as the flag.
         argument = re.search(r"Received: (\w+)=", str(error))
@@ -71,6 +110,10 @@ def check_pretraining(config):
     )
     size = config["data"]["image_size"]
     check(
+        encoder["arch"] in ARCHS,
+        f"Unknown --arch={encoder['arch']!r}: expected one of {ARCHS}.",
+    )
+    check(
         encoder["arch"] != "cifar_resnet18" or size <= 64,
         "--arch=cifar_resnet18 has the CIFAR stem (no downsampling): use it "
         f"with small images (--image_size <= 64), not {size}.",
@@ -78,9 +121,36 @@ def check_pretraining(config):
     return milestones
 
 
+def check_mocov3(config):
+    """The contradictions of a MoCo v3 config."""
+    model, encoder = config["model"], config["encoder"]
+    for key, flag in (("mlp_dim", "moco_mlp_dim"), ("projector_layers", "")):
+        value = model[key]
+        check(
+            isinstance(value, int) and value >= 1,
+            f"model.{key} must be a positive int: {value!r}"
+            + (f" (--{flag})" if flag else ""),
+        )
+    size = config["data"]["image_size"]
+    if encoder["arch"].startswith("vit"):
+        check(
+            size % vits.PATCH_SIZE == 0,
+            f"--arch={encoder['arch']} cuts {vits.PATCH_SIZE} px patches: "
+            f"--image_size={size} must be a multiple of {vits.PATCH_SIZE}.",
+        )
+    else:
+        check(
+            "stop_grad_conv1" not in encoder,
+            "--stop_grad_conv1 freezes a ViT's patch projection; "
+            f"--arch={encoder['arch']} has none. Drop it, or pick a vit_* "
+            "--arch (with a ViT preset: --preset=mocov3_vit_small).",
+        )
+
+
 def augmentation_config(config):
-    """The `augment` preset of the config: v2's (`aug_plus`) or v1's, at the
-    config's size and its dataset's normalization."""
+    """The views of the config at its size and its dataset's
+    normalization: v1's or v2's (`aug_plus`), one dict for both views; or
+    for MoCo v3, BYOL's pair (`views.AUGMENTATIONS["mocov3"]`)."""
     settings = config["augmentation"]
     mean, std = runs.dataset_stats(config["data"]["dataset"])
     overrides = {
@@ -90,9 +160,12 @@ def augmentation_config(config):
         "antialias": settings["antialias"],
         "scale": (settings["crop_min"], 1.0),
     }
-    if settings["aug_plus"] and not settings["blur"]:
+    if is_mocov3(config):
+        name = "mocov3"
+    else:
+        name = "mocov2" if settings["aug_plus"] else "mocov1"
+    if name != "mocov1" and not settings["blur"]:
         overrides["blur_p"] = 0.0
-    name = "mocov2" if settings["aug_plus"] else "mocov1"
     return views.get_augmentation(name, **overrides)
 
 
@@ -107,34 +180,70 @@ def color_in_model(config):
 
 
 def build_moco(config, milestones, steps_per_epoch, replicas=1):
-    """The compiled MoCo model of a pretraining config.
+    """The compiled model of a pretraining config: `MoCo` (v1/v2) or
+    `MoCoV3`.
 
     Args:
-        replicas: `tf.distribute` replicas the model runs on; each normalizes
-            `bn_splits / replicas` groups of its slice. (JAX's data parallel
-            runs the global batch as one program: its split BN groups, all
-            `bn_splits`, line up with the device shards.)
+        replicas: `tf.distribute` replicas the model runs on; with v1/v2
+            each normalizes `bn_splits / replicas` groups of its slice (JAX's
+            data parallel runs the global batch as one program: its split BN
+            groups, all `bn_splits`, line up with the device shards); v3's
+            BN is synchronized over them, as SyncBN in the official code.
     """
     size = config["data"]["image_size"]
     seed = config["run"]["seed"]
-    encoder = encoders.get_encoder(
-        config["encoder"]["arch"],
-        width=config["encoder"]["width"],
-        bn_splits=config["encoder"]["bn_splits"] // replicas,
-        input_shape=(size, size, 3),
-    )
+    settings = config["encoder"]
+    v3 = is_mocov3(config)
+    if settings["arch"].startswith("vit"):
+        encoder = vits.VITS[settings["arch"]](
+            image_size=size, stop_grad_conv1=settings["stop_grad_conv1"]
+        )
+    elif v3:
+        encoder = encoders.get_encoder(
+            settings["arch"],
+            width=settings["width"],
+            sync_bn=replicas > 1,
+            zero_init_residual=True,
+            input_shape=(size, size, 3),
+        )
+    else:
+        encoder = encoders.get_encoder(
+            settings["arch"],
+            width=settings["width"],
+            bn_splits=settings["bn_splits"] // replicas,
+            input_shape=(size, size, 3),
+        )
     augmentation = None
     if color_in_model(config):
-        augmentation = color.ColorAugmentation.from_augmentation(
-            augmentation_config(config), seed=seed
+        # One layer per view, seeded apart: the views draw independently.
+        augmentation = [
+            color.ColorAugmentation.from_augmentation(view, seed=seed + index)
+            for index, view in enumerate(
+                views.view_pair(augmentation_config(config))
+            )
+        ]
+        if not v3:
+            augmentation = augmentation[0]
+    if v3:
+        schedule = config["schedule"]
+        model = mocov3.MoCoV3(
+            encoder,
+            **config["model"],
+            momentum_epochs=(
+                schedule["epochs"] if schedule["momentum_cosine"] else None
+            ),
+            steps_per_epoch=steps_per_epoch,
+            augmentation=augmentation,
+            health=config["run"]["health"],
         )
-    model = moco.MoCo(
-        encoder,
-        **config["model"],
-        augmentation=augmentation,
-        seed=seed,
-        health=config["run"]["health"],
-    )
+    else:
+        model = moco.MoCo(
+            encoder,
+            **config["model"],
+            augmentation=augmentation,
+            seed=seed,
+            health=config["run"]["health"],
+        )
     model.compile(
         optimizer=runs.optimizer(config, milestones, steps_per_epoch),
         jit_compile=runs.jit_compile(config),
@@ -246,21 +355,21 @@ def pretrain(config):
         preview = next(
             iter(two_view_batches(min(batch_size, 8), epoch=0, workers=0))
         )
-    version = "v2" if config["augmentation"]["aug_plus"] else "v1"
     run_callbacks = runs.callbacks(
         paths,
         steps_per_epoch,
         config,
-        f"MoCo {version} pretraining",
+        f"{method_name(config)} pretraining",
         extra=extra,
-        queue_size=config["model"]["queue_size"],
+        queue_size=config["model"].get("queue_size"),
         views=preview,
     )
     epochs = config["schedule"]["epochs"]
     print(
-        f"MoCo pretraining: {source.num_examples} images, {epochs} epochs "
-        f"of {steps_per_epoch} steps, backend {keras.backend.backend()}, "
-        f"strategy {run['strategy']} over {devices} device(s), input "
+        f"{method_name(config)} pretraining: {source.num_examples} images, "
+        f"{epochs} epochs of {steps_per_epoch} steps, backend "
+        f"{keras.backend.backend()}, strategy {run['strategy']} over "
+        f"{devices} device(s), input "
         f"{'grain' if grain else 'tf.data'}, workdir {run['workdir']}"
     )
     started = time.time()

@@ -166,11 +166,23 @@ def check_common(config):
         "(and ROOT/val/<class>/* for evaluation).",
     )
     check_input(config)
+    name = config["optimizer"].get("name", "sgd")
+    check(
+        name in OPTIMIZERS,
+        f"Unknown --optimizer={name!r}: expected one of {OPTIMIZERS}.",
+    )
+    if "warmup_epochs" in schedule:
+        warmup = schedule["warmup_epochs"]
+        check(
+            0 <= warmup < epochs,
+            f"--warmup_epochs={warmup} must be in [0, --epochs={epochs}): "
+            "the cosine follows the warm-up within the run.",
+        )
     try:
-        milestones = sorted(int(m) for m in schedule["milestones"] or [])
+        milestones = sorted(int(m) for m in schedule.get("milestones") or [])
     except ValueError:
         check(False, f"--schedule must list epochs: {schedule['milestones']}")
-    if not schedule["cosine"]:
+    if not schedule.get("cosine", True):
         late = [m for m in milestones if not 0 < m < epochs]
         check(
             not late,
@@ -371,9 +383,42 @@ def learning_rate(config):
     return optimizer["lr"]
 
 
+# `optimizer.name` of a config: MoCo v1/v2's and linear classification's
+# SGD with a per-epoch schedule, MoCo v3's LARS (ResNet) and AdamW (ViT)
+# with warm-up and a per-step cosine.
+OPTIMIZERS = ("sgd", "lars", "adamw")
+
+
 def optimizer(config, milestones, steps_per_epoch):
-    """torch's SGD with the config's lr, per-epoch schedule, weight decay."""
-    schedule = config["schedule"]
+    """The config's optimizer (`optimizer.name`, SGD where it has none):
+    torch's SGD with the lr, per-epoch schedule and weight decay of v1/v2
+    and the linear protocol; or MoCo v3's LARS or AdamW with
+    `optimizers.WarmupCosine` over `schedule.warmup_epochs`, as
+    `main_moco.py` builds them."""
+    schedule, settings = config["schedule"], config["optimizer"]
+    name = settings.get("name", "sgd")
+    if name != "sgd":
+        learning_rate_ = optimizers.WarmupCosine(
+            learning_rate(config),
+            steps_per_epoch,
+            schedule["epochs"],
+            schedule["warmup_epochs"],
+        )
+        if name == "lars":
+            return optimizers.LARS(
+                learning_rate_,
+                momentum=settings["momentum"],
+                weight_decay=settings["weight_decay"],
+            )
+        # torch.optim.AdamW's defaults (Keras' epsilon is 1e-7), its decay
+        # on every parameter as the official code gives it.
+        return keras.optimizers.AdamW(
+            learning_rate_,
+            weight_decay=settings["weight_decay"],
+            beta_1=0.9,
+            beta_2=0.999,
+            epsilon=1e-8,
+        )
     return optimizers.SGD(
         optimizers.EpochSchedule(
             learning_rate(config),

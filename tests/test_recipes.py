@@ -400,6 +400,111 @@ def test_pretrain_then_lincls_on_an_image_folder(tmp_path):
     assert results["pretrained"].endswith("ckpt-000000003.keras")
 
 
+# MoCo v3's smoke run: the quick start's v3 preset at smoke.flags' size.
+SMOKE_MOCOV3 = [
+    "--preset=quickstart_mocov3",
+    "--width=4",
+    "--moco_mlp_dim=64",
+    "--train_limit=128",
+    "--batch_size=32",
+    "--epochs=2",
+    "--knn_every=0",
+    "--checkpoint_steps=2",
+    "--log_every_steps=3",
+    "--deterministic",
+    "--verbose=0",
+]
+
+
+@pytest.mark.process
+@pytest.mark.backends("tensorflow")
+def test_killed_mocov3_run_resumes_to_the_same_weights(tmp_path):
+    uninterrupted = str(tmp_path / "uninterrupted")
+    out = run_recipe("pretrain", *SMOKE_MOCOV3, f"--workdir={uninterrupted}")
+    assert "MoCo v3 pretraining: 128 images" in out.stdout
+    # The momentum's cosine and the lr's warm-up follow the global step, so
+    # that a resumed run takes them up where the killed one left them.
+    check_killed_run_resumes(
+        uninterrupted, str(tmp_path / "killed"), SMOKE_MOCOV3
+    )
+
+
+@pytest.mark.process
+@pytest.mark.parametrize(
+    "flagfile, lincls_flagfile, without_tensorflow",
+    [
+        pytest.param(
+            "mocov3_r50.flags",
+            "lincls_mocov3.flags",
+            False,
+            marks=pytest.mark.backends("torch"),
+        ),
+        pytest.param(
+            "mocov3_vit_small.flags",
+            "lincls_mocov3_vit.flags",
+            True,
+            marks=pytest.mark.backends("jax"),
+        ),
+        pytest.param(
+            "mocov3_vit_base.flags",
+            None,
+            False,
+            marks=pytest.mark.backends("tensorflow"),
+        ),
+    ],
+)
+def test_mocov3_recipes_run_a_step_then_the_linear_protocol(
+    flagfile, lincls_flagfile, without_tensorflow, tmp_path
+):
+    """Each ImageNet v3 recipe on an ImageNet-style folder at 32 px, one
+    step (the encoders at full size, the heads' hidden layers small), then
+    its linear protocol on the checkpoint; one backend each."""
+    root = image_folder(str(tmp_path / "ILSVRC2012"), np.random.default_rng(0))
+    run = str(tmp_path / "pretrain")
+    tiny = ["--width=8"] if "r50" in flagfile else []
+    out = run_recipe(
+        "pretrain",
+        f"--flagfile=recipes/{flagfile}",
+        f"--data_dir={root}",
+        *tiny,
+        "--image_size=32",
+        "--batch_size=8",
+        "--train_limit=8",
+        "--epochs=1",
+        "--warmup_epochs=0",
+        "--moco_mlp_dim=32",
+        "--knn_every=0",
+        "--verbose=0",
+        f"--workdir={run}",
+        without_tensorflow=without_tensorflow,
+    )
+    assert "MoCo v3 pretraining: 8 images, 1 epochs of 1 steps" in out.stdout
+    results = json.load(open(os.path.join(run, "results.json")))
+    assert np.isfinite(results["final_loss"])
+    config = json.load(open(os.path.join(run, "config.json")))
+    _, expected = flagfile_config(pretrain, flagfile)
+    assert config["optimizer"]["name"] == expected["optimizer"]["name"]
+    assert config["encoder"]["arch"] == expected["encoder"]["arch"]
+    if lincls_flagfile is None:
+        return
+    evaluation = str(tmp_path / "lincls")
+    out = run_recipe(
+        "lincls",
+        f"--flagfile=recipes/{lincls_flagfile}",
+        f"--data_dir={root}",
+        "--image_size=32",
+        "--batch_size=24",
+        "--epochs=1",
+        f"--pretrained={run}",
+        f"--workdir={evaluation}",
+        without_tensorflow=without_tensorflow,
+    )
+    assert "The backbone is unchanged" in out.stdout
+    results = json.load(open(os.path.join(evaluation, "results.json")))
+    assert results["val_images"] == 24
+    assert 0.0 <= results["top1"] <= results["top5"] <= 100.0
+
+
 # --- Flags: contradictions are refused before any data is read. -----------
 
 
@@ -576,6 +681,91 @@ def test_imagenet_flagfiles_hold_the_papers_values(recipe, flagfile, expected):
         assert augmentation["blur_p"] == 0.0
 
 
+# The MoCo v3 recipes against facebookresearch/moco-v3 (`main_moco.py`'s
+# defaults, CONFIG.md's commands, `main_lincls.py`).
+MOCOV3_R50 = {
+    "arch": "resnet50",
+    "width": 64,
+    "dataset": "folder",
+    "image_size": 224,
+    "epochs": 100,
+    "warmup_epochs": 10,
+    "batch_size": 4096,
+    "optimizer": "lars",
+    "lr": 0.6,
+    "lr_batch_size": 256,
+    "momentum": 0.9,
+    "wd": 1e-6,
+    "moco_dim": 256,
+    "moco_mlp_dim": 4096,
+    "moco_m": 0.99,
+    "moco_m_cos": True,
+    "moco_t": 1.0,
+    "crop_min": 0.2,
+    "blur": True,
+    "color_in_model": False,
+}
+MOCOV3_VIT = {
+    **{k: v for k, v in MOCOV3_R50.items() if k not in ("width", "momentum")},
+    "arch": "vit_small",
+    "stop_grad_conv1": True,
+    "epochs": 300,
+    "warmup_epochs": 40,
+    "optimizer": "adamw",
+    "lr": 1.5e-4,
+    "wd": 0.1,
+    "moco_t": 0.2,
+    "crop_min": 0.08,
+}
+LINCLS_MOCOV3 = {
+    **LINCLS,
+    "batch_size": 1024,
+    "lr": 0.1,
+    "lr_batch_size": 256,
+    "epochs": 90,
+    "schedule": [],
+    "cos": True,
+}
+
+
+@pytest.mark.parametrize(
+    "recipe, flagfile, expected",
+    [
+        (pretrain, "mocov3_r50.flags", MOCOV3_R50),
+        (pretrain, "mocov3_vit_small.flags", MOCOV3_VIT),
+        (pretrain, "mocov3_vit_base.flags", {**MOCOV3_VIT, "arch": "vit_base"}),
+        (lincls, "lincls_mocov3.flags", LINCLS_MOCOV3),
+        (lincls, "lincls_mocov3_vit.flags", {**LINCLS_MOCOV3, "lr": 3.0}),
+    ],
+)
+def test_mocov3_flagfiles_hold_the_official_values(recipe, flagfile, expected):
+    preset, config = flagfile_config(recipe, flagfile)
+    assert config == recipe.PRESETS[preset]
+    values = common.flag_values(config)
+    assert values == {**values, **expected}
+    assert {name for name in expected} <= set(values)
+    text = open(os.path.join(ROOT, "recipes", flagfile)).read()
+    assert text.startswith("# ") and "python -m moco_keras.recipes." in text
+    for word in ("Hardware", "Time", "Expected"):
+        assert word in text.split("\n--")[0], (flagfile, word)
+    if recipe is lincls:
+        return
+    vit = values["arch"].startswith("vit")
+    assert config["model"]["projector_layers"] == (3 if vit else 2)
+    assert config["model"]["predictor_last_bn"] is vit
+    # BYOL's asymmetric pair (`main_moco.py`'s augmentation1, augmentation2).
+    first, second = pretraining.augmentation_config(config)
+    for view in (first, second):
+        assert view["size"] == 224 and view["flip"]
+        assert view["scale"] == (expected["crop_min"], 1.0)
+        assert view["jitter"] == (0.4, 0.4, 0.2, 0.1)
+        assert view["jitter_p"] == 0.8 and view["grayscale_p"] == 0.2
+        assert view["blur_sigma"] == (0.1, 2.0)
+        assert not view["grayscale_first"]
+    assert (first["blur_p"], second["blur_p"]) == (1.0, 0.1)
+    assert (first["solarize_p"], second["solarize_p"]) == (0.0, 0.2)
+
+
 def test_presets_are_the_one_source_of_the_recipes_values():
     from moco_keras import MoCo
     from moco_keras import encoders
@@ -586,7 +776,12 @@ def test_presets_are_the_one_source_of_the_recipes_values():
         (pretrain, "mocov1.flags", "mocov1"),
         (pretrain, "mocov2.flags", "mocov2"),
         (pretrain, "quickstart.flags", "quickstart"),
+        (pretrain, "mocov3_r50.flags", "mocov3_r50"),
+        (pretrain, "mocov3_vit_small.flags", "mocov3_vit_small"),
+        (pretrain, "mocov3_vit_base.flags", "mocov3_vit_base"),
         (lincls, "lincls.flags", "imagenet"),
+        (lincls, "lincls_mocov3.flags", "mocov3"),
+        (lincls, "lincls_mocov3_vit.flags", "mocov3_vit"),
     ):
         preset, config = flagfile_config(recipe, flagfile)
         assert preset == name
@@ -611,7 +806,12 @@ def test_presets_are_the_one_source_of_the_recipes_values():
         for section, key in common.FLAGS_TO_CONFIG.values()
         if section == "model"
     }
-    assert model_keys == set(presets.MOCOV1)
+    # MoCo v3's projector depth and predictor BN follow the preset (ResNet
+    # or ViT), as `main_moco.py` ties them to --arch.
+    assert model_keys == set(presets.MOCOV1) | set(presets.MOCOV3_RESNET) - {
+        "projector_layers",
+        "predictor_last_bn",
+    }
     with pytest.raises(ValueError, match="expected one of"):
         presets.get(presets.PRETRAINING, "mocov3")
 

@@ -65,6 +65,40 @@ def test_pretrain_flag_contradictions(overrides, message):
         pretraining.check_pretraining(defaults(**overrides))
 
 
+@pytest.mark.parametrize(
+    "preset, overrides, message",
+    [
+        ("mocov3_r50", {"warmup_epochs": 100}, "--warmup_epochs=100 must be"),
+        ("mocov3_r50", {"moco_mlp_dim": 0}, r"model.mlp_dim .* \(--moco_mlp"),
+        ("mocov3_r50", {"moco_t": 0.0}, r"model.temperature: `temperature`"),
+        ("mocov3_vit_small", {"image_size": 40}, "must be a multiple of 16"),
+        ("mocov3_vit_small", {"arch": "resnet50"}, "--stop_grad_conv1 freez"),
+    ],
+)
+def test_mocov3_flag_contradictions(preset, overrides, message):
+    with pytest.raises(runs.ConfigError, match=message):
+        pretraining.check_pretraining(defaults(preset, **overrides))
+    # The preset itself passes.
+    pretraining.check_pretraining(defaults(preset))
+
+
+@pytest.mark.parametrize(
+    "preset, flag",
+    [
+        ("mocov3_r50", {"moco_k": 4096}),  # no queue in v3
+        ("mocov3_r50", {"cos": True}),  # v3's warm-up and cosine always
+        ("mocov3_r50", {"stop_grad_conv1": True}),  # a ViT's flag
+        ("mocov3_vit_small", {"width": 64}),
+        ("mocov2", {"moco_mlp_dim": 1024}),  # a v3 flag on v2
+        ("mocov2", {"warmup_epochs": 5}),
+    ],
+)
+def test_a_flag_the_preset_has_no_value_for_is_refused(preset, flag):
+    (name,) = flag
+    with pytest.raises(runs.ConfigError, match=f"--{name} has no effect"):
+        defaults(preset, **flag)
+
+
 def test_rerun_of_a_workdir_refuses_changed_values(tmp_path):
     """A workdir with a checkpoint resumes only with its own values; the
     ones of `RESUMABLE` (e.g. `epochs`) may change."""

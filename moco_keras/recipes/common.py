@@ -27,8 +27,9 @@ flags.DEFINE_string(
     "preset",
     None,
     "The run's preset in moco_keras.presets: pretrain: mocov1 (default), "
-    "mocov2, quickstart, fmnist_moco_v2; lincls: imagenet (default). Flags "
-    "given replace its values.",
+    "mocov2, mocov3_r50, mocov3_vit_small, mocov3_vit_base, quickstart, "
+    "quickstart_mocov3, fmnist_moco_v2, own_images; lincls: imagenet "
+    "(default), mocov3, mocov3_vit. Flags given replace its values.",
 )
 flags.DEFINE_string("workdir", None, "Where checkpoints and logs go.")
 flags.DEFINE_string(
@@ -73,8 +74,13 @@ flags.DEFINE_list(
     "schedule", None, "Epochs at which the lr is multiplied by 0.1."
 )
 flags.DEFINE_bool("cos", None, "Cosine lr schedule (then --schedule is off).")
-flags.DEFINE_float("momentum", None, "SGD momentum.")
-flags.DEFINE_float("wd", None, "Weight decay (L2, coupled as torch's SGD).")
+flags.DEFINE_float("momentum", None, "SGD (and LARS) momentum.")
+flags.DEFINE_float(
+    "wd",
+    None,
+    "Weight decay: L2, coupled as torch's SGD and MoCo v3's LARS; "
+    "decoupled with --optimizer=adamw.",
+)
 flags.DEFINE_integer("seed", None, "Seed of weights, data order and draws.")
 flags.DEFINE_float(
     "crop_fraction",
@@ -166,8 +172,9 @@ flags.DEFINE_integer(
 # The one table from the recipes' flags to the config: flag -> (section,
 # key). The sections and keys are the library's (`moco_keras.presets`).
 FLAGS_TO_CONFIG = {
-    # `MoCo(encoder, **config["model"])`.
+    # `MoCo(encoder, **config["model"])`, or `MoCoV3`'s (v3 presets).
     "moco_dim": ("model", "dim"),
+    "moco_mlp_dim": ("model", "mlp_dim"),
     "mlp": ("model", "mlp"),
     "moco_k": ("model", "queue_size"),
     "moco_m": ("model", "momentum"),
@@ -175,6 +182,7 @@ FLAGS_TO_CONFIG = {
     "arch": ("encoder", "arch"),
     "width": ("encoder", "width"),
     "bn_splits": ("encoder", "bn_splits"),
+    "stop_grad_conv1": ("encoder", "stop_grad_conv1"),
     "aug_plus": ("augmentation", "aug_plus"),
     "blur": ("augmentation", "blur"),
     "crop_min": ("augmentation", "crop_min"),
@@ -190,6 +198,7 @@ FLAGS_TO_CONFIG = {
     "batch_size": ("data", "batch_size"),
     "input": ("data", "input"),
     "workers": ("data", "workers"),
+    "optimizer": ("optimizer", "name"),
     "lr": ("optimizer", "lr"),
     "lr_batch_size": ("optimizer", "lr_batch_size"),
     "momentum": ("optimizer", "momentum"),
@@ -197,6 +206,8 @@ FLAGS_TO_CONFIG = {
     "epochs": ("schedule", "epochs"),
     "schedule": ("schedule", "milestones"),
     "cos": ("schedule", "cosine"),
+    "warmup_epochs": ("schedule", "warmup_epochs"),
+    "moco_m_cos": ("schedule", "momentum_cosine"),
     "knn_every": ("knn", "every"),
     "knn_bank": ("knn", "bank"),
     "knn_test": ("knn", "test"),
@@ -253,6 +264,13 @@ def with_flags(config, **values):
                 f"--{name} has no effect in this recipe (its config has no "
                 f"{section!r} section: {sorted(config)}); drop it."
             )
+        if key not in config[section]:
+            # E.g. --moco_k with a MoCo v3 preset (no queue), --cos with
+            # v3's warm-up and cosine, --width with a ViT.
+            raise runs.ConfigError(
+                f"--{name} has no effect with this preset (its {section!r} "
+                f"values are {', '.join(sorted(config[section]))}); drop it."
+            )
         config[section][key] = config_value(name, value)
     return config
 
@@ -278,7 +296,7 @@ def flag_values(config):
     return {
         name: config[section][key]
         for name, (section, key) in FLAGS_TO_CONFIG.items()
-        if section in config
+        if key in config.get(section, {})
     }
 
 
