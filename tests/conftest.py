@@ -58,6 +58,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
         shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True
     )
 
+# TensorFlow's oneDNN kernels, as `import moco_keras` turns them on: here
+# `import keras` imports TensorFlow first, and TensorFlow's own default
+# depends on the CPU (off on an AVX2 AMD EPYC, where the channels-first
+# encoders' NCHW convolutions then have no CPU kernel).
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+
 import keras  # noqa: E402
 import pytest  # noqa: E402
 
