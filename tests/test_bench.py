@@ -19,6 +19,7 @@ import learning
 import numpy as np
 import pytest
 from support import ROOT
+from support import fake_fashion_mnist
 
 from moco_keras import knn
 
@@ -407,3 +408,39 @@ def test_health_cost_benchmark_smoke(tmp_path):
     assert rows["without"][2].strip() == "+0.0 %", table
     assert rows["without"][3].strip() == "+0.0 % to +0.0 %", table
     assert "The measures alone: " in table
+
+
+@pytest.mark.process
+@pytest.mark.backends("torch")
+def test_quickstart_v3_benchmark_smoke(tmp_path):
+    """The quick start's v3 preset through the benchmark, tiny: its row
+    reads the run's results.json (the method from its config)."""
+    fake_fashion_mnist(str(tmp_path / "fmnist"))
+    output = tmp_path / "table.md"
+    _run(
+        [
+            "bench/quickstart_v3.py",
+            "--presets=quickstart_mocov3",
+            f"--output={output}",
+            "--",
+            f"--data_dir={tmp_path / 'fmnist'}",
+            "--epochs=1",
+            "--warmup_epochs=0",
+            "--train_limit=64",
+            "--batch_size=32",
+            "--width=2",
+            "--moco_mlp_dim=32",
+            "--knn_k=5",
+            "--knn_bank=48",
+            "--knn_test=16",
+            "--linear_epochs=1",
+        ],
+        timeout=600,
+    )
+    table = output.read_text()
+    row = next(line for line in table.splitlines() if "| quickstart_" in line)
+    cells = [cell.strip() for cell in row.split("|")[1:-1]]
+    assert cells[:3] == ["quickstart_mocov3", "MoCo v3", "1"], row
+    for cell in cells[3:6]:
+        assert 0.0 <= float(cell.rstrip(" %")) <= 100.0, row
+    assert float(cells[7]) > 0, row
