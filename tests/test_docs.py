@@ -76,7 +76,10 @@ TINY = {
         ("workers=2", "workers=0"),
     ],
     "docs/mocov3.md": [
-        ("encoders.resnet50()", "encoders.resnet18(width=2)"),
+        (
+            "encoders.resnet50(zero_init_residual=True)",
+            "encoders.resnet18(width=2, zero_init_residual=True)",
+        ),
         (
             "momentum_epochs=epochs,",
             "momentum_epochs=epochs, dim=8, mlp_dim=16,",

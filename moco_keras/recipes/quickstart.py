@@ -15,6 +15,8 @@ on cached features, `--linear_epochs` epochs):
 `moco_keras.evaluation.quickstart`.
 The workdir is a pretraining run's, its `curves.png` the loss and kNN
 curves, and `results.json` and `knn.csv` add the kNN numbers.
+`--preset=quickstart_mocov3` runs MoCo v3 on the same network and crops
+(BENCHMARKS.md sets it beside v2).
 """
 
 from absl import flags
