@@ -215,15 +215,15 @@ def build_moco(config, milestones, steps_per_epoch, replicas=1):
         )
     augmentation = None
     if color_in_model(config):
-        # One layer per view, seeded apart: the views draw independently.
+        # v1/v2: one layer for both views; v3: one per view, seeded apart
+        # so that the views draw independently.
+        pair = views.view_pair(augmentation_config(config))
         augmentation = [
             color.ColorAugmentation.from_augmentation(view, seed=seed + index)
-            for index, view in enumerate(
-                views.view_pair(augmentation_config(config))
-            )
+            for index, view in enumerate(pair if v3 else pair[:1])
         ]
         if not v3:
-            augmentation = augmentation[0]
+            (augmentation,) = augmentation
     if v3:
         schedule = config["schedule"]
         model = mocov3.MoCoV3(

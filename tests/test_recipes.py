@@ -907,7 +907,7 @@ def test_quickstart_runs_end_to_end(tmp_path):
     phases = [
         "kNN of raw pixels (bank 96, test 32 images)",
         "raw pixels: kNN top-1",
-        "MoCo pretraining: 64 images",
+        "MoCo v2 pretraining: 64 images",
         "kNN of the trained and of the random encoder",
         "total time",
     ]
