@@ -33,9 +33,19 @@ carries it, `save` writes it beside the model and the recipes read it.
 
 Reading `.pth.tar` needs torch (`pip install torch`); `.pdparams` files are
 pickles of numpy arrays, read without Paddle.
+
+Checkpoints come from the internet, so no file read here can run code: a
+`.pdparams` pickle may name only what a state dict holds (numpy arrays and
+dtypes, dicts, lists, tuples; `_StateDictUnpickler`), torch files are read
+with `weights_only=True`, `.keras` files with Keras' `safe_mode`
+(`load_keras`). A file that names anything else, or that is corrupt or of
+another kind, raises `CheckpointError`, whose message names the file; nothing
+in it was run.
 """
 
+import collections
 import dataclasses
+import importlib
 import json
 import os
 import pickle
@@ -114,28 +124,113 @@ class Converted:
             json.dump(metadata, f, indent=2, sort_keys=True)
 
 
-def read_checkpoint(path):
-    """`({name: numpy array}, source)` of a `.pth.tar` / `.pth` / `.pdparams`.
+class CheckpointError(ValueError):
+    """A file that is not a checkpoint this package reads: corrupt, of
+    another kind, or holding code. The message names the file; nothing in
+    the file was run."""
 
-    The official files hold `{"epoch", "arch", "state_dict", "optimizer"}`:
-    the `state_dict` is returned.
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"No checkpoint at {path!r}.")
-    if path.endswith(".pdparams"):
-        with open(path, "rb") as f:
-            state = pickle.load(f, encoding="latin1")
-        if not isinstance(state, dict):
-            raise ValueError(
-                f"{path} is not a PaddlePaddle state dict (a pickled dict of "
-                f"arrays); it holds a {type(state).__name__}."
-            )
-        state = {
-            name: np.asarray(value)
-            for name, value in state.items()
-            if name != "StructuredToParameterName@@"
-        }
-        return state, "paddle"
+
+# The formats `convert` reads, for the messages.
+FORMATS = (
+    ".pth.tar / .pth (official MoCo, main_lincls.py or torchvision, "
+    "written by torch.save) or .pdparams (PaddleFleetX, paddle.save)"
+)
+
+
+def _numpy_module(name):
+    # numpy 2 moved numpy.core to numpy._core; pickles name either.
+    try:
+        return importlib.import_module(f"numpy._core.{name}")
+    except ImportError:
+        return importlib.import_module(f"numpy.core.{name}")
+
+
+def _latin1_encode(text, encoding):
+    """`_codecs.encode` as protocol-2 pickles spell bytes, latin-1 only."""
+    if encoding != "latin1":
+        raise pickle.UnpicklingError(f"_codecs.encode with {encoding!r}")
+    return text.encode("latin1")
+
+
+def _state_dict_globals():
+    """What a state dict's pickle may name: numpy arrays (rebuilt from
+    their bytes), dtypes and scalars, and containers. Each is a constructor
+    of plain data; none runs code of the file's choosing."""
+    multiarray = _numpy_module("multiarray")
+    numeric = _numpy_module("numeric")
+    allowed = {
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("collections", "OrderedDict"): collections.OrderedDict,
+        ("_codecs", "encode"): _latin1_encode,
+    }
+    for core in ("numpy.core", "numpy._core"):
+        allowed[(f"{core}.multiarray", "_reconstruct")] = (
+            multiarray._reconstruct
+        )
+        allowed[(f"{core}.multiarray", "scalar")] = multiarray.scalar
+        allowed[(f"{core}.numeric", "_frombuffer")] = numeric._frombuffer
+    for container in (dict, list, tuple, set, frozenset):
+        allowed[("builtins", container.__name__)] = container
+    return allowed
+
+
+_STATE_DICT_GLOBALS = _state_dict_globals()
+
+
+class _Refused(pickle.UnpicklingError):
+    """A global outside `_STATE_DICT_GLOBALS`, refused before any call."""
+
+
+class _StateDictUnpickler(pickle.Unpickler):
+    """`pickle.Unpickler` for state dicts: like torch's `weights_only=True`,
+    a global the pickle names is looked up in `_STATE_DICT_GLOBALS` and
+    anything else is refused, so a pickle that would call `os.system` (or
+    any function) fails before the call. Persistent ids are refused too
+    (`pickle.Unpickler`'s default)."""
+
+    def find_class(self, module, name):
+        found = _STATE_DICT_GLOBALS.get((module, name))
+        if found is None:
+            raise _Refused(f"{module}.{name}")
+        return found
+
+
+def _size(path):
+    size = os.path.getsize(path)
+    return "an empty file" if size == 0 else f"{size:,} bytes"
+
+
+def _refused(path, name):
+    return CheckpointError(
+        f"{path} was refused: its pickle names {name}, which no checkpoint "
+        "of weights holds (a state dict holds arrays, numbers, strings and "
+        "containers), so it may run code on this machine. Nothing in the "
+        "file was run. Download the checkpoint again from its publisher, or "
+        "ask whoever sent it for the state dict alone."
+    )
+
+
+def _corrupt(path, kind, error):
+    return CheckpointError(
+        f"{path} is not a {kind} checkpoint, or it is corrupt ({_size(path)}; "
+        f"reading it stopped with {type(error).__name__}). This converter "
+        f"reads {FORMATS}. A file cut short by a download gives this too: "
+        "download it again and compare its checksum with the published one."
+    )
+
+
+def _read_pdparams(path):
+    with open(path, "rb") as f:
+        try:
+            return _StateDictUnpickler(f, encoding="latin1").load()
+        except _Refused as refused:
+            raise _refused(path, str(refused)) from None
+        except Exception as error:  # noqa: BLE001 - any failure: corrupt.
+            raise _corrupt(path, "PaddlePaddle", error) from None
+
+
+def _read_torch(path):
     try:
         import torch
     except ImportError as error:
@@ -144,11 +239,52 @@ def read_checkpoint(path):
             "installed. Install the CPU build: pip install torch "
             "--index-url https://download.pytorch.org/whl/cpu"
         ) from error
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - each is a message.
+        # torch's refusal names the global ("... GLOBAL posix.system ...")
+        # and suggests weights_only=False, which this message must not.
+        refused = re.search(r"GLOBAL ([\w.]+)", str(error))
+        if isinstance(error, pickle.UnpicklingError) and refused:
+            raise _refused(path, refused.group(1)) from None
+        raise _corrupt(path, "PyTorch", error) from None
+
+
+def read_checkpoint(path):
+    """`(state, source, arch)` of a `.pth.tar` / `.pth` / `.pdparams`.
+
+    `state` is `{name: numpy array}`: the official files hold `{"epoch",
+    "arch", "state_dict", "optimizer"}`, whose `state_dict` it is; `arch`
+    is that file's `arch` (`""` if none) and `source` `"pytorch"` or
+    `"paddle"`. Nothing in the file can run code (the module's docstring).
+
+    Raises:
+        FileNotFoundError: no file at `path`.
+        CheckpointError: a corrupt file, a file of another kind, or a
+            pickle that names anything but plain data.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No checkpoint at {path!r}.")
+    if path.endswith(".pdparams"):
+        state = _read_pdparams(path)
+        if not isinstance(state, dict):
+            raise CheckpointError(
+                f"{path} is not a PaddlePaddle state dict (a pickled dict of "
+                f"arrays); it holds a {type(state).__name__}."
+            )
+        state = {
+            name: np.asarray(value)
+            for name, value in state.items()
+            if name != "StructuredToParameterName@@"
+        }
+        return state, "paddle", ""
+    checkpoint = _read_torch(path)
+    arch = ""
     if isinstance(checkpoint, dict) and "state_dict" in checkpoint:
+        arch = str(checkpoint.get("arch", ""))
         checkpoint = checkpoint["state_dict"]
     if not isinstance(checkpoint, dict):
-        raise ValueError(
+        raise CheckpointError(
             f"{path} holds a {type(checkpoint).__name__}, not a state dict "
             "or a {'state_dict': ...} checkpoint."
         )
@@ -156,7 +292,7 @@ def read_checkpoint(path):
     for name, value in checkpoint.items():
         if hasattr(value, "detach"):
             state[name] = value.detach().cpu().numpy()
-    return state, "pytorch"
+    return state, "pytorch", arch
 
 
 def _strip_module(state):
@@ -182,7 +318,7 @@ def _split(state, prefix):
     }
 
 
-def _canonical(state, source):
+def _canonical(state, source, path):
     """The checkpoint in torchvision's names and PyTorch's layouts.
 
     Returns:
@@ -247,8 +383,8 @@ def _canonical(state, source):
         if "fc.weight" in fc:
             fc["fc.weight"] = fc["fc.weight"].T
     if "conv1.weight" not in backbone:
-        raise ValueError(
-            "The checkpoint is neither a MoCo pretraining checkpoint (no "
+        raise CheckpointError(
+            f"{path} is neither a MoCo pretraining checkpoint (no "
             "encoder_q.* / base_encoder.* keys) nor a ResNet (no "
             f"conv1.weight). Its first keys: {sorted(state)[:8]}."
         )
@@ -258,8 +394,9 @@ def _canonical(state, source):
 _BLOCK = re.compile(r"^layer([1-4])\.(\d+)\.")
 
 
-def infer_architecture(backbone):
-    """`(arch, width)` of a torchvision ResNet state dict, from its shapes."""
+def infer_architecture(backbone, origin="The encoder"):
+    """`(arch, width)` of a torchvision ResNet state dict, from its shapes;
+    `origin` (the file) names it in the errors."""
     blocks = [0, 0, 0, 0]
     for name in backbone:
         match = _BLOCK.match(name)
@@ -268,8 +405,8 @@ def infer_architecture(backbone):
             blocks[stage] = max(blocks[stage], index + 1)
     bottleneck = any(".conv3." in name for name in backbone)
     if "conv1.weight" not in backbone:
-        raise ValueError(
-            "The encoder has no conv1.weight, so its architecture cannot be "
+        raise CheckpointError(
+            f"{origin} has no conv1.weight, so its architecture cannot be "
             f"read; nothing was loaded. Its first keys: {sorted(backbone)[:8]}."
         )
     kernel = backbone["conv1.weight"]
@@ -281,14 +418,16 @@ def infer_architecture(backbone):
         ((3, 4, 6, 3), True): "resnet50",
     }.get((tuple(blocks), bottleneck))
     if found is None:
-        raise ValueError(
-            f"Unsupported ResNet: blocks per stage {blocks}, "
+        raise CheckpointError(
+            f"{origin} is an unsupported ResNet: blocks per stage {blocks}, "
             f"{'bottleneck' if bottleneck else 'basic'} blocks. This library "
             "builds ResNet-18, 34 and 50 (torchvision's layouts)."
         )
     if cifar_stem:
         if found != "resnet18":
-            raise ValueError(f"A 3x3 stem on {found} is not supported.")
+            raise CheckpointError(
+                f"{origin} has a 3x3 stem on {found}, which is not supported."
+            )
         return "cifar_resnet18", width
     return found, width
 
@@ -327,7 +466,7 @@ class _Plan:
                 more = f" and {len(items) - 10} more" if len(items) > 10 else ""
                 problems.append(f"{len(items)} {title}: {shown}{more}")
         if problems:
-            raise ValueError(
+            raise CheckpointError(
                 f"{origin} does not fit the model it describes, so nothing "
                 "was loaded. Keys " + ". Keys ".join(problems) + ". Is it a "
                 "MoCo, linear-classification or torchvision ResNet "
@@ -393,16 +532,18 @@ def convert(path, bn_splits=1, input_shape=(None, None, 3)):
     converted.save("converted/mocov2_800ep")
     ```
     """
-    state, source = read_checkpoint(path)
+    state, source, saved_arch = read_checkpoint(path)
     stripped = _strip_module(state)
     if source == "pytorch" and any(
         n.startswith("predictor.") for n in stripped
     ):
-        return _convert_mocov3(path, stripped, bn_splits, input_shape)
-    kind, parts, unexpected = _canonical(state, source)
+        return _convert_mocov3(
+            path, stripped, saved_arch, bn_splits, input_shape
+        )
+    kind, parts, unexpected = _canonical(state, source, path)
     plan = _Plan()
     if kind == "moco":
-        arch, width = infer_architecture(parts["q"])
+        arch, width = infer_architecture(parts["q"], path)
         head = parts["head_q"]
         mlp = "fc.0.weight" in head
         last = head.get("fc.2.weight" if mlp else "fc.weight")
@@ -413,7 +554,7 @@ def convert(path, bn_splits=1, input_shape=(None, None, 3)):
                 for name, value in (("fc head", last), ("queue", queue))
                 if value is None
             ]
-            raise ValueError(
+            raise CheckpointError(
                 f"{path} is a MoCo checkpoint without its "
                 f"{' and '.join(missing)}; nothing was loaded."
             )
@@ -459,7 +600,7 @@ def convert(path, bn_splits=1, input_shape=(None, None, 3)):
         }
     else:
         backbone = parts["backbone"]
-        arch, width = infer_architecture(backbone)
+        arch, width = infer_architecture(backbone, path)
         encoder = encoders.get_encoder(
             arch,
             width=width,
@@ -469,7 +610,7 @@ def convert(path, bn_splits=1, input_shape=(None, None, 3)):
         )
         fc = parts["fc"]
         if "fc.weight" not in fc:
-            raise ValueError(
+            raise CheckpointError(
                 f"{path} has a ResNet without its `fc` layer; nothing was "
                 "loaded. (A MoCo checkpoint has encoder_q.* keys.)"
             )
@@ -543,13 +684,13 @@ def _linear_count(weights):
     )
 
 
-def _vit_encoder(backbone, arch, input_shape):
+def _vit_encoder(backbone, arch, input_shape, path):
     """The `vits.vit` that a timm-named state dict describes."""
     kernel = backbone.get("patch_embed.proj.weight")
     if kernel is None or "pos_embed" not in backbone:
-        raise ValueError(
-            "The ViT has no patch_embed.proj.weight or pos_embed, so its "
-            "shape cannot be read; nothing was loaded."
+        raise CheckpointError(
+            f"{path}: its ViT has no patch_embed.proj.weight or pos_embed, so "
+            "its shape cannot be read; nothing was loaded."
         )
     embed_dim, patch_size = int(kernel.shape[0]), int(kernel.shape[-1])
     grid = int(round((backbone["pos_embed"].shape[1] - 1) ** 0.5))
@@ -573,19 +714,15 @@ def _vit_encoder(backbone, arch, input_shape):
     )
 
 
-def _convert_mocov3(path, state, bn_splits, input_shape):
-    """`convert` of an official MoCo v3 pretraining checkpoint."""
+def _convert_mocov3(path, state, arch, bn_splits, input_shape):
+    """`convert` of an official MoCo v3 pretraining checkpoint; `arch` is
+    the file's (`main_moco.py` saves vit_small, vit_base or resnet50 beside
+    the weights)."""
     state = {
         name: value
         for name, value in state.items()
         if not name.endswith("num_batches_tracked")
     }
-    import torch
-
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    # `main_moco.py` saves `arch` (vit_small, vit_base, resnet50) beside
-    # the weights.
-    arch = str(checkpoint.get("arch", "")) if "state_dict" in checkpoint else ""
     base = _split(state, "base_encoder.")
     vit = "patch_embed.proj.weight" in base
     head_name = "head." if vit else "fc."
@@ -599,16 +736,16 @@ def _convert_mocov3(path, state, bn_splits, input_shape):
     predictor = _split(state, "predictor.")
     projector = sides["q"][1]
     if not projector or not predictor:
-        raise ValueError(
+        raise CheckpointError(
             f"{path} is a MoCo v3 checkpoint without its projector "
             f"({head_name}*) or predictor; nothing was loaded."
         )
     if vit:
         input_shape = tuple(input_shape)
-        encoder = _vit_encoder(sides["q"][0], arch, input_shape)
+        encoder = _vit_encoder(sides["q"][0], arch, input_shape, path)
         info = {"arch": encoder.name, "embed_dim": encoder.output.shape[-1]}
     else:
-        arch_found, width = infer_architecture(sides["q"][0])
+        arch_found, width = infer_architecture(sides["q"][0], path)
         encoder = encoders.get_encoder(
             arch_found,
             width=width,
@@ -678,11 +815,91 @@ def backbone_of(model):
     return model.get_layer("backbone")
 
 
+def load_keras(path):
+    """A `.keras` model file from anywhere, read so that nothing in it runs.
+
+    Keras reads it in `safe_mode`: a file that holds Python code (a
+    `Lambda` layer's function, saved as bytecode) is refused, and the
+    classes it names must be Keras' own or registered ones (`MoCo`,
+    `SplitBatchNormalization`, ...). Any other format (`.h5`, a pickle, a
+    PyTorch file) is refused by its name before it is opened.
+
+    Args:
+        path: a `.keras` file.
+
+    Returns:
+        The model, not compiled.
+
+    Raises:
+        CheckpointError: what was wrong, naming the file; nothing in the
+            file was run.
+
+    Example:
+
+    >>> import keras, os, tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "model.keras")
+    >>> keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)]).save(path)
+    >>> load_keras(path).output.shape
+    (None, 1)
+    """
+    if not path.endswith(".keras"):
+        raise CheckpointError(
+            f"{path} is not a .keras file: models and checkpoints are read "
+            "only as Keras writes them (.keras, in Keras' safe mode). A "
+            "checkpoint of the official code or of PaddleFleetX is converted "
+            f"first: python -m moco_keras.recipes.convert --source={path} "
+            "--output=DIR, then pass DIR."
+        )
+    if not os.path.isfile(path):
+        raise CheckpointError(f"No Keras model file at {path!r}.")
+    try:
+        return keras.saving.load_model(path, compile=False, safe_mode=True)
+    except Exception as error:  # noqa: BLE001 - each is a message.
+        text = str(error)
+        # Keras' own message suggests turning safe mode off; this one must
+        # not.
+        if "safe_mode" in text or "unsafe_deserialization" in text:
+            raise CheckpointError(
+                f"{path} was refused: it holds Python code (a Lambda layer "
+                "or a function saved as bytecode), which is never run from "
+                "a file. Nothing in it was run. The models of this package "
+                "hold no code; was the file written by moco_keras?"
+            ) from None
+        first = text.strip().splitlines()[0][:300] if text.strip() else ""
+        raise CheckpointError(
+            f"{path} is not a Keras model file that this package can read, "
+            f"or it is corrupt ({_size(path)}; Keras stopped with "
+            f"{type(error).__name__}: {first})"
+        ) from None
+
+
 def load_converted(directory):
-    """`(model, metadata)` of a directory that `Converted.save` wrote."""
-    with open(os.path.join(directory, METADATA)) as f:
-        metadata = json.load(f)
-    model = keras.saving.load_model(
-        os.path.join(directory, metadata["model"]), compile=False
-    )
-    return model, metadata
+    """`(model, metadata)` of a directory that `Converted.save` wrote.
+
+    The directory may come from elsewhere: its model is read with
+    `load_keras`, from `model.keras` inside it (never from a path the
+    metadata names), and the metadata is checked before it is used.
+    """
+    path = os.path.join(directory, METADATA)
+    try:
+        with open(path) as f:
+            metadata = json.load(f)
+        normalization = [metadata["mean"], metadata["std"]]
+        valid = metadata["kind"] in ("moco", "mocov3", "classifier") and all(
+            len(values) == 3
+            and all(isinstance(v, (int, float)) for v in values)
+            for values in normalization
+        )
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(
+            f"{path} cannot be read ({type(error).__name__}: {error}); "
+            "recipes/convert writes it beside model.keras. Convert the "
+            "checkpoint again."
+        ) from None
+    if not valid:
+        raise CheckpointError(
+            f"{path} is not what recipes/convert writes: it needs `kind` "
+            "(moco, mocov3 or classifier) and three numbers each of `mean` "
+            "and `std`. Convert the checkpoint again."
+        )
+    return load_keras(os.path.join(directory, MODEL_FILE)), metadata

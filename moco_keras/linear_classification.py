@@ -101,13 +101,12 @@ def load_backbone(path):
 def load_moco(path):
     """The `MoCo` model of a `.keras` checkpoint (`ConfigError` if none)."""
     try:
-        model = keras.saving.load_model(path, compile=False)
-    except Exception as error:  # noqa: BLE001 - re-raised as a usage error.
+        model = convert.load_keras(path)
+    except convert.CheckpointError as error:
         raise runs.ConfigError(
-            f"--pretrained={path} is not a MoCo checkpoint that Keras can "
-            f"read ({type(error).__name__}: {error}). Pass a `.keras` file "
-            "written by moco_keras.recipes.pretrain, or its workdir."
-        ) from error
+            f"--pretrained is not a MoCo checkpoint: {error} Pass a `.keras` "
+            "file written by moco_keras.recipes.pretrain, or its workdir."
+        ) from None
     check(
         isinstance(model, moco.MoCo | mocov3.MoCoV3),
         f"--pretrained={path} holds a {type(model).__name__}, not a MoCo "

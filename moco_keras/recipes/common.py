@@ -11,10 +11,12 @@ without a traceback, naming the flags.
 
 import copy
 import re
+import sys
 
 from absl import app
 from absl import flags
 
+from moco_keras import convert
 from moco_keras import presets
 from moco_keras import runs
 
@@ -316,7 +318,10 @@ def run(main, table, preset):
     """`app.run(main)`, `preset` of `table` the default `--preset`.
 
     Its values become the flags' defaults too, so that `--help` shows them.
-    A `runs.ConfigError` ends the run with its message in flag names.
+    A `runs.ConfigError` ends the run with its message in flag names; a
+    `convert.CheckpointError` (a file that cannot be read, or that was
+    refused) with its message alone, exit status 1; neither with a
+    traceback.
     """
 
     def checked_main(argv):
@@ -324,6 +329,9 @@ def run(main, table, preset):
             return main(argv)
         except runs.ConfigError as error:
             raise app.UsageError(in_flag_names(str(error))) from None
+        except convert.CheckpointError as error:
+            print(f"Error: {error}", file=sys.stderr)
+            sys.exit(1)
 
     FLAGS.set_default("preset", preset)
     for name, value in flag_values(table[preset]).items():

@@ -51,6 +51,8 @@ def main(argv):
         )
     try:
         converted = convert.convert(FLAGS.source, bn_splits=FLAGS.bn_splits)
+    except convert.CheckpointError:
+        raise  # the file's fault, not the flags': common.run says why
     except (FileNotFoundError, ImportError, ValueError) as error:
         raise app.UsageError(str(error)) from error
     converted.save(FLAGS.output)

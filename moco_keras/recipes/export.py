@@ -91,7 +91,6 @@ def weights_to_export(pretrained):
         linear classifier's `fc` layer (None for a pretraining run), the
         finished epochs, and the file read.
     """
-    import keras
 
     from moco_keras import moco
 
@@ -105,7 +104,7 @@ def weights_to_export(pretrained):
             f"--pretrained={pretrained} is a linear-classification workdir "
             "without checkpoints/ckpt-<step>.keras.",
         )
-        classifier = keras.saving.load_model(found, compile=False)
+        classifier = convert.load_keras(found)
         source = linear_classification.resolve_pretrained(
             lincls["classifier"]["pretrained"]
         )
