@@ -8,8 +8,10 @@ decoupled from the momentum, and its momentum buffer holds `lr * gradient`
 rather than the gradient. `SGD` here is torch's update.
 
 MoCo v3 (`moco-v3` `main_moco.py`, `moco/optimizer.py`) trains ResNet-50
-with `LARS` and sets the rate every step (`WarmupCosine`), and raises the
-key encoder momentum along a cosine (`cosine_momentum`).
+with `LARS` and ViTs with `torch.optim.AdamW` (`AdamW` here: Keras' adds
+epsilon before the bias correction, torch after it), sets the rate every
+step (`WarmupCosine`), and raises the key encoder momentum along a cosine
+(`cosine_momentum`).
 """
 
 import math
@@ -240,6 +242,130 @@ class LARS(keras.optimizers.Optimizer):
                 "momentum": self.momentum,
                 "weight_decay": self.l2_weight_decay,
                 "trust_coefficient": self.trust_coefficient,
+            }
+        )
+        return config
+
+
+def _bias_correction(beta, step):
+    """`1 - beta ** step` as `-expm1(step * log(beta))`: in float32,
+    `1 - 0.999 ** t` loses 5e-5 of itself to the rounding of 0.999 (torch
+    computes it in double)."""
+    if beta == 0:
+        return 1.0
+    return -ops.expm1(step * math.log(beta))
+
+
+@keras.saving.register_keras_serializable(package="moco_keras")
+class AdamW(keras.optimizers.Optimizer):
+    """`torch.optim.AdamW`, which MoCo v3 trains its ViTs with.
+
+    For each trainable variable `w` with gradient `g`, at step `t` (from 1):
+    `w -= lr * weight_decay * w` (decoupled decay, on every weight as the
+    official code passes them all), then
+    `m = beta_1 * m + (1 - beta_1) * g`,
+    `v = beta_2 * v + (1 - beta_2) * g ** 2` and
+    `w -= lr * (m / (1 - beta_1 ** t)) / (sqrt(v / (1 - beta_2 ** t)) + eps)`:
+    torch's update (`torch/optim/adamw.py`, Loshchilov and Hutter 2019).
+    `keras.optimizers.AdamW` adds `eps` to `sqrt(v)` before the bias
+    correction, which equals torch's only with an epsilon of
+    `eps * sqrt(1 - beta_2 ** t)`, a schedule Keras' constant epsilon cannot
+    take; early in training, where `1 - beta_2 ** t` is small, the two
+    differ most.
+
+    Args:
+        learning_rate: float or a `LearningRateSchedule`.
+        weight_decay: float >= 0, decoupled (0.1 in MoCo v3's ViT recipes;
+            torch's default 0.01).
+        beta_1, beta_2: floats in [0, 1) (torch's 0.9 and 0.999).
+        epsilon: float > 0 (torch's 1e-8).
+        **kwargs: other `keras.optimizers.Optimizer` arguments.
+
+    Example:
+
+        >>> optimizer = AdamW(0.1, weight_decay=0.0)
+        >>> w = keras.Variable([1.0])
+        >>> _ = optimizer.apply_gradients([(keras.ops.array([0.5]), w)])
+        >>> round(float(w.numpy()[0]), 6)  # 1 - 0.1 * 0.5 / (0.5 + 1e-8)
+        0.9
+    """
+
+    def __init__(
+        self,
+        learning_rate=0.001,
+        weight_decay=0.01,
+        beta_1=0.9,
+        beta_2=0.999,
+        epsilon=1e-8,
+        name="AdamW",
+        **kwargs,
+    ):
+        if not (0 <= beta_1 < 1 and 0 <= beta_2 < 1) or epsilon <= 0:
+            raise ValueError(
+                "beta_1 and beta_2 must be in [0, 1) and epsilon > 0. "
+                f"Received: beta_1={beta_1}, beta_2={beta_2}, "
+                f"epsilon={epsilon}"
+            )
+        if weight_decay is None or weight_decay < 0:
+            raise ValueError(
+                f"weight_decay must be >= 0. Received: {weight_decay!r}"
+            )
+        super().__init__(
+            learning_rate=learning_rate,
+            weight_decay=weight_decay,
+            name=name,
+            **kwargs,
+        )
+        self.beta_1 = beta_1
+        self.beta_2 = beta_2
+        self.epsilon = epsilon
+
+    def build(self, variables):
+        if self.built:
+            return
+        super().build(variables)
+        self.exp_avgs = [
+            self.add_variable_from_reference(v, name="exp_avg")
+            for v in variables
+        ]
+        self.exp_avg_sqs = [
+            self.add_variable_from_reference(v, name="exp_avg_sq")
+            for v in variables
+        ]
+
+    def update_step(self, gradient, variable, learning_rate):
+        # The decoupled decay ran before, in the base class's `apply`:
+        # `w -= lr * weight_decay * w`, as torch's first line.
+        learning_rate = ops.cast(learning_rate, variable.dtype)
+        gradient = ops.cast(gradient, variable.dtype)
+        step = ops.cast(self.iterations + 1, variable.dtype)
+        index = self._get_variable_index(variable)
+        exp_avg, exp_avg_sq = self.exp_avgs[index], self.exp_avg_sqs[index]
+        self.assign(
+            exp_avg, exp_avg * self.beta_1 + gradient * (1.0 - self.beta_1)
+        )
+        self.assign(
+            exp_avg_sq,
+            exp_avg_sq * self.beta_2
+            + ops.square(gradient) * (1.0 - self.beta_2),
+        )
+        bias_correction_1 = _bias_correction(self.beta_1, step)
+        bias_correction_2 = _bias_correction(self.beta_2, step)
+        denominator = (
+            ops.sqrt(exp_avg_sq) / ops.sqrt(bias_correction_2) + self.epsilon
+        )
+        self.assign_sub(
+            variable,
+            learning_rate / bias_correction_1 * exp_avg / denominator,
+        )
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "beta_1": self.beta_1,
+                "beta_2": self.beta_2,
+                "epsilon": self.epsilon,
             }
         )
         return config

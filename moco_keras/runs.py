@@ -410,14 +410,10 @@ def optimizer(config, milestones, steps_per_epoch):
                 momentum=settings["momentum"],
                 weight_decay=settings["weight_decay"],
             )
-        # torch.optim.AdamW's defaults (Keras' epsilon is 1e-7), its decay
-        # on every parameter as the official code gives it.
-        return keras.optimizers.AdamW(
-            learning_rate_,
-            weight_decay=settings["weight_decay"],
-            beta_1=0.9,
-            beta_2=0.999,
-            epsilon=1e-8,
+        # torch.optim.AdamW with its defaults, its decay on every parameter
+        # as the official code gives it.
+        return optimizers.AdamW(
+            learning_rate_, weight_decay=settings["weight_decay"]
         )
     return optimizers.SGD(
         optimizers.EpochSchedule(

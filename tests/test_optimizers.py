@@ -125,3 +125,50 @@ def test_warmup_cosine_and_momentum_follow_main_moco():
         ) == pytest.approx(m, rel=1e-6)
     run_serialization_test(schedule)
     run_serialization_test(optimizers.LARS(0.3, weight_decay=1e-6))
+
+
+def _adamw_steps(optimizer, weights, grads):
+    variable = keras.Variable(weights.copy())  # torch's backend shares it
+    for g in grads:
+        optimizer.apply_gradients([(keras.ops.array(g, "float32"), variable)])
+    return keras.ops.convert_to_numpy(variable)
+
+
+def test_adamw_is_torch_adamw():
+    """Three steps with weight decay and bias correction equal
+    `torch.optim.AdamW`'s within float32 rounding. Gradients from 1e-7 to
+    1 make epsilon matter: Keras' AdamW, which adds it before the bias
+    correction, is off by up to 30 % there."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    weights = rng.normal(size=(4, 8)).astype("float32")
+    scales = np.logspace(-7, 0, 8).astype("float32")
+    grads = [
+        (rng.normal(size=(4, 8)) * scales).astype("float32") for _ in range(3)
+    ]
+    lrs = [0.1, 0.05, 0.02]
+    # Steps 0, 1, 2 (a boundary is the last step of its rate).
+    schedule = keras.optimizers.schedules.PiecewiseConstantDecay([0, 1], lrs)
+    settings = dict(weight_decay=0.1, beta_1=0.9, beta_2=0.999, epsilon=1e-8)
+    ours = _adamw_steps(optimizers.AdamW(schedule, **settings), weights, grads)
+
+    parameter = torch.nn.Parameter(torch.from_numpy(weights.copy()))
+    reference = torch.optim.AdamW(
+        [parameter], lr=lrs[0], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1
+    )
+    for lr, g in zip(lrs, grads, strict=True):
+        reference.param_groups[0]["lr"] = lr
+        parameter.grad = torch.from_numpy(g)
+        reference.step()
+    expected = parameter.detach().numpy()
+    # float32 rounding: 4 units in the last place of the largest weight.
+    ulps = 4 * np.spacing(np.abs(expected).max())
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=ulps)
+    keras_adamw = _adamw_steps(
+        keras.optimizers.AdamW(schedule, **settings), weights, grads
+    )
+    assert np.abs(keras_adamw - expected).max() > 1e4 * ulps
+    run_serialization_test(optimizers.AdamW(1e-3, weight_decay=0.05))
+    with pytest.raises(ValueError, match="beta_1"):
+        optimizers.AdamW(1e-3, beta_1=1.0)
