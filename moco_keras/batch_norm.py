@@ -13,6 +13,14 @@ from keras import ops
 from moco_keras import distribute
 
 
+def at_least_float32(dtype):
+    """`dtype`, or float32 for a 16-bit float: what statistics and losses
+    are computed in. (`keras.backend.result_type(dtype, "float32")` would
+    give float32 for float64 too, under JAX and torch.)"""
+    dtype = keras.backend.standardize_dtype(dtype)
+    return "float32" if dtype in ("float16", "bfloat16") else dtype
+
+
 @keras.saving.register_keras_serializable(package="moco_keras")
 class SplitBatchNormalization(keras.layers.BatchNormalization):
     """Batch normalization with statistics computed per group of samples.
@@ -21,13 +29,19 @@ class SplitBatchNormalization(keras.layers.BatchNormalization):
     groups of N / G samples; each group is normalized with its own mean and
     (biased) variance, as G devices each running ordinary batch normalization
     would. The moving statistics are updated with the average over the groups
-    of each group's statistics, so the update equals the average of what G
-    devices would each compute. In inference mode the moving statistics are
-    used, exactly as in `keras.layers.BatchNormalization`. With
-    `num_splits=1` the layer is `keras.layers.BatchNormalization`, except
-    under a multi-replica `tf.distribute` strategy: there each replica is a
-    group (its own statistics, no cross-replica BN) and the moving
-    statistics are averaged over the replicas, so they stay the same on all.
+    of each group's mean and unbiased variance (`n / (n - 1)` times the
+    biased one, `n` the values per channel of a group: samples times
+    positions), so the update equals the average of what G devices running
+    `torch.nn.BatchNorm2d` would each compute, and the official CIFAR demo's
+    `SplitBatchNorm`. Keras' own BN keeps the biased variance; torch's
+    rule is kept here because the official MoCo code trains with it, and
+    evaluation reads the moving statistics. In inference mode the moving
+    statistics are used, exactly as in `keras.layers.BatchNormalization`.
+    With `num_splits=1` the layer is `keras.layers.BatchNormalization` but
+    for that rule, and except under a multi-replica `tf.distribute`
+    strategy: there each replica is a group (its own statistics, no
+    cross-replica BN) and the moving statistics are averaged over the
+    replicas, so they stay the same on all.
 
     Contiguous groups (rather than the strided groups of the official CIFAR
     demo) line up with the per-device shards of a data-parallel batch, so the
@@ -60,6 +74,11 @@ class SplitBatchNormalization(keras.layers.BatchNormalization):
                 "`num_splits` must be a positive integer (the number of BN "
                 f"groups). Received: num_splits={num_splits!r}"
             )
+        if kwargs.get("renorm"):
+            raise ValueError(
+                "SplitBatchNormalization has no batch renormalization "
+                "(`renorm=True`): use keras.layers.BatchNormalization."
+            )
         if kwargs.get("synchronized") and num_splits != 1:
             raise ValueError(
                 "`synchronized=True` normalizes over the global batch, "
@@ -74,23 +93,82 @@ class SplitBatchNormalization(keras.layers.BatchNormalization):
         self._rank = len(input_shape)
 
     def call(self, inputs, training=None, mask=None):
-        if self.synchronized:
-            # SyncBN (TensorFlow): Keras' statistics over all replicas.
-            return super().call(inputs, training=training, mask=mask)
-        batch_statistics = bool(training and self.trainable)
-        context = distribute.replica_context() if batch_statistics else None
-        torch_backend = keras.backend.backend() == "torch"
-        plain = self.num_splits == 1 and context is None
-        if not batch_statistics or (
-            plain and (not torch_backend or mask is not None)
-        ):
-            return super().call(inputs, training=training, mask=mask)
-        if mask is not None:
-            raise NotImplementedError(
-                "SplitBatchNormalization does not support masks when "
-                "num_splits > 1."
+        # Statistics in float32 even under mixed precision, as Keras BN
+        # does; float64 stays float64.
+        compute_dtype = at_least_float32(inputs.dtype)
+        x = ops.cast(inputs, compute_dtype)
+        if not (training and self.trainable):
+            # Inference mode: the moving statistics.
+            outputs = ops.batch_normalization(
+                x,
+                ops.cast(self.moving_mean, compute_dtype),
+                ops.cast(self.moving_variance, compute_dtype),
+                axis=self.axis,
+                offset=self._cast_weight(self.beta, self.center, x.dtype),
+                scale=self._cast_weight(self.gamma, self.scale, x.dtype),
+                epsilon=self.epsilon,
             )
-        batch = inputs.shape[0]
+            return ops.cast(outputs, self.compute_dtype)
+        context = None if self.synchronized else distribute.replica_context()
+        torch_backend = keras.backend.backend() == "torch"
+        keras_moments = self.synchronized or mask is not None
+        if self.num_splits == 1 and context is None and not torch_backend:
+            keras_moments = True
+        if keras_moments:
+            if mask is not None and (
+                self.num_splits > 1 or context is not None
+            ):
+                raise NotImplementedError(
+                    "SplitBatchNormalization does not support masks with "
+                    "groups (num_splits > 1 or tf.distribute replicas)."
+                )
+            # One group: the batch (its unmasked positions), or with
+            # `synchronized` the global batch of all replicas.
+            mean, variance = self._moments(x, mask)
+            outputs = ops.batch_normalization(
+                x,
+                mean,
+                variance,
+                axis=self.axis,
+                offset=self._cast_weight(self.beta, self.center, x.dtype),
+                scale=self._cast_weight(self.gamma, self.scale, x.dtype),
+                epsilon=self.epsilon,
+            )
+            # Under `synchronized` the statistics span every replica's
+            # batch (equal batches: MoCo drops the remainder).
+            count = self._count(x, mask) * (
+                distribute.num_replicas() if self.synchronized else 1
+            )
+        else:
+            self._check_divisible(inputs.shape[0])
+            if torch_backend:
+                outputs, mean, variance = self._torch_normalize(
+                    x, compute_dtype
+                )
+            else:
+                outputs, mean, variance = self._normalize(x, compute_dtype)
+            channels = (inputs.shape[self.axis],)
+            # Sums over the groups, not `ops.mean`: Keras' mean runs in
+            # float32 on JAX and torch even for float64.
+            mean = ops.sum(ops.reshape(mean, (-1,) + channels), axis=0)
+            mean = mean / self.num_splits
+            variance = ops.sum(ops.reshape(variance, (-1,) + channels), axis=0)
+            variance = variance / self.num_splits
+            count = self._count(x, None) // self.num_splits
+            if context is not None:
+                # Each tf.distribute replica normalizes with its own
+                # statistics (each replica is a group); the moving statistics
+                # take their average, as one device with a group per replica
+                # does, so that every replica keeps the same ones.
+                mean = distribute.mean_over_replicas(context, mean)
+                variance = distribute.mean_over_replicas(context, variance)
+        self._update_moving_statistics(mean, variance, count)
+        return ops.cast(outputs, self.compute_dtype)
+
+    def _cast_weight(self, weight, used, dtype):
+        return ops.cast(weight, dtype) if used else None
+
+    def _check_divisible(self, batch):
         if batch is not None and batch % self.num_splits:
             raise ValueError(
                 f"The batch size ({batch}) must be divisible by the number of "
@@ -99,36 +177,43 @@ class SplitBatchNormalization(keras.layers.BatchNormalization):
                 f"{self.num_splits}, or drop the last partial batch "
                 "(`dataset.batch(..., drop_remainder=True)`)."
             )
-        compute_dtype = keras.backend.result_type(inputs.dtype, "float32")
-        # Statistics in float32 even under mixed precision, as Keras BN does.
-        x = ops.cast(inputs, compute_dtype)
-        if torch_backend:
-            outputs, mean, variance = self._torch_normalize(x, compute_dtype)
-        else:
-            outputs, mean, variance = self._normalize(x, compute_dtype)
-        channels = (inputs.shape[self.axis],)
-        group_mean = ops.mean(ops.reshape(mean, (-1,) + channels), axis=0)
-        group_variance = ops.mean(
-            ops.reshape(variance, (-1,) + channels), axis=0
-        )
-        if context is not None:
-            # Each tf.distribute replica normalizes with its own statistics
-            # (each replica is a group); the moving statistics take their
-            # average, as one device with a group per replica does, so that
-            # every replica keeps the same ones.
-            group_mean = distribute.mean_over_replicas(context, group_mean)
-            group_variance = distribute.mean_over_replicas(
-                context, group_variance
+
+    def _count(self, x, mask):
+        """Values per channel that the statistics reduced: every axis but
+        the channels' (the unmasked positions with a mask)."""
+        if mask is not None:
+            return ops.sum(ops.cast(mask, x.dtype))
+        shape = ops.shape(x)
+        count = 1
+        for axis in range(self._rank):
+            if axis != self.axis % self._rank:
+                count = count * shape[axis]
+        return count
+
+    def _update_moving_statistics(self, mean, variance, count):
+        """torch's rule: the moving variance takes the unbiased batch
+        variance, `variance * n / (n - 1)` for the `n` values per channel of
+        a group, while the batch itself is normalized with the biased one.
+        torch's `BatchNorm1d/2d` and `SyncBatchNorm` (the official code's)
+        do so, so the moving statistics that evaluation reads and that a
+        converted official checkpoint carries follow one rule. One value
+        per channel (`n = 1`) has no variance: refused, as torch refuses
+        it."""
+        if isinstance(count, int) and count < 2:
+            raise ValueError(
+                f"Layer '{self.name}' got {count} value per channel in a "
+                "training group: a batch variance needs at least 2. Use a "
+                "larger batch per group (batch / num_splits, per replica)."
             )
+        count = ops.cast(count, variance.dtype)
+        unbiased = variance * count / ops.maximum(count - 1.0, 1.0)
         self.moving_mean.assign(
-            self.moving_mean * self.momentum
-            + group_mean * (1.0 - self.momentum)
+            self.moving_mean * self.momentum + mean * (1.0 - self.momentum)
         )
         self.moving_variance.assign(
             self.moving_variance * self.momentum
-            + group_variance * (1.0 - self.momentum)
+            + unbiased * (1.0 - self.momentum)
         )
-        return ops.cast(outputs, self.compute_dtype)
 
     def _normalize(self, x, compute_dtype):
         """Each group normalized with its statistics, in `keras.ops`.

@@ -85,7 +85,7 @@ def backbone_state(backbone):
             for torch_name, keras_name in convert.BN_NAMES.items():
                 state[f"{key}.{torch_name}"] = _numpy(
                     getattr(layer, keras_name)
-                ).astype(np.float32)
+                )
             # torchvision's buffer; it only matters for BN with
             # momentum=None (a cumulative average), which ResNets do not use.
             state[f"{key}.num_batches_tracked"] = np.array(0, np.int64)

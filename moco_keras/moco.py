@@ -26,6 +26,7 @@ from keras import layers
 from keras import ops
 
 from moco_keras import distribute
+from moco_keras.batch_norm import at_least_float32
 from moco_keras.presets import MOCOV1
 from moco_keras.presets import PRESETS
 
@@ -184,7 +185,7 @@ class MoCo(keras.Model):
             inputs = self.augmentation(inputs, training=training)
         features = self.encoder_q(inputs, training=training)  # N x D
         q = self.head_q(features, training=training)  # N x C
-        return ops.normalize(ops.cast(q, "float32"), axis=1)  # N x C
+        return normalize(q)  # N x C
 
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
@@ -289,7 +290,7 @@ class MoCo(keras.Model):
     def _encode_keys(self, images, training):
         features = self.encoder_k(images, training=training)  # N x D
         k = self.head_k(features, training=training)  # N x C
-        return ops.normalize(ops.cast(k, "float32"), axis=1)  # N x C
+        return normalize(k)  # N x C
 
     def _dequeue_and_enqueue(self, keys):
         batch_size = keys.shape[0]
@@ -346,6 +347,13 @@ class MoCo(keras.Model):
         for key in ("encoder", "augmentation"):
             config[key] = keras.saving.deserialize_keras_object(config.get(key))
         return cls(**config)
+
+
+def normalize(x):
+    """`x / ||x||` over the features (axis 1), in float32 at least: under
+    mixed precision the loss is computed in float32; float64 stays
+    float64 (the tests compare the step with the official one in it)."""
+    return ops.normalize(ops.cast(x, at_least_float32(x.dtype)), axis=1)
 
 
 def shuffled_keys(images, encode, seed_generator, context=None):

@@ -259,7 +259,7 @@ class MoCoV3(keras.Model):
         features = self.encoder_q(images, training=training)  # N x D
         z = self.projector_q(features, training=training)  # N x C
         q = self.predictor(z, training=training)  # N x C
-        return ops.normalize(ops.cast(q, "float32"), axis=1)  # N x C
+        return moco.normalize(q)  # N x C
 
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
@@ -345,7 +345,7 @@ class MoCoV3(keras.Model):
     def _encode_keys(self, images, training):
         features = self.encoder_k(images, training=training)  # N x D
         k = self.projector_k(features, training=training)  # N x C
-        return ops.normalize(ops.cast(k, "float32"), axis=1)  # N x C
+        return moco.normalize(k)  # N x C
 
     def get_config(self):
         return {
@@ -390,8 +390,8 @@ def contrastive_loss(q, k, temperature, context=None):
         its own key (`arange(N) + N * rank`) times `2 * T`, and the
         similarities `q @ k_all.T` before the temperature (`N x R*N`).
     """
-    q = ops.normalize(ops.cast(q, "float32"), axis=1)  # N x C
-    k = ops.normalize(ops.cast(k, "float32"), axis=1)  # N x C
+    q = moco.normalize(q)  # N x C
+    k = moco.normalize(k)  # N x C
     k_all = distribute.all_gather(context, k)  # M x C, M = R*N
     similarity = ops.matmul(q, ops.transpose(k_all))  # N x M
     logits = similarity / temperature  # N x M
@@ -400,7 +400,9 @@ def contrastive_loss(q, k, temperature, context=None):
         context
     )  # N
     positive = ops.take_along_axis(logits, labels[:, None], axis=1)  # N x 1
-    loss = ops.mean(ops.logsumexp(logits, axis=1) - positive[:, 0])  # ()
+    # A sum over n rather than `ops.mean`, which Keras runs in float32 on
+    # JAX and torch even for float64.
+    loss = ops.sum(ops.logsumexp(logits, axis=1) - positive[:, 0]) / n  # ()
     return loss * (2.0 * temperature), similarity
 
 

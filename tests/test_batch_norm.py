@@ -7,7 +7,9 @@ from support import run_serialization_test
 from moco_keras import SplitBatchNormalization
 
 
-def test_one_split_is_batch_normalization():
+def test_one_split_normalizes_as_batch_normalization():
+    """The batch, gamma, beta and the moving mean as Keras' BN; the moving
+    variance by torch's rule (`test_moving_statistics_equal_torch...`)."""
     x = random_images(8, (3, 3, 5)) * 3 + 1
     split = SplitBatchNormalization(num_splits=1, momentum=0.9, epsilon=1e-5)
     plain = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5)
@@ -21,6 +23,8 @@ def test_one_split_is_batch_normalization():
         atol=1e-6,
     )
     for a, b in zip(split.weights, plain.weights, strict=True):
+        if "moving_variance" in a.path:
+            continue
         # The torch backend's fused kernel sums in another order.
         np.testing.assert_allclose(
             keras.ops.convert_to_numpy(a),
@@ -42,7 +46,8 @@ def test_each_group_is_normalized_with_its_own_statistics():
 
     grouped = x.reshape(groups, per_group * 4, channels)
     expected_mean = 0.1 * grouped.mean(axis=1).mean(axis=0)
-    expected_var = 0.9 + 0.1 * grouped.var(axis=1).mean(axis=0)
+    # torch's rule: each group's unbiased variance (12 values per channel).
+    expected_var = 0.9 + 0.1 * grouped.var(axis=1, ddof=1).mean(axis=0)
     np.testing.assert_allclose(
         keras.ops.convert_to_numpy(layer.moving_mean), expected_mean, rtol=1e-5
     )
@@ -80,6 +85,107 @@ def test_batch_not_divisible_by_splits_is_a_clear_error():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="num_splits"):
         SplitBatchNormalization(num_splits=0)
+    with pytest.raises(ValueError, match="renorm"):
+        SplitBatchNormalization(renorm=True)
+    # One value per channel in a group has no variance (torch refuses it).
+    with pytest.raises(ValueError, match="1 value per channel"):
+        SplitBatchNormalization(num_splits=2)(
+            random_images(2, (3,)), training=True
+        )
+
+
+def _interleave(x, groups):
+    """The batch in the order in which the official `SplitBatchNorm`'s
+    `view(-1, C * G, H, W)` makes group g of samples g, g + G, ...: our
+    contiguous group g is its group g."""
+    per_group = x.shape[0] // groups
+    return np.ascontiguousarray(
+        np.concatenate([x[g::per_group] for g in range(per_group)])
+    )
+
+
+def _steps(layer, batches):
+    """Three training steps of `layer`; its outputs, moving statistics."""
+    outputs = [
+        keras.ops.convert_to_numpy(layer(batch, training=True))
+        for batch in batches
+    ]
+    moving = [
+        keras.ops.convert_to_numpy(v)
+        for v in (layer.moving_mean, layer.moving_variance)
+    ]
+    return outputs, moving
+
+
+@pytest.mark.parametrize("axis", [-1, 1])
+@pytest.mark.parametrize("per_group", [8, 32])
+def test_moving_statistics_equal_torch_split_batch_norm(per_group, axis):
+    """Three steps on groups of `per_group` 6 x 6 images against the
+    official CIFAR demo's `SplitBatchNorm` (torch's `BatchNorm2d` per group,
+    the running statistics averaged over the groups): the unbiased
+    variance, `n / (n - 1)` with n = per_group * 36, in the moving
+    variance."""
+    import torch
+    from torch_moco import SplitBatchNorm
+
+    groups, channels = 2, 3
+    rng = np.random.default_rng(per_group)
+    batches = [
+        (rng.normal(size=(groups * per_group, 6, 6, channels)) * 2 + 1).astype(
+            "float32"
+        )
+        for _ in range(3)
+    ]
+    gamma = np.linspace(0.5, 2.0, channels).astype("float32")
+    beta = np.linspace(-1.0, 1.0, channels).astype("float32")
+    layer = SplitBatchNormalization(num_splits=groups, axis=axis)
+    nchw = [np.transpose(b, (0, 3, 1, 2)) for b in batches]
+    layer.build(nchw[0].shape if axis == 1 else batches[0].shape)
+    layer.gamma.assign(gamma)
+    layer.beta.assign(beta)
+    outputs, moving = _steps(layer, nchw if axis == 1 else batches)
+    official = SplitBatchNorm(channels, groups).train()
+    with torch.no_grad():
+        official.weight.copy_(torch.from_numpy(gamma))
+        official.bias.copy_(torch.from_numpy(beta))
+        for step, batch in enumerate(nchw):
+            expected = official(torch.from_numpy(_interleave(batch, groups)))
+            ours = outputs[step]
+            ours = ours if axis == 1 else np.transpose(ours, (0, 3, 1, 2))
+            np.testing.assert_allclose(
+                _interleave(ours, groups), expected.numpy(), atol=1e-5
+            )
+    np.testing.assert_allclose(
+        moving[0], official.running_mean.numpy(), rtol=1e-5, atol=1e-7
+    )
+    np.testing.assert_allclose(
+        moving[1], official.running_var.numpy(), rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize("batch", [16, 64])
+def test_moving_statistics_equal_torch_batch_norm_1d(batch):
+    """MoCo v3's projector and predictor BN: (N, C) inputs, one group,
+    against `torch.nn.BatchNorm1d` over three steps."""
+    import torch
+
+    rng = np.random.default_rng(batch)
+    batches = [
+        (rng.normal(size=(batch, 5)) * 3 - 1).astype("float32")
+        for _ in range(3)
+    ]
+    layer = SplitBatchNormalization()
+    _, moving = _steps(layer, batches)
+    reference = torch.nn.BatchNorm1d(5).train()
+    with torch.no_grad():
+        for x in batches:
+            reference(torch.from_numpy(x))
+    np.testing.assert_allclose(
+        moving[0], reference.running_mean.numpy(), rtol=1e-5, atol=1e-7
+    )
+    np.testing.assert_allclose(
+        moving[1], reference.running_var.numpy(), rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("splits", [1, 4])

@@ -11,6 +11,7 @@ from keras import ops
 from moco_keras import distribute
 from moco_keras import encoders
 from moco_keras import optimizers
+from moco_keras.batch_norm import SplitBatchNormalization
 from moco_keras.mocov3 import MoCoV3
 
 
@@ -50,6 +51,21 @@ def main():
             build(sync_bn=False)
         except ValueError as error:
             refused = str(error)
+    # SyncBN alone, three steps of 16 images over the 4 replicas: the test
+    # holds its moving statistics to one torch BatchNorm2d over the 16.
+    bn_batches = (rng.normal(size=(48, 6, 6, 3)) * 2 + 1).astype("float32")
+    with strategy.scope():
+        inputs = keras.Input((6, 6, 3))
+        bn = SplitBatchNormalization(synchronized=True)
+        bn_model = keras.Model(inputs, bn(inputs))
+        bn_model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    bn_model.fit(
+        bn_batches,
+        np.zeros_like(bn_batches),
+        batch_size=16,
+        shuffle=False,
+        verbose=0,
+    )
     print(
         json.dumps(
             {
@@ -64,6 +80,15 @@ def main():
                     )
                 },
                 "refused": refused,
+                "sync_bn": {
+                    "batches": bn_batches.tolist(),
+                    "moving_mean": ops.convert_to_numpy(
+                        bn.moving_mean
+                    ).tolist(),
+                    "moving_variance": ops.convert_to_numpy(
+                        bn.moving_variance
+                    ).tolist(),
+                },
             }
         )
     )
