@@ -402,7 +402,8 @@ def contrastive_loss(q, k, temperature, context=None):
     positive = ops.take_along_axis(logits, labels[:, None], axis=1)  # N x 1
     # A sum over n rather than `ops.mean`, which Keras runs in float32 on
     # JAX and torch even for float64.
-    loss = ops.sum(ops.logsumexp(logits, axis=1) - positive[:, 0]) / n  # ()
+    per_query = ops.logsumexp(logits, axis=1) - positive[:, 0]  # N
+    loss = ops.sum(per_query) / ops.cast(n, per_query.dtype)  # ()
     return loss * (2.0 * temperature), similarity
 
 
