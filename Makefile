@@ -76,6 +76,10 @@ bench: venv fashion-mnist
 	  KERAS_BACKEND=$$backend $(BIN)/python bench/health_cost.py --rounds=12 \
 	    --steps=3 --output=BENCHMARKS.md; \
 	done
+	@set -e; for backend in torch tensorflow jax; do \
+	  KERAS_BACKEND=$$backend $(BIN)/python bench/float32_step.py \
+	    --output=BENCHMARKS.md; \
+	done
 	$(BIN)/python bench/quickstart_v3.py --output=BENCHMARKS.md
 	$(BIN)/python bench/learning.py --output=bench/results --markdown=BENCHMARKS.md \
 	  $(BENCH_ARGS)

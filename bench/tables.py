@@ -40,16 +40,31 @@ def command():
 
 
 def cpu_model():
+    """The CPU's model name and its widest vector instructions (AVX2,
+    AVX-512): float32 results, and the suite's, can differ between them."""
+    model, flags = None, set()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if line.startswith("model name") and model is None:
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    import platform
+    if model is None:
+        import platform
 
-    return platform.processor() or platform.machine()
+        model = platform.processor() or platform.machine()
+    vector = next(
+        (
+            name
+            for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"))
+            if flag in flags
+        ),
+        None,
+    )
+    return f"{model} ({vector})" if vector else model
 
 
 def machine(gpu=None):

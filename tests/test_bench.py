@@ -444,3 +444,20 @@ def test_quickstart_v3_benchmark_smoke(tmp_path):
     for cell in cells[3:6]:
         assert 0.0 <= float(cell.rstrip(" %")) <= 100.0, row
     assert float(cells[7]) > 0, row
+
+
+@pytest.mark.process
+@pytest.mark.backends("torch")
+def test_float32_step_benchmark_smoke(tmp_path):
+    """One seed: the official float32 step and ours, each a gap from the
+    official float64 step well under the change itself."""
+    output = tmp_path / "table.md"
+    _run(["bench/float32_step.py", "--seeds=0", f"--output={output}"], 600)
+    rows = [
+        line.split("|")[1:-1]
+        for line in output.read_text().splitlines()
+        if line.startswith("| 0 |")
+    ]
+    assert len(rows) == 1, output.read_text()
+    gaps = [float(cell.split()[0]) for cell in rows[0][1:]]
+    assert len(gaps) == 3 and all(0 < gap < 1e-2 for gap in gaps), rows

@@ -318,6 +318,36 @@ def images(n, size, seed):
     return rng.normal(size=(n, size, size, 3)).astype(keras.config.floatx())
 
 
+def move_key_side(model):
+    """A key side unlike the query side, as after some training: else the
+    momentum update is the identity on the first step, and its place in
+    the step would not show."""
+    rng = np.random.default_rng(5)
+    for k_var in model.encoder_k.weights + model.projector_k.weights:
+        if "moving" not in k_var.path:
+            noise = rng.normal(0, 0.05, k_var.shape).astype(k_var.dtype)
+            k_var.assign(to_numpy(k_var) + noise)
+
+
+def load_official(model, base, momentum_encoder, predictor, dtype):
+    """The official modules in `dtype` with the model's weights, training."""
+    for module in (base, momentum_encoder, predictor):
+        module.to(dtype)
+    load(base, state_of(model, "q"))
+    load(momentum_encoder, state_of(model, "k"))
+    load(predictor, predictor_state(model))
+    for module in (base, momentum_encoder, predictor):
+        module.train()
+
+
+def nchw(images):
+    """NCHW in contiguous memory: a transposed view has channels-last
+    strides, on which torch 2.13's CPU backward of the 1 x 1 stride-2
+    convolution of layer2's shortcut gave a different weight gradient from
+    run to run (the loss the same to the last digit)."""
+    return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+
+
 def one_step_against_torch(
     model,
     base,
@@ -328,37 +358,21 @@ def one_step_against_torch(
     size,
     m,
 ):
-    # A key side unlike the query side, as after some training: else the
-    # momentum update is the identity on the first step, and its place in
-    # the step would not show.
-    rng = np.random.default_rng(5)
-    for k_var in model.encoder_k.weights + model.projector_k.weights:
-        if "moving" not in k_var.path:
-            k_var.assign(to_numpy(k_var) + rng.normal(0, 0.05, k_var.shape))
-    for module in (base, momentum_encoder, predictor):
-        module.double()
-    load(base, state_of(model, "q"))
-    load(momentum_encoder, state_of(model, "k"))
-    load(predictor, predictor_state(model))
-    for module in (base, momentum_encoder, predictor):
-        module.train()
+    move_key_side(model)
+    load_official(model, base, momentum_encoder, predictor, torch.float64)
     before_q, before_k = state_of(model, "q"), state_of(model, "k")
     before_p = predictor_state(model)
     x1, x2 = images(8, size, 1), images(8, size, 2)
     model.compile(optimizer=keras_optimizer)
     keras_loss = model.train_on_batch(x1, x2)
     keras_loss = float(np.asarray(keras_loss).reshape(-1)[0])
-    # NCHW in contiguous memory: a transposed view has channels-last
-    # strides, on which torch 2.13's CPU backward of the 1 x 1 stride-2
-    # convolution of layer2's shortcut gave a different weight gradient
-    # from run to run (the loss the same to the last digit).
     torch_loss = torch_step(
         base,
         momentum_encoder,
         predictor,
         torch_optimizer,
-        torch.from_numpy(np.ascontiguousarray(x1.transpose(0, 3, 1, 2))),
-        torch.from_numpy(np.ascontiguousarray(x2.transpose(0, 3, 1, 2))),
+        nchw(x1),
+        nchw(x2),
         m,
         model.temperature,
     )
