@@ -277,7 +277,8 @@ class AdamW(keras.optimizers.Optimizer):
         learning_rate: float or a `LearningRateSchedule`.
         weight_decay: float >= 0, decoupled (0.1 in MoCo v3's ViT recipes;
             torch's default 0.01).
-        beta_1, beta_2: floats in [0, 1) (torch's 0.9 and 0.999).
+        beta_1: float in [0, 1), the first moment's decay (torch's 0.9).
+        beta_2: float in [0, 1), the second moment's decay (torch's 0.999).
         epsilon: float > 0 (torch's 1e-8).
         **kwargs: other `keras.optimizers.Optimizer` arguments.
 
