@@ -37,6 +37,7 @@ from moco_keras import datasets
 from moco_keras import distribute
 from moco_keras import moco
 from moco_keras import mocov3
+from moco_keras import optimizers
 from moco_keras import runs
 from moco_keras import training
 from moco_keras import views
@@ -130,7 +131,7 @@ def compile_classifier(model, config, milestones, steps_per_epoch, classes):
     """Compiles `model` with the config's SGD and schedule, the softmax
     cross-entropy, and top-1 / top-5 accuracy (`acc1`, `acc5`)."""
     model.compile(
-        optimizer=runs.optimizer(config, milestones, steps_per_epoch),
+        optimizer=optimizers.from_config(config, milestones, steps_per_epoch),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=[
             keras.metrics.SparseCategoricalAccuracy(name="acc1"),

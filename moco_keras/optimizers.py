@@ -444,3 +444,61 @@ def cosine_momentum(momentum, step, steps_per_epoch, epochs):
     return 1.0 - 0.5 * (1.0 + ops.cos(math.pi * epoch / epochs)) * (
         1.0 - momentum
     )
+
+
+# --- The optimizer of a run's config ----------------------------------------
+
+
+def learning_rate(config):
+    """`optimizer.lr`, scaled linearly from `lr_batch_size` to the batch if
+    set."""
+    optimizer = config["optimizer"]
+    if optimizer["lr_batch_size"]:
+        batch_size = config["data"]["batch_size"]
+        return optimizer["lr"] * batch_size / optimizer["lr_batch_size"]
+    return optimizer["lr"]
+
+
+# `optimizer.name` of a config: MoCo v1/v2's and linear classification's
+# SGD with a per-epoch schedule, MoCo v3's LARS (ResNet) and AdamW (ViT)
+# with warm-up and a per-step cosine.
+OPTIMIZERS = ("sgd", "lars", "adamw")
+
+
+def from_config(config, milestones, steps_per_epoch):
+    """The config's optimizer (`optimizer.name`, SGD where it has none):
+    torch's SGD with the lr, per-epoch schedule and weight decay of v1/v2
+    and the linear protocol; or MoCo v3's LARS or AdamW with
+    `WarmupCosine` over `schedule.warmup_epochs`, as
+    `main_moco.py` builds them."""
+    schedule, settings = config["schedule"], config["optimizer"]
+    name = settings.get("name", "sgd")
+    if name != "sgd":
+        learning_rate_ = WarmupCosine(
+            learning_rate(config),
+            steps_per_epoch,
+            schedule["epochs"],
+            schedule["warmup_epochs"],
+        )
+        if name == "lars":
+            return LARS(
+                learning_rate_,
+                momentum=settings["momentum"],
+                weight_decay=settings["weight_decay"],
+            )
+        # torch.optim.AdamW with its defaults, its decay on every parameter
+        # as the official code gives it.
+        return AdamW(
+            learning_rate_, weight_decay=settings["weight_decay"]
+        )
+    return SGD(
+        EpochSchedule(
+            learning_rate(config),
+            steps_per_epoch,
+            schedule["epochs"],
+            cosine=schedule["cosine"],
+            milestones=() if schedule["cosine"] else milestones,
+        ),
+        momentum=config["optimizer"]["momentum"],
+        weight_decay=config["optimizer"]["weight_decay"],
+    )

@@ -32,6 +32,7 @@ from moco_keras import encoders
 from moco_keras import knn
 from moco_keras import moco
 from moco_keras import mocov3
+from moco_keras import optimizers
 from moco_keras import runs
 from moco_keras import training
 from moco_keras import views
@@ -245,7 +246,7 @@ def build_moco(config, milestones, steps_per_epoch, replicas=1):
             health=config["run"]["health"],
         )
     model.compile(
-        optimizer=runs.optimizer(config, milestones, steps_per_epoch),
+        optimizer=optimizers.from_config(config, milestones, steps_per_epoch),
         jit_compile=runs.jit_compile(config),
     )
     return model
