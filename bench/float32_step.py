@@ -11,9 +11,9 @@ off the query side. The reference is the official step (`torch_step`,
 the largest gap of a weight's change from the reference's, as a share of
 that change's largest element (the measure the parity test bounds): for
 the official step in float32, and for this package in float32, compiled
-as `fit` compiles it and eagerly. BN over few values per group amplifies
-float32 rounding, by an amount that depends on the weights and on the
-CPU's kernels; that is why the parity test compares in float64.
+as `fit` compiles it and eagerly (`--modes`). BN over few values per
+group amplifies float32 rounding, by an amount that depends on the weights
+and on the CPU's kernels; that is why the parity test compares in float64.
 """
 
 import argparse
@@ -96,17 +96,18 @@ def worst_gap(state, reference, before):
     return max(gaps)
 
 
-def row(seed):
+def row(seed, modes):
     views = [parity.images(8, 64, 1), parity.images(8, 64, 2)]
     model = keras_model(seed)
     before = parity.state_of(model, "q")
     reference = official_step(model, torch.float64, views)
     official32 = official_step(model, torch.float32, views)
     cells = [worst_gap(official32, reference, before)]
-    for jit_compile in (True, False):
+    for mode in modes:
         model = keras_model(seed)
         model.compile(
-            optimizer=optimizers.LARS(1.0, **LARS), jit_compile=jit_compile
+            optimizer=optimizers.LARS(1.0, **LARS),
+            jit_compile=mode == "compiled",
         )
         model.train_on_batch(*views)
         cells.append(worst_gap(parity.state_of(model, "q"), reference, before))
@@ -116,19 +117,29 @@ def row(seed):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", default="0,1,2,3")
+    parser.add_argument(
+        "--modes",
+        default="compiled,eager",
+        help="this package's steps to time: compiled (as `fit` compiles "
+        "it), eager, or both",
+    )
     parser.add_argument("--output", help="also write the table here (md)")
     args = parser.parse_args()
+    modes = args.modes.split(",")
+    if not modes or set(modes) - {"compiled", "eager"}:
+        parser.error(f"--modes takes compiled and/or eager: {args.modes!r}")
     backend = keras.backend.backend()
     lines = [
         f"Keras backend: {backend}. Gap from the official float64 step, as "
         "a share of the change (the weight where it is largest):",
         "",
-        "| seed | official, float32 | moco-keras, float32, compiled | "
-        "moco-keras, float32, eager |",
-        "|---|---|---|---|",
+        "| seed | official, float32 | "
+        + " | ".join(f"moco-keras, float32, {mode}" for mode in modes)
+        + " |",
+        "|---" * (2 + len(modes)) + "|",
     ]
     for seed in (int(s) for s in args.seeds.split(",")):
-        cells = row(seed)
+        cells = row(seed, modes)
         lines.append(
             f"| {seed} | "
             + " | ".join(f"{gap:.1e} (`{key}`)" for gap, key in cells)

@@ -449,10 +449,15 @@ def test_quickstart_v3_benchmark_smoke(tmp_path):
 @pytest.mark.process
 @pytest.mark.backends("torch")
 def test_float32_step_benchmark_smoke(tmp_path):
-    """One seed: the official float32 step and ours, each a gap from the
-    official float64 step well under the change itself."""
+    """One seed: the official float32 step and ours (eager, which torch
+    runs without compiling), each a gap from the official float64 step well
+    under the change itself."""
     output = tmp_path / "table.md"
-    _run(["bench/float32_step.py", "--seeds=0", f"--output={output}"], 600)
+    _run(
+        ["bench/float32_step.py", "--seeds=0", "--modes=eager"]
+        + [f"--output={output}"],
+        600,
+    )
     rows = [
         line.split("|")[1:-1]
         for line in output.read_text().splitlines()
@@ -460,4 +465,4 @@ def test_float32_step_benchmark_smoke(tmp_path):
     ]
     assert len(rows) == 1, output.read_text()
     gaps = [float(cell.split()[0]) for cell in rows[0][1:]]
-    assert len(gaps) == 3 and all(0 < gap < 1e-2 for gap in gaps), rows
+    assert len(gaps) == 2 and all(0 < gap < 1e-2 for gap in gaps), rows
