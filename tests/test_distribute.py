@@ -34,8 +34,8 @@ def run_script(script, **env):
         },
         capture_output=True,
         text=True,
-        # mirrored_v3_step.py took 195 s alone on 2 cores, over 300 s with
-        # the other test process beside it.
+        # mirrored_step.py and mirrored_v3_step.py take 1-2 min on 2 cores
+        # beside the other test process; slower CPUs get several times that.
         timeout=600,
         check=False,
     )
@@ -211,8 +211,8 @@ def _lincls_on(workdir, tmp_path, backend, *flags):
         cwd=ROOT,
         capture_output=True,
         text=True,
-        # mirrored_v3_step.py took 195 s alone on 2 cores, over 300 s with
-        # the other test process beside it.
+        # mirrored_step.py and mirrored_v3_step.py take 1-2 min on 2 cores
+        # beside the other test process; slower CPUs get several times that.
         timeout=600,
         check=False,
     )
