@@ -64,18 +64,21 @@ def dense_encoder(input_shape=(4, 4, 3), features=8, name="dense_encoder"):
     return keras.Model(inputs, outputs, name=name)
 
 
-def conv_bn_encoder(bn_splits=1, size=8):
-    """Two conv-BN-ReLU blocks and a global pool: split BN where a ResNet has
-    it (groups, moving statistics, the key shuffle's effect) without a
-    ResNet's build and trace time. Real ResNets are tested in
-    test_encoders.py, test_convert.py and the recipes' tests."""
+def conv_bn_encoder(bn_splits=1, size=8, synchronized=False):
+    """Two conv-BN-ReLU blocks and a global pool: split BN (or SyncBN,
+    `synchronized`) where a ResNet has it (groups, moving statistics, the
+    key shuffle's effect) without a ResNet's build and trace time. Real
+    ResNets are tested in test_encoders.py, test_convert.py and the recipes'
+    tests."""
     inputs = keras.Input((size, size, 3), name="images")
     x = inputs
     for block, filters in enumerate((4, 8), start=1):
         x = keras.layers.Conv2D(
             filters, 3, strides=2, use_bias=False, name=f"conv{block}"
         )(x)
-        x = SplitBatchNormalization(num_splits=bn_splits, name=f"bn{block}")(x)
+        x = SplitBatchNormalization(
+            num_splits=bn_splits, synchronized=synchronized, name=f"bn{block}"
+        )(x)
         x = keras.layers.ReLU(name=f"relu{block}")(x)
     outputs = keras.layers.GlobalAveragePooling2D(name="avgpool")(x)
     return keras.Model(inputs, outputs, name="conv_bn_encoder")

@@ -15,6 +15,7 @@ import keras
 import numpy as np
 import pytest
 import torch
+from support import conv_bn_encoder
 from support import snapshot
 from support import to_numpy
 from torch import nn
@@ -507,7 +508,7 @@ def test_vit_initialisation_follows_the_official_code():
 def test_loss_is_symmetric_in_the_views():
     def build():
         keras.utils.set_random_seed(3)
-        encoder = encoders.cifar_resnet18(width=4, input_shape=(16, 16, 3))
+        encoder = conv_bn_encoder(size=16)
         model = MoCoV3(encoder, dim=DIM, mlp_dim=MLP_DIM, health=False)
         model.compile(optimizer=keras.optimizers.SGD(0.1))
         return model
@@ -521,7 +522,7 @@ def test_loss_is_symmetric_in_the_views():
 
 
 def test_momentum_follows_the_cosine_schedule_to_one():
-    encoder = encoders.cifar_resnet18(width=4, input_shape=(16, 16, 3))
+    encoder = conv_bn_encoder(size=16)
     model = MoCoV3(
         encoder,
         dim=DIM,
@@ -612,7 +613,7 @@ def test_in_model_views_pair_each_view_with_its_own_layer(tmp_path):
 
     def step(augmentation, view_1, view_2):
         keras.utils.set_random_seed(3)
-        encoder = encoders.cifar_resnet18(width=4, input_shape=(16, 16, 3))
+        encoder = conv_bn_encoder(size=16)
         model = MoCoV3(
             encoder, dim=DIM, mlp_dim=MLP_DIM, augmentation=augmentation
         )
@@ -635,7 +636,7 @@ def test_in_model_views_pair_each_view_with_its_own_layer(tmp_path):
     loaded = keras.saving.load_model(tmp_path / "v3.keras")
     assert [layer.solarize_p for layer in loaded.augmentation] == [0.0, 1.0]
     with pytest.raises(ValueError, match="neither"):
-        MoCoV3(encoders.cifar_resnet18(width=4), augmentation=[pair[0], None])
+        MoCoV3(conv_bn_encoder(size=16), augmentation=[pair[0], None])
 
 
 def test_presets_follow_the_official_code():
@@ -659,7 +660,7 @@ def test_presets_follow_the_official_code():
 
 
 def test_config_round_trip_and_keras_file(tmp_path):
-    encoder = encoders.cifar_resnet18(width=4, input_shape=(16, 16, 3))
+    encoder = conv_bn_encoder(size=16)
     model = MoCoV3(
         encoder, dim=DIM, mlp_dim=MLP_DIM, momentum_epochs=10, steps_per_epoch=5
     )
@@ -676,7 +677,7 @@ def test_config_round_trip_and_keras_file(tmp_path):
 
 
 def test_bad_arguments_say_what_to_fix():
-    encoder = encoders.cifar_resnet18(width=4)
+    encoder = conv_bn_encoder(size=16)
     with pytest.raises(ValueError, match="steps_per_epoch"):
         MoCoV3(encoder, momentum_epochs=100)
     with pytest.raises(ValueError, match="mlp_dim"):

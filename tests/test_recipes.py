@@ -417,7 +417,7 @@ SMOKE_MOCOV3 = [
 
 
 @pytest.mark.process
-@pytest.mark.backends("tensorflow")
+@pytest.mark.backends("torch")
 def test_killed_mocov3_run_resumes_to_the_same_weights(tmp_path):
     uninterrupted = str(tmp_path / "uninterrupted")
     out = run_recipe("pretrain", *SMOKE_MOCOV3, f"--workdir={uninterrupted}")

@@ -7,6 +7,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 from keras import ops
+from support import conv_bn_encoder
 
 from moco_keras import distribute
 from moco_keras import optimizers
@@ -17,26 +18,14 @@ from moco_keras.mocov3 import MoCoV3
 def main():
     strategy = distribute.make_strategy("mirrored", cpu_devices=4)
 
-    def encoder(sync_bn):
-        # Two conv-BN-ReLU stages: what is under test is the step across
-        # replicas (SyncBN, the gathered keys, the labels' offsets), not the
-        # ResNet, whose graph made the test 360 s long (a CIFAR ResNet-18
-        # of width 4; 128 s with these, both beside another test process).
-        inputs = keras.Input((16, 16, 3))
-        x = inputs
-        for index, filters in enumerate((4, 8)):
-            x = keras.layers.Conv2D(filters, 3, strides=2, use_bias=False)(x)
-            x = SplitBatchNormalization(
-                synchronized=sync_bn, name=f"bn{index}"
-            )(x)
-            x = keras.layers.ReLU()(x)
-        outputs = keras.layers.GlobalAveragePooling2D()(x)
-        return keras.Model(inputs, outputs, name="encoder")
-
     def build(sync_bn):
         keras.utils.set_random_seed(0)
-        encoder_ = encoder(sync_bn)
-        model = MoCoV3(encoder_, dim=8, mlp_dim=16, momentum=0.9)
+        # What is under test is the step across replicas (SyncBN, the
+        # gathered keys, the labels' offsets), not the ResNet, whose graph
+        # made the test 360 s long (a CIFAR ResNet-18 of width 4; 128 s
+        # with this encoder, both beside another test process).
+        encoder = conv_bn_encoder(size=16, synchronized=sync_bn)
+        model = MoCoV3(encoder, dim=8, mlp_dim=16, momentum=0.9)
         model.compile(
             optimizer=optimizers.LARS(
                 1.0, weight_decay=1e-3, trust_coefficient=0.01
