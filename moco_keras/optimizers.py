@@ -488,9 +488,7 @@ def from_config(config, milestones, steps_per_epoch):
             )
         # torch.optim.AdamW with its defaults, its decay on every parameter
         # as the official code gives it.
-        return AdamW(
-            learning_rate_, weight_decay=settings["weight_decay"]
-        )
+        return AdamW(learning_rate_, weight_decay=settings["weight_decay"])
     return SGD(
         EpochSchedule(
             learning_rate(config),
