@@ -120,7 +120,7 @@ def main():
     parser.add_argument(
         "--modes",
         default="compiled,eager",
-        help="this package's steps to time: compiled (as `fit` compiles "
+        help="this package's steps to measure: compiled (as `fit` compiles "
         "it), eager, or both",
     )
     parser.add_argument("--output", help="also write the table here (md)")
