@@ -99,21 +99,22 @@ class SplitBatchNormalization(keras.layers.BatchNormalization):
         x = ops.cast(inputs, compute_dtype)
         if not (training and self.trainable):
             # Inference mode: the moving statistics.
-            outputs = ops.batch_normalization(
+            outputs = self._batch_normalize(
                 x,
                 ops.cast(self.moving_mean, compute_dtype),
                 ops.cast(self.moving_variance, compute_dtype),
-                axis=self.axis,
-                offset=self._cast_weight(self.beta, self.center, x.dtype),
-                scale=self._cast_weight(self.gamma, self.scale, x.dtype),
-                epsilon=self.epsilon,
             )
             return ops.cast(outputs, self.compute_dtype)
         context = None if self.synchronized else distribute.replica_context()
         torch_backend = keras.backend.backend() == "torch"
-        keras_moments = self.synchronized or mask is not None
-        if self.num_splits == 1 and context is None and not torch_backend:
-            keras_moments = True
+        # Keras' moments: with a mask, across replicas (SyncBN), or for one
+        # group off torch (on torch, one group too takes the fused kernel of
+        # `_torch_normalize`).
+        keras_moments = (
+            self.synchronized
+            or mask is not None
+            or (self.num_splits == 1 and context is None and not torch_backend)
+        )
         if keras_moments:
             if mask is not None and (
                 self.num_splits > 1 or context is not None
@@ -125,15 +126,7 @@ class SplitBatchNormalization(keras.layers.BatchNormalization):
             # One group: the batch (its unmasked positions), or with
             # `synchronized` the global batch of all replicas.
             mean, variance = self._moments(x, mask)
-            outputs = ops.batch_normalization(
-                x,
-                mean,
-                variance,
-                axis=self.axis,
-                offset=self._cast_weight(self.beta, self.center, x.dtype),
-                scale=self._cast_weight(self.gamma, self.scale, x.dtype),
-                epsilon=self.epsilon,
-            )
+            outputs = self._batch_normalize(x, mean, variance)
             # Under `synchronized` the statistics span every replica's
             # batch (equal batches: MoCo drops the remainder).
             count = self._count(x, mask) * (
@@ -165,8 +158,17 @@ class SplitBatchNormalization(keras.layers.BatchNormalization):
         self._update_moving_statistics(mean, variance, count)
         return ops.cast(outputs, self.compute_dtype)
 
-    def _cast_weight(self, weight, used, dtype):
-        return ops.cast(weight, dtype) if used else None
+    def _batch_normalize(self, x, mean, variance):
+        """`x` normalized with `mean` and `variance`, then gamma and beta."""
+        return ops.batch_normalization(
+            x,
+            mean,
+            variance,
+            axis=self.axis,
+            offset=ops.cast(self.beta, x.dtype) if self.center else None,
+            scale=ops.cast(self.gamma, x.dtype) if self.scale else None,
+            epsilon=self.epsilon,
+        )
 
     def _check_divisible(self, batch):
         if batch is not None and batch % self.num_splits:

@@ -155,11 +155,17 @@ def test_moving_statistics_equal_torch_split_batch_norm(per_group, axis):
             np.testing.assert_allclose(
                 _interleave(ours, groups), expected.numpy(), atol=1e-5
             )
+    _assert_moving_statistics_equal(moving, official)
+
+
+def _assert_moving_statistics_equal(moving, torch_layer):
+    """(moving mean, moving variance) against a torch BN's running
+    statistics, within 1e-5 relative."""
     np.testing.assert_allclose(
-        moving[0], official.running_mean.numpy(), rtol=1e-5, atol=1e-7
+        moving[0], torch_layer.running_mean.numpy(), rtol=1e-5, atol=1e-7
     )
     np.testing.assert_allclose(
-        moving[1], official.running_var.numpy(), rtol=1e-5
+        moving[1], torch_layer.running_var.numpy(), rtol=1e-5
     )
 
 
@@ -180,12 +186,7 @@ def test_moving_statistics_equal_torch_batch_norm_1d(batch):
     with torch.no_grad():
         for x in batches:
             reference(torch.from_numpy(x))
-    np.testing.assert_allclose(
-        moving[0], reference.running_mean.numpy(), rtol=1e-5, atol=1e-7
-    )
-    np.testing.assert_allclose(
-        moving[1], reference.running_var.numpy(), rtol=1e-5
-    )
+    _assert_moving_statistics_equal(moving, reference)
 
 
 @pytest.mark.parametrize("splits", [1, 4])
