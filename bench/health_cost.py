@@ -13,7 +13,7 @@ whatever separates the two copies is the machine, not the code); rounds of
 paired: each round divides a model's time by the first copy's time in the
 same round, so that the machine's drift over minutes cancels, and the
 table gives the median of those ratios and their quartiles. Then the
-measures alone: `moco.health_measures` on the step's shapes (N 256, C 128,
+measures alone: `health.health_measures` on the step's shapes (N 256, C 128,
 K 4096), compiled where the backend compiles (jax.jit), timed over 50
 calls, as a share of the median step. The measures' work does not grow
 with the encoder, so on ResNet-50 at 224 px their share is smaller still.
@@ -29,7 +29,7 @@ import tables
 
 from moco_keras import MoCo
 from moco_keras import encoders
-from moco_keras import moco
+from moco_keras import health as health_lib
 
 
 def build(health, batch_size):
@@ -62,7 +62,7 @@ def measures_alone(batch_size, calls=50):
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     queue = rng.normal(size=(128, 4096)).astype("float32")
     args = (q, q, np.sum(q * q, axis=1, keepdims=True), q @ queue)
-    function = moco.health_measures
+    function = health_lib.health_measures
     if keras.backend.backend() == "jax":
         import jax
 

@@ -60,6 +60,7 @@ from moco_keras import vits
 from moco_keras.moco import MoCo
 from moco_keras.mocov3 import PRESETS as MOCOV3_PRESETS
 from moco_keras.mocov3 import MoCoV3
+from moco_keras.momentum_pair import MomentumPair
 from moco_keras.presets import MOCOV1
 from moco_keras.presets import MOCOV2
 
@@ -810,7 +811,7 @@ def _convert_mocov3(path, state, arch, bn_splits, input_shape):
 def backbone_of(model):
     """The encoder of a converted model: a MoCo's query encoder, or the
     classifier's `backbone` layer."""
-    if isinstance(model, (MoCo, MoCoV3)):
+    if isinstance(model, MomentumPair):
         return model.encoder_q
     return model.get_layer("backbone")
 

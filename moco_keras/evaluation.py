@@ -33,6 +33,7 @@ import numpy as np
 from moco_keras import datasets
 from moco_keras import knn
 from moco_keras import linear_classification
+from moco_keras import methods
 from moco_keras import presets
 from moco_keras import pretraining
 from moco_keras import runs
@@ -242,7 +243,7 @@ def quickstart(config, linear_epochs=LINEAR_EPOCHS, progress=None):
 
     epochs = config["schedule"]["epochs"]
     progress(
-        f"Quick start: {pretraining.method_name(config)} on Fashion-MNIST, "
+        f"Quick start: {methods.get(config).title} on Fashion-MNIST, "
         f"{epochs} epochs on the "
         f"{keras.backend.backend()} backend"
     )
@@ -277,13 +278,14 @@ def quickstart(config, linear_epochs=LINEAR_EPOCHS, progress=None):
     )
     # One read of the 60k / 10k evaluation views for all four, one pass
     # through each backbone: the heads take its features.
+    method = methods.get(config)
     scores = knn_evaluation(
         config,
         {
             "trained": trained.encoder_q,
-            "trained head": ("trained", pretraining.query_head(trained)),
+            "trained head": ("trained", method.query_head(trained)),
             "random": initial.encoder_q,
-            "random head": ("random", pretraining.query_head(initial)),
+            "random head": ("random", method.query_head(initial)),
         },
         linear_probe_of=("trained", "random"),
         linear_epochs=linear_epochs,
@@ -356,7 +358,7 @@ def summary(config, results):
             % results["linear_epochs"],
             f"  {'':<30}{'kNN':>12}{'kNN head':>12}{'linear':>12}",
             row(
-                f"{pretraining.method_name(config)} encoder, "
+                f"{methods.get(config).title} encoder, "
                 f"{config['schedule']['epochs']} epochs",
                 results["knn_top1_trained"],
                 results["knn_top1_head_trained"],

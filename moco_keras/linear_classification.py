@@ -35,8 +35,7 @@ from keras import ops
 from moco_keras import convert
 from moco_keras import datasets
 from moco_keras import distribute
-from moco_keras import moco
-from moco_keras import mocov3
+from moco_keras import momentum_pair
 from moco_keras import optimizers
 from moco_keras import runs
 from moco_keras import training
@@ -109,7 +108,7 @@ def load_moco(path):
             "file written by moco_keras.recipes.pretrain, or its workdir."
         ) from None
     check(
-        isinstance(model, moco.MoCo | mocov3.MoCoV3),
+        isinstance(model, momentum_pair.MomentumPair),
         f"--pretrained={path} holds a {type(model).__name__}, not a MoCo "
         "model; pass a checkpoint of moco_keras.recipes.pretrain.",
     )

@@ -19,14 +19,13 @@ reads as the step runs: `MoCoV3` (construction, `call`, `compute_loss`,
 then the parts), then `contrastive_loss` and the MLP builder.
 """
 
-import copy
-
 import keras
 from keras import layers
 from keras import ops
 
 from moco_keras import distribute
-from moco_keras import moco
+from moco_keras import health as health_lib
+from moco_keras import momentum_pair
 from moco_keras import optimizers
 from moco_keras.batch_norm import SplitBatchNormalization
 from moco_keras.presets import MOCOV3_RESNET
@@ -37,7 +36,7 @@ PRESETS = {"mocov3_resnet": MOCOV3_RESNET, "mocov3_vit": MOCOV3_VIT}
 
 
 @keras.saving.register_keras_serializable(package="moco_keras")
-class MoCoV3(keras.Model):
+class MoCoV3(momentum_pair.MomentumPair):
     """MoCo v3: an encoder with projector and predictor, a momentum copy.
 
     Train it with `fit(view_1, view_2)` (or a dataset of such pairs), two
@@ -54,12 +53,13 @@ class MoCoV3(keras.Model):
        statistics, no gradient);
     4. `ctr(q1, k2) + ctr(q2, k1)` (`contrastive_loss`).
 
-    The momentum `m` is `momentum`, or with `momentum_epochs` set, the
-    official `--moco-m-cos` schedule from `momentum` to 1 over that many
-    epochs of `steps_per_epoch` steps (`optimizers.cosine_momentum`), at
-    the model's own count of training steps (`train_steps`, a variable
-    saved with the weights, so that the schedule resumes with the run;
-    the optimizer's counter is out of reach of the step under JAX).
+    The momentum `m` is `momentum`: a number, or a schedule such as the
+    official `--moco-m-cos` (`optimizers.CosineMomentum`, from 0.99 to 1
+    over the run), which the official loop evaluates every step and hands
+    to `forward`. Here the model evaluates it at its own count of training
+    steps (`train_steps`, a variable saved with the weights, so that the
+    schedule resumes with the run; the optimizer's counter is out of reach
+    of the step under JAX).
 
     Batch normalization: the official code converts every BN to SyncBN,
     whose statistics are those of the global batch. On one device and
@@ -73,7 +73,7 @@ class MoCoV3(keras.Model):
 
     Metrics: `loss`, `acc1` (the share of queries whose positive key
     scores highest among the batch's keys), and with
-    `health=True` the `moco.HEALTH` measures of `q1` against `k2`.
+    `health=True` the `health.HEALTH` measures of `q1` against `k2`.
 
     Args:
         encoder: a built `keras.Model` from images to `N x D` features,
@@ -85,19 +85,16 @@ class MoCoV3(keras.Model):
             ResNet, 3 for ViT).
         predictor_last_bn: bool, the predictor ends with an affine-free BN
             (ViT) or with its last Linear (ResNet).
-        momentum: float in [0, 1], m (0.99).
+        momentum: m, a float in [0, 1] (0.99), or a schedule of the
+            training step (`optimizers.CosineMomentum`).
         temperature: float > 0, T (1.0 for ResNet, 0.2 for ViT).
-        momentum_epochs: optional int, the epochs of the cosine momentum
-            schedule (the run's epochs); None keeps `momentum` fixed.
-        steps_per_epoch: int, optimizer steps per epoch, with
-            `momentum_epochs`.
         augmentation: optional in-model colour half of the views: one
             layer for both, or a pair, the first view's and the second's
             (`color.ColorAugmentation`s of `views.get_augmentation(
             "mocov3")`), for inputs that are uint8 crops
             (`color_in_model`). Inference takes the first (which only
             normalizes outside training).
-        health: bool, also track the `moco.HEALTH` measures.
+        health: bool, also track the `health.HEALTH` measures.
         **kwargs: `keras.Model` arguments such as `name`.
 
     Example:
@@ -112,6 +109,17 @@ class MoCoV3(keras.Model):
     True
     """
 
+    PRESETS = PRESETS
+    CONFIG_KEYS = (
+        "dim",
+        "mlp_dim",
+        "projector_layers",
+        "predictor_last_bn",
+        "momentum",
+        "temperature",
+    )
+    TITLE = "MoCo v3"
+
     def __init__(
         self,
         encoder,
@@ -121,14 +129,11 @@ class MoCoV3(keras.Model):
         predictor_last_bn=MOCOV3_RESNET["predictor_last_bn"],
         momentum=MOCOV3_RESNET["momentum"],
         temperature=MOCOV3_RESNET["temperature"],
-        momentum_epochs=None,
-        steps_per_epoch=None,
         augmentation=None,
         health=True,
         **kwargs,
     ):
-        # The queue size check of v1/v2 does not apply: pass a valid one.
-        moco.check_arguments(dim, False, 1, momentum, temperature)
+        momentum_pair.check_arguments(dim, momentum, temperature)
         for label, value in (
             ("mlp_dim", mlp_dim),
             ("projector_layers", projector_layers),
@@ -138,16 +143,8 @@ class MoCoV3(keras.Model):
                     f"`{label}` must be a positive int. Received: "
                     f"{label}={value!r}"
                 )
-        if momentum_epochs is not None and (
-            not isinstance(steps_per_epoch, int) or steps_per_epoch < 1
-        ):
-            raise ValueError(
-                "The cosine momentum schedule (`momentum_epochs`) needs "
-                "`steps_per_epoch`, a positive int. Received: "
-                f"steps_per_epoch={steps_per_epoch!r}"
-            )
         super().__init__(**kwargs)
-        feature_dim = moco.check_encoder(encoder)
+        feature_dim = momentum_pair.check_encoder(encoder)
         pair = (
             tuple(augmentation)
             if isinstance(augmentation, (list, tuple))
@@ -159,7 +156,7 @@ class MoCoV3(keras.Model):
                 f"first view's and the second's. Received {len(pair)} layers."
             )
         for layer in pair:
-            moco.check_augmentation(layer)
+            momentum_pair.check_augmentation(layer)
         if (pair[0] is None) != (pair[1] is None):
             raise ValueError(
                 "Both views take an in-model augmentation or neither: "
@@ -174,13 +171,11 @@ class MoCoV3(keras.Model):
         self.predictor_last_bn = predictor_last_bn
         self.momentum = momentum
         self.temperature = temperature
-        self.momentum_epochs = momentum_epochs
-        self.steps_per_epoch = steps_per_epoch
         self.augmentation = augmentation
         self._augmentations = pair
 
         self.encoder_q = encoder
-        self.encoder_k = moco._clone(encoder)
+        self.encoder_k = momentum_pair.clone_encoder(encoder)
         self.projector_q = build_mlp(
             projector_layers,
             feature_dim,
@@ -202,12 +197,7 @@ class MoCoV3(keras.Model):
         self.predictor = build_mlp(
             2, dim, mlp_dim, dim, predictor_last_bn, "predictor", synchronized
         )
-        for q_var, k_var in self._encoder_weight_pairs():
-            k_var.assign(ops.copy(q_var.value))
-        # Variable by variable, so that the layers stay in training mode
-        # (the official momentum encoder uses batch statistics).
-        for k_var in self.encoder_k.weights + self.projector_k.weights:
-            k_var.trainable = False
+        self.initialize_key_side()
         self.train_steps = self.add_weight(
             shape=(),
             initializer="zeros",
@@ -217,30 +207,14 @@ class MoCoV3(keras.Model):
             name="train_steps",
         )
         self.acc1 = keras.metrics.Mean(name="acc1")
-        self.health = health
-        if health:
-            self.health_metric = moco.HealthMetric()
+        self.track_health(health)
         self.built = True
 
-    @classmethod
-    def from_preset(cls, preset, encoder, **overrides):
-        """Builds MoCo v3 for ResNet or ViT (`"mocov3_resnet"`,
-        `"mocov3_vit"`) on `encoder`; `overrides` replace preset values.
-
-        Example:
-
-        >>> from moco_keras import vits
-        >>> encoder = vits.vit(image_size=16, patch_size=8, embed_dim=8,
-        ...                    depth=1, num_heads=2)
-        >>> model = MoCoV3.from_preset("mocov3_vit", encoder, mlp_dim=16)
-        >>> model.temperature, model.projector_layers
-        (0.2, 3)
-        """
-        if preset not in PRESETS:
-            raise ValueError(
-                f"Unknown preset {preset!r}; expected one of {sorted(PRESETS)}."
-            )
-        return cls(encoder, **{**PRESETS[preset], **overrides})
+    def momentum_models(self):
+        return [
+            (self.encoder_q, self.encoder_k),
+            (self.projector_q, self.projector_k),
+        ]
 
     def call(self, inputs, training=False):
         images = self._augment(inputs, 0, training)
@@ -259,22 +233,12 @@ class MoCoV3(keras.Model):
         features = self.encoder_q(images, training=training)  # N x D
         z = self.projector_q(features, training=training)  # N x C
         q = self.predictor(z, training=training)  # N x C
-        return moco.normalize(q)  # N x C
+        return momentum_pair.normalize(q)  # N x C
 
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
     ):
-        if y is None:
-            raise ValueError(
-                "MoCo v3 trains on pairs of views: pass `fit(view_1, view_2)` "
-                "or a dataset of `(view_1, view_2)` tuples. The second view "
-                "(y) was None."
-            )
-        if sample_weight is not None:
-            raise ValueError(
-                "MoCo v3 does not support sample weights; the dataset should "
-                "yield `(view_1, view_2)` pairs only."
-            )
+        self.check_views(y, sample_weight)
         context = distribute.replica_context()
         if isinstance(y_pred, (tuple, list)):
             q1, x = y_pred  # N x C, the augmented first view
@@ -284,10 +248,10 @@ class MoCoV3(keras.Model):
         y = self._augment(y, 1, training)
         q2 = self._predict(y, training)  # N x C
         if training:
-            self._momentum_update_key_encoder()
+            self.momentum_update_key_encoder()
             self.train_steps.assign(self.train_steps + 1)
-        k1 = ops.stop_gradient(self._encode_keys(x, training))  # N x C
-        k2 = ops.stop_gradient(self._encode_keys(y, training))  # N x C
+        k1 = ops.stop_gradient(self.encode_keys(x, training))  # N x C
+        k2 = ops.stop_gradient(self.encode_keys(y, training))  # N x C
         t = self.temperature
         loss_12, l_12 = contrastive_loss(q1, k2, t, context)  # (), N x M
         loss_21, _ = contrastive_loss(q2, k1, t, context)  # ()
@@ -301,77 +265,28 @@ class MoCoV3(keras.Model):
             l_pos = ops.sum(q1 * k2, axis=1, keepdims=True)  # N x 1
             l_neg = _without_positives(l_12, labels)  # N x (M-1)
             self.health_metric.update_state(
-                moco.health_measures(q1, k2, l_pos, l_neg)
+                health_lib.health_measures(q1, k2, l_pos, l_neg)
             )
-        replicas = distribute.num_replicas()
-        if replicas > 1:
-            # tf.distribute sums the replicas' gradients; Keras does not
-            # divide a `compute_loss` override by the replica count.
-            loss = loss / replicas  # ()
-        for extra in self.losses:
-            loss = loss + self._aggregate_additional_loss(extra)
-        return loss
+        return self.replica_loss(loss)
 
     def current_momentum(self):
-        """m of this step: fixed, or on the cosine schedule to 1."""
-        if self.momentum_epochs is None:
-            return self.momentum
-        return optimizers.cosine_momentum(
-            self.momentum,
-            self.train_steps.value,
-            self.steps_per_epoch,
-            self.momentum_epochs,
-        )
-
-    def _encoder_weight_pairs(self):
-        pairs = []
-        for q_model, k_model in (
-            (self.encoder_q, self.encoder_k),
-            (self.projector_q, self.projector_k),
-        ):
-            pairs.extend(zip(q_model.weights, k_model.weights, strict=True))
-        return pairs
-
-    def _momentum_update_key_encoder(self):
-        m = self.current_momentum()
-        for q_var, k_var in self._encoder_weight_pairs():
-            # The official loop is over `parameters()`: trainable weights and
-            # the frozen patch projection and position embedding of ViT
-            # (equal on both sides); BN's moving statistics are buffers.
-            if _is_parameter(q_var):
-                q_value = ops.stop_gradient(q_var.value)
-                k_var.assign(m * k_var.value + (1.0 - m) * q_value)
-
-    def _encode_keys(self, images, training):
-        features = self.encoder_k(images, training=training)  # N x D
-        k = self.projector_k(features, training=training)  # N x C
-        return moco.normalize(k)  # N x C
-
-    def get_config(self):
-        return {
-            "name": self.name,
-            "trainable": self.trainable,
-            "encoder": keras.saving.serialize_keras_object(self.encoder_q),
-            "dim": self.dim,
-            "mlp_dim": self.mlp_dim,
-            "projector_layers": self.projector_layers,
-            "predictor_last_bn": self.predictor_last_bn,
-            "momentum": self.momentum,
-            "temperature": self.temperature,
-            "momentum_epochs": self.momentum_epochs,
-            "steps_per_epoch": self.steps_per_epoch,
-            "augmentation": keras.saving.serialize_keras_object(
-                self.augmentation
-            ),
-            "health": self.health,
-        }
+        """m of this step: fixed, or its schedule at `train_steps`."""
+        if callable(self.momentum):
+            return self.momentum(self.train_steps.value)
+        return self.momentum
 
     @classmethod
     def from_config(cls, config):
-        config = copy.deepcopy(config)
-        for key in ("encoder", "augmentation"):
-            config[key] = keras.saving.deserialize_keras_object(config.get(key))
-        return cls(**config)
+        config = dict(config)
+        # Checkpoints written before the schedule was an object held its
+        # epochs and steps per epoch as arguments of their own.
+        epochs = config.pop("momentum_epochs", None)
+        steps_per_epoch = config.pop("steps_per_epoch", None)
+        if epochs is not None:
+            config["momentum"] = optimizers.CosineMomentum(
+                config["momentum"], steps_per_epoch, epochs
+            )
+        return super().from_config(config)
 
 
 def contrastive_loss(q, k, temperature, context=None):
@@ -390,8 +305,8 @@ def contrastive_loss(q, k, temperature, context=None):
         its own key (`arange(N) + N * rank`) times `2 * T`, and the
         similarities `q @ k_all.T` before the temperature (`N x R*N`).
     """
-    q = moco.normalize(q)  # N x C
-    k = moco.normalize(k)  # N x C
+    q = momentum_pair.normalize(q)  # N x C
+    k = momentum_pair.normalize(k)  # N x C
     k_all = distribute.all_gather(context, k)  # M x C, M = R*N
     similarity = ops.matmul(q, ops.transpose(k_all))  # N x M
     logits = similarity / temperature  # N x M
@@ -429,7 +344,7 @@ def build_mlp(
     for i in range(num_layers):
         fan_in = input_dim if i == 0 else mlp_dim
         units = output_dim if i == num_layers - 1 else mlp_dim
-        initializers = moco._torch_linear_initializers(fan_in)
+        initializers = momentum_pair.torch_linear_initializers(fan_in)
         mlp_layers.append(
             layers.Dense(
                 units,
@@ -469,14 +384,6 @@ def _check_synchronized(encoder):
             f"({', '.join(plain[:3])}, ...). Build it with `sync_bn=True` "
             "(`encoders.resnet50(sync_bn=True)`) inside the strategy's scope."
         )
-
-
-def _is_parameter(variable):
-    # A torch parameter: trainable, or frozen on purpose (ViT's patch
-    # projection and position embedding); not BN's moving statistics.
-    return variable.trainable or not (
-        "moving_mean" in variable.path or "moving_variance" in variable.path
-    )
 
 
 def _without_positives(similarity, labels):

@@ -11,7 +11,7 @@ MoCo v3 (`moco-v3` `main_moco.py`, `moco/optimizer.py`) trains ResNet-50
 with `LARS` and ViTs with `torch.optim.AdamW` (`AdamW` here: Keras' adds
 epsilon before the bias correction, torch after it), sets the rate every
 step (`WarmupCosine`), and raises the key encoder momentum along a cosine
-(`cosine_momentum`).
+(`CosineMomentum`).
 """
 
 import math
@@ -427,23 +427,72 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
         }
 
 
-def cosine_momentum(momentum, step, steps_per_epoch, epochs):
-    """MoCo v3's `--moco-m-cos`: the momentum rises from `momentum` to 1.
+@keras.saving.register_keras_serializable(package="moco_keras")
+class CosineMomentum:
+    """MoCo v3's `--moco-m-cos`: the key momentum rises from `momentum` to 1.
 
-    `main_moco.py`'s `adjust_moco_momentum` at the fractional epoch
-    `e = step / steps_per_epoch`:
-    `1 - 0.5 * (1 + cos(pi * e / epochs)) * (1 - momentum)`.
+    `main_moco.py`'s `adjust_moco_momentum`, which its loop evaluates every
+    step and hands to the model's `forward`: at the fractional epoch
+    `e = step / steps_per_epoch`,
+    `m = 1 - 0.5 * (1 + cos(pi * e / epochs)) * (1 - momentum)`.
+    `MoCoV3(momentum=CosineMomentum(...))` evaluates it at its own count
+    of training steps.
+
+    Args:
+        momentum: float in [0, 1], m at step 0 (0.99).
+        steps_per_epoch: int, optimizer steps per epoch.
+        epochs: the run's epochs; m reaches 1 at their end.
 
     Example:
 
-        >>> [round(float(cosine_momentum(0.99, s, 10, 100)), 4)
-        ...  for s in (0, 500, 1000)]
+        >>> schedule = CosineMomentum(0.99, steps_per_epoch=10, epochs=100)
+        >>> [round(float(schedule(s)), 4) for s in (0, 500, 1000)]
         [0.99, 0.995, 1.0]
     """
-    epoch = ops.cast(step, "float32") / steps_per_epoch
-    return 1.0 - 0.5 * (1.0 + ops.cos(math.pi * epoch / epochs)) * (
-        1.0 - momentum
-    )
+
+    def __init__(self, momentum, steps_per_epoch, epochs):
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(
+                "`momentum` (m at step 0) must be in [0, 1] (0.99 in MoCo "
+                f"v3). Received: momentum={momentum!r}"
+            )
+        for name, value in (
+            ("steps_per_epoch", steps_per_epoch),
+            ("epochs", epochs),
+        ):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(
+                    f"The cosine momentum schedule needs `{name}`, a positive "
+                    f"int. Received: {name}={value!r}"
+                )
+        self.momentum = momentum
+        self.steps_per_epoch = steps_per_epoch
+        self.epochs = epochs
+
+    def __call__(self, step):
+        epoch = ops.cast(step, "float32") / self.steps_per_epoch
+        return 1.0 - 0.5 * (1.0 + ops.cos(math.pi * epoch / self.epochs)) * (
+            1.0 - self.momentum
+        )
+
+    def __eq__(self, other):
+        return type(other) is type(self) and other.get_config() == (
+            self.get_config()
+        )
+
+    def __repr__(self):
+        return f"CosineMomentum({self.get_config()})"
+
+    def get_config(self):
+        return {
+            "momentum": self.momentum,
+            "steps_per_epoch": self.steps_per_epoch,
+            "epochs": self.epochs,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
 
 
 # --- The optimizer of a run's config ----------------------------------------

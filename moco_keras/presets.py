@@ -9,10 +9,13 @@ Each value is written once, here, at one of three levels:
   use 128-d features, a queue of 65536 keys and key encoder momentum 0.999.
 - `VIEWS`: the official views' crop and resize, which the views of
   `augment.AUGMENTATIONS` and the runs below share.
-- `PRETRAINING`, `LINEAR_CLASSIFICATION`: whole runs, one section per part
-  of the library that takes them, each section's keys its arguments:
+- `PRETRAINING`, `LINEAR_CLASSIFICATION`: whole runs. A pretraining run
+  names its method (`method`: `"mocov1"`, `"mocov2"` or `"mocov3"`,
+  `moco_keras.methods`); then one section per part of the library that
+  takes them, each section's keys its arguments:
 
-  - `model`: `MoCo(encoder, **config["model"])` (`MOCOV1` / `MOCOV2`);
+  - `model`: `MoCo(encoder, **config["model"])` (`MOCOV1` / `MOCOV2`), or
+    `MoCoV3`'s (`MOCOV3_RESNET` / `MOCOV3_VIT`);
   - `encoder`: `encoders.get_encoder(**config["encoder"], ...)`;
   - `augmentation`: the views (`aug_plus` picks v2's, `crop_min` is
     RandomResizedCrop's smallest area, ...);
@@ -94,7 +97,7 @@ RUN = {
     "keep_checkpoints": 3,
     "keep_every_epochs": 0,
     "log_every_steps": 10,
-    # The feature measures of `MoCo(health=True)` (moco.HEALTH): a few
+    # The feature measures of `MoCo(health=True)` (health.HEALTH): a few
     # matrix products of the step's queries; off to save their cost.
     "health": True,
 }
@@ -120,6 +123,7 @@ _IMAGENET = {
 # MoCo v1 on ImageNet as `main_moco.py` runs it (arXiv 1911.05722): ResNet-50,
 # batch 256 on 8 GPUs (8 BN groups), SGD lr 0.03, x0.1 at 120 and 160.
 _MOCOV1_IMAGENET = {
+    "method": "mocov1",
     "model": MOCOV1,
     "encoder": {"arch": "resnet50", "width": 64, "bn_splits": 8},
     "augmentation": {
@@ -147,16 +151,21 @@ _MOCOV1_IMAGENET = {
 
 def merge(preset, **sections):
     """A deep copy of `preset` with the keys of `sections` replaced, section
-    by section: `merge(p, model={"queue_size": 4096})`."""
+    by section: `merge(p, model={"queue_size": 4096})`; a value that is not
+    a section replaces the preset's (`merge(p, method="mocov2")`)."""
     merged = copy.deepcopy(preset)
     for name, values in sections.items():
-        merged[name] = {**merged.get(name, {}), **values}
+        if isinstance(values, dict):
+            merged[name] = {**merged.get(name, {}), **values}
+        else:
+            merged[name] = copy.deepcopy(values)
     return merged
 
 
 # The v2 paper's four changes: MLP head, T 0.2, blur augmentation, cosine.
 _MOCOV2_IMAGENET = merge(
     _MOCOV1_IMAGENET,
+    method="mocov2",
     model=MOCOV2,
     augmentation={"aug_plus": True},
     schedule={"cosine": True},
@@ -182,6 +191,7 @@ _MOCOV2_FASHION_MNIST = merge(
 # global batch (SyncBN), torchvision's zero_init_residual; BYOL's pair of
 # views (`views.AUGMENTATIONS["mocov3"]`).
 _MOCOV3_R50_IMAGENET = {
+    "method": "mocov3",
     "model": MOCOV3_RESNET,
     "encoder": {"arch": "resnet50", "width": 64},
     "augmentation": {

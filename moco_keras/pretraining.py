@@ -1,11 +1,13 @@
 """MoCo pretraining from one config, as the official `main_moco.py` runs it.
 
 `pretrain(config)` reads top to bottom: check the config, set up the
-workdir and devices, read the data, build `MoCo(encoder, **config["model"])`
-with its optimizer, and `fit` with checkpoints, logs and the kNN monitor,
-resuming the workdir's run where it stopped. The config is a
-`moco_keras.presets.PRETRAINING` preset (`runs.config` changes it); the
-run-keeping is `moco_keras.runs`.
+workdir and devices, read the data, build the model of the config's method
+(`MoCo(encoder, **config["model"])` for `"mocov1"` and `"mocov2"`,
+`MoCoV3` for `"mocov3"`) with its optimizer, and `fit` with checkpoints,
+logs and the kNN monitor, resuming the workdir's run where it stopped. The
+config is a `moco_keras.presets.PRETRAINING` preset (`runs.config` changes
+it); what differs between the methods is `moco_keras.methods`, the
+run-keeping `moco_keras.runs`.
 
 Example:
 
@@ -21,17 +23,15 @@ results = pretraining.pretrain(config)
 ```
 """
 
-import re
 import time
 
 import keras
 
-from moco_keras import color
 from moco_keras import distribute
 from moco_keras import encoders
+from moco_keras import health
 from moco_keras import knn
-from moco_keras import moco
-from moco_keras import mocov3
+from moco_keras import methods
 from moco_keras import optimizers
 from moco_keras import runs
 from moco_keras import training
@@ -44,27 +44,6 @@ from moco_keras.runs import check
 ARCHS = (*encoders.ENCODERS, *vits.VITS)
 
 
-def is_mocov3(config):
-    """Whether the config trains MoCo v3: its `model` section holds
-    `MoCoV3`'s arguments (`presets.MOCOV3_RESNET`), not `MoCo`'s."""
-    return "mlp_dim" in config["model"]
-
-
-def method_name(config):
-    """ "MoCo v1", "MoCo v2" or "MoCo v3", for titles and logs."""
-    if is_mocov3(config):
-        return "MoCo v3"
-    return "MoCo v2" if config["augmentation"]["aug_plus"] else "MoCo v1"
-
-
-def query_head(model):
-    """The head after the query encoder whose features the kNN reads:
-    v1/v2's `head_q`, v3's projector (the predictor follows it)."""
-    return (
-        model.projector_q if isinstance(model, mocov3.MoCoV3) else model.head_q
-    )
-
-
 def check_pretraining(config):
     """Every contradiction of a pretraining config, before any data is read.
 
@@ -72,38 +51,8 @@ def check_pretraining(config):
         The lr milestones as ints.
     """
     milestones = runs.check_common(config)
-    batch = config["data"]["batch_size"]
+    methods.get(config).check(config)
     encoder = config["encoder"]
-    if is_mocov3(config):
-        check_mocov3(config)
-    else:
-        k = config["model"]["queue_size"]
-        check(
-            k % batch == 0,
-            f"--moco_k={k} is not divisible by the global --batch_size="
-            f"{batch}; the official code asserts it so that each step "
-            "replaces whole batches of keys. Use e.g. "
-            f"--moco_k={max(batch, k // batch * batch)}.",
-        )
-        splits = encoder["bn_splits"]
-        check(
-            splits >= 1 and batch % splits == 0,
-            f"--bn_splits={splits} does not divide the global batch of "
-            f"{batch}: split BN needs equal groups. Pick a divisor of {batch}.",
-        )
-    try:
-        model = config["model"]
-        moco.check_arguments(
-            model["dim"],
-            model.get("mlp", False),
-            model.get("queue_size", 1),
-            model["momentum"],
-            model["temperature"],
-        )
-    except ValueError as error:
-        # Named as `section.key`, which the recipes print as the flag.
-        argument = re.search(r"Received: (\w+)=", str(error))
-        check(False, f"model.{argument[1] if argument else ''}: {error}")
     crop_min = config["augmentation"]["crop_min"]
     check(
         0 < crop_min <= 1,
@@ -122,36 +71,11 @@ def check_pretraining(config):
     return milestones
 
 
-def check_mocov3(config):
-    """The contradictions of a MoCo v3 config."""
-    model, encoder = config["model"], config["encoder"]
-    for key, flag in (("mlp_dim", "moco_mlp_dim"), ("projector_layers", "")):
-        value = model[key]
-        check(
-            isinstance(value, int) and value >= 1,
-            f"model.{key} must be a positive int: {value!r}"
-            + (f" (--{flag})" if flag else ""),
-        )
-    size = config["data"]["image_size"]
-    if encoder["arch"].startswith("vit"):
-        check(
-            size % vits.PATCH_SIZE == 0,
-            f"--arch={encoder['arch']} cuts {vits.PATCH_SIZE} px patches: "
-            f"--image_size={size} must be a multiple of {vits.PATCH_SIZE}.",
-        )
-    else:
-        check(
-            "stop_grad_conv1" not in encoder,
-            "--stop_grad_conv1 freezes a ViT's patch projection; "
-            f"--arch={encoder['arch']} has none. Drop it, or pick a vit_* "
-            "--arch (with a ViT preset: --preset=mocov3_vit_small).",
-        )
-
-
 def augmentation_config(config):
     """The views of the config at its size and its dataset's
-    normalization: v1's or v2's (`aug_plus`), one dict for both views; or
-    for MoCo v3, BYOL's pair (`views.AUGMENTATIONS["mocov3"]`)."""
+    normalization: the method's (`methods.Method.views`): v1's or v2's
+    (`aug_plus`), one dict for both views; or for MoCo v3, BYOL's pair
+    (`views.AUGMENTATIONS["mocov3"]`)."""
     settings = config["augmentation"]
     mean, std = runs.dataset_stats(config["data"]["dataset"])
     overrides = {
@@ -161,10 +85,7 @@ def augmentation_config(config):
         "antialias": settings["antialias"],
         "scale": (settings["crop_min"], 1.0),
     }
-    if is_mocov3(config):
-        name = "mocov3"
-    else:
-        name = "mocov2" if settings["aug_plus"] else "mocov1"
+    name = methods.get(config).views(config)
     if name != "mocov1" and not settings["blur"]:
         overrides["blur_p"] = 0.0
     return views.get_augmentation(name, **overrides)
@@ -181,70 +102,20 @@ def color_in_model(config):
 
 
 def build_moco(config, milestones, steps_per_epoch, replicas=1):
-    """The compiled model of a pretraining config: `MoCo` (v1/v2) or
-    `MoCoV3`.
+    """The compiled model of a pretraining config's method: `MoCo` (v1/v2)
+    or `MoCoV3` (`methods.Method.build_model`).
 
     Args:
         replicas: `tf.distribute` replicas the model runs on; with v1/v2
-            each normalizes `bn_splits / replicas` groups of its slice (JAX's
-            data parallel runs the global batch as one program: its split BN
-            groups, all `bn_splits`, line up with the device shards); v3's
+            each normalizes `bn_splits / replicas` groups of its slice; v3's
             BN is synchronized over them, as SyncBN in the official code.
     """
-    size = config["data"]["image_size"]
-    seed = config["run"]["seed"]
-    settings = config["encoder"]
-    v3 = is_mocov3(config)
-    if settings["arch"].startswith("vit"):
-        encoder = vits.VITS[settings["arch"]](
-            image_size=size, stop_grad_conv1=settings["stop_grad_conv1"]
-        )
-    elif v3:
-        encoder = encoders.get_encoder(
-            settings["arch"],
-            width=settings["width"],
-            sync_bn=replicas > 1,
-            zero_init_residual=True,
-            input_shape=(size, size, 3),
-        )
-    else:
-        encoder = encoders.get_encoder(
-            settings["arch"],
-            width=settings["width"],
-            bn_splits=settings["bn_splits"] // replicas,
-            input_shape=(size, size, 3),
-        )
-    augmentation = None
+    method = methods.get(config)
+    encoder = method.build_encoder(config, replicas)
+    pair = None
     if color_in_model(config):
-        # v1/v2: one layer for both views; v3: one per view, seeded apart
-        # so that the views draw independently.
         pair = views.view_pair(augmentation_config(config))
-        augmentation = [
-            color.ColorAugmentation.from_augmentation(view, seed=seed + index)
-            for index, view in enumerate(pair if v3 else pair[:1])
-        ]
-        if not v3:
-            (augmentation,) = augmentation
-    if v3:
-        schedule = config["schedule"]
-        model = mocov3.MoCoV3(
-            encoder,
-            **config["model"],
-            momentum_epochs=(
-                schedule["epochs"] if schedule["momentum_cosine"] else None
-            ),
-            steps_per_epoch=steps_per_epoch,
-            augmentation=augmentation,
-            health=config["run"]["health"],
-        )
-    else:
-        model = moco.MoCo(
-            encoder,
-            **config["model"],
-            augmentation=augmentation,
-            seed=seed,
-            health=config["run"]["health"],
-        )
+    model = method.build_model(config, encoder, pair, steps_per_epoch)
     model.compile(
         optimizer=optimizers.from_config(config, milestones, steps_per_epoch),
         jit_compile=runs.jit_compile(config),
@@ -285,10 +156,12 @@ def pretrain(config):
         evaluation, the newest checkpoint, the step it resumed from.
     """
     milestones = check_pretraining(config)
+    method = methods.get(config)
     data, run = config["data"], config["run"]
     paths, strategy = runs.set_up(config)
     devices = distribute.device_count(strategy)
     runs.check_devices(config, devices)
+    method.check_devices(config, devices)
     check(
         not config["knn"]["every"] or distribute.process_shard() is None,
         "The kNN monitor embeds its images in one process; this "
@@ -360,14 +233,14 @@ def pretrain(config):
         paths,
         steps_per_epoch,
         config,
-        f"{method_name(config)} pretraining",
+        f"{method.title} pretraining",
         extra=extra,
-        queue_size=config["model"].get("queue_size"),
+        queue_size=method.queue_size(config),
         views=preview,
     )
     epochs = config["schedule"]["epochs"]
     print(
-        f"{method_name(config)} pretraining: {source.num_examples} images, "
+        f"{method.title} pretraining: {source.num_examples} images, "
         f"{epochs} epochs of {steps_per_epoch} steps, backend "
         f"{keras.backend.backend()}, strategy {run['strategy']} over "
         f"{devices} device(s), input "
@@ -384,9 +257,9 @@ def pretrain(config):
     results = {
         "final_loss": columns.get("loss", [None])[-1],
         "final_acc1": columns.get("acc1", [None])[-1],
-        # The last epoch's feature measures (`moco.HEALTH`).
+        # The last epoch's feature measures (`health.HEALTH`).
         "final_health": {
-            name: columns[name][-1] for name in moco.HEALTH if name in columns
+            name: columns[name][-1] for name in health.HEALTH if name in columns
         },
         "epochs": epochs,
         "resumed_from_step": start_step,

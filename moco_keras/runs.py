@@ -103,6 +103,8 @@ def config(preset, **sections):
             f"Unknown config section {name!r}: this config has "
             f"{sorted(preset)}.",
         )
+        if not isinstance(preset[name], dict):
+            continue  # a value of its own, such as `method`
         unknown = set(values) - set(preset[name])
         check(
             not unknown,
@@ -120,12 +122,15 @@ def check(condition, message):
 
 def flatten(config):
     """`{"section.key": value}` of a config, its values as JSON stores them
-    (a tuple is a list)."""
-    return {
-        f"{section}.{key}": value
-        for section, values in json.loads(json.dumps(config)).items()
-        for key, value in values.items()
-    }
+    (a tuple is a list); a value outside the sections under its own name
+    (`method`)."""
+    flat = {}
+    for section, values in json.loads(json.dumps(config)).items():
+        if isinstance(values, dict):
+            flat.update({f"{section}.{key}": v for key, v in values.items()})
+        else:
+            flat[section] = values
+    return flat
 
 
 # --- Checks, before any data is read ----------------------------------------
@@ -267,23 +272,14 @@ def check_input(config):
 
 
 def check_devices(config, devices):
-    """The global batch and the BN groups against the run's devices."""
+    """The global batch against the run's devices (a pretraining method's
+    own values: `methods.Method.check_devices`)."""
     batch = config["data"]["batch_size"]
     check(
         batch % devices == 0,
         f"--batch_size={batch} does not split over {devices} devices: the "
         f"batch is global. Use a multiple of {devices}.",
     )
-    splits = config.get("encoder", {}).get("bn_splits")
-    if splits is not None:
-        check(
-            splits % devices == 0,
-            f"--bn_splits={splits} is the number of BN groups over the global "
-            f"batch (the official code's GPU count); over {devices} devices "
-            f"it must be a multiple of {devices} (each device takes "
-            f"bn_splits / devices groups). Use --bn_splits={devices} for one "
-            "group per device, as the official code on that many GPUs.",
-        )
 
 
 # --- Data --------------------------------------------------------------------
@@ -403,6 +399,10 @@ def check_resume(config):
     with open(path) as f:
         stored = {**ADDED_KEYS, **flatten(json.load(f))}
     current = flatten(config)
+    if "method" in current and "method" not in stored:
+        # A run started before configs named their method: its `model`
+        # and `augmentation` values, compared below, are what differs.
+        stored["method"] = current["method"]
     changed = [
         f"{key}: {stored.get(key)!r} in its {CONFIG_FILE}, "
         f"{current.get(key)!r} now"

@@ -81,8 +81,8 @@ TINY = {
             "encoders.resnet18(width=2, zero_init_residual=True)",
         ),
         (
-            "momentum_epochs=epochs,",
-            "momentum_epochs=epochs, dim=8, mlp_dim=16,",
+            "steps_per_epoch, epochs),",
+            "steps_per_epoch, epochs), dim=8, mlp_dim=16,",
         ),
         ('"mocov3_vit", encoder)', '"mocov3_vit", encoder, dim=8, mlp_dim=16)'),
         ("(8, 224, 224, 3)", "(8, 32, 32, 3)"),

@@ -11,7 +11,7 @@ from support import make_moco
 from support import random_images
 
 from moco_keras import MoCo
-from moco_keras import moco
+from moco_keras import health
 from moco_keras import training
 
 
@@ -48,9 +48,9 @@ def test_each_measure_equals_numpy():
     k = unit(q + 0.3 * rng.normal(size=(12, 8)))
     queue = unit(rng.normal(size=(20, 8))).T
     l_pos = np.sum(q * k, axis=1, keepdims=True)
-    measures = moco.health_measures(q, k, l_pos, q @ queue)
+    measures = health.health_measures(q, k, l_pos, q @ queue)
     expected = numpy_measures(q, k, queue)
-    assert set(measures) == set(moco.HEALTH) == set(expected)
+    assert set(measures) == set(health.HEALTH) == set(expected)
     for name, value in expected.items():
         got = float(keras.ops.convert_to_numpy(measures[name]))
         assert got == pytest.approx(value, rel=1e-5, abs=1e-6), name
@@ -60,7 +60,7 @@ def test_collapsed_and_spread_features_bound_the_measures():
     collapsed = np.tile(unit(np.ones((1, 8))), (6, 1))
     spread = np.eye(8, dtype="float32")
     for q, uniformity, std in ((collapsed, 0.0, 0.0), (spread, -4.0, None)):
-        measures = moco.health_measures(q, q, np.ones((len(q), 1)), q @ q.T)
+        measures = health.health_measures(q, q, np.ones((len(q), 1)), q @ q.T)
         value = float(keras.ops.convert_to_numpy(measures["uniformity"]))
         assert value == pytest.approx(uniformity, abs=1e-5)
         assert float(keras.ops.convert_to_numpy(measures["alignment"])) == 0
@@ -73,7 +73,7 @@ def test_fit_logs_the_step_means_of_the_measures():
     model = make_moco(queue_size=8)
     images = random_images(8)
     history = model.fit(images, images, batch_size=4, epochs=1, verbose=0)
-    for name in moco.HEALTH:
+    for name in health.HEALTH:
         assert np.isfinite(history.history[name][0]), name
     plain = make_moco(queue_size=8, health=False)
     history = plain.fit(images, images, batch_size=4, epochs=1, verbose=0)
@@ -206,16 +206,16 @@ def test_own_images_rules(images, size, batch, queue, momentum, blur, crop_min):
 
 
 def test_the_health_metric_holds_the_running_mean_of_each_measure():
-    metric = moco.HealthMetric()
+    metric = health.HealthMetric()
     for step in range(3):
         metric.update_state(
-            {name: float(i + 10 * step) for i, name in enumerate(moco.HEALTH)}
+            {name: float(i + 10 * step) for i, name in enumerate(health.HEALTH)}
         )
     result = {
         n: float(keras.ops.convert_to_numpy(v))
         for n, v in metric.result().items()
     }
-    assert result == {name: i + 10.0 for i, name in enumerate(moco.HEALTH)}
+    assert result == {name: i + 10.0 for i, name in enumerate(health.HEALTH)}
     metric.reset_state()
     assert all(
         float(keras.ops.convert_to_numpy(v)) == 0.0

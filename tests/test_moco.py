@@ -21,7 +21,7 @@ from moco_keras import MOCOV1
 from moco_keras import MOCOV2
 from moco_keras import MoCo
 from moco_keras import encoders
-from moco_keras import moco
+from moco_keras import health
 
 
 def normalize(x):
@@ -322,7 +322,7 @@ def test_evaluate_leaves_the_state_alone():
         verbose=0,
         return_dict=True,
     )
-    assert set(logs) == {"loss", "acc1", "acc5", *moco.HEALTH}
+    assert set(logs) == {"loss", "acc1", "acc5", *health.HEALTH}
     for value, var in zip(before, model.weights, strict=True):
         if "seed_generator" not in var.path:
             np.testing.assert_array_equal(to_numpy(var), value, var.path)
@@ -415,7 +415,7 @@ def test_fit_on_a_tf_data_dataset_of_pairs():
     model = make_moco(conv_bn_encoder(bn_splits=2), queue_size=10, mlp=True)
     history = model.fit(pairs, epochs=2, verbose=0, shuffle=False)
     assert sorted(history.history) == sorted(
-        ["acc1", "acc5", "loss", *moco.HEALTH]
+        ["acc1", "acc5", "loss", *health.HEALTH]
     )
     assert np.all(np.isfinite(history.history["loss"]))
     assert int(to_numpy(model.queue_ptr)) == 24 % 10

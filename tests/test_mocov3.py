@@ -24,6 +24,7 @@ from torch_checkpoints import TorchResNet
 from moco_keras import color
 from moco_keras import encoders
 from moco_keras import export_pytorch
+from moco_keras import moco
 from moco_keras import optimizers
 from moco_keras import views
 from moco_keras import vits
@@ -527,9 +528,7 @@ def test_momentum_follows_the_cosine_schedule_to_one():
         encoder,
         dim=DIM,
         mlp_dim=MLP_DIM,
-        momentum=0.5,
-        momentum_epochs=1,
-        steps_per_epoch=2,
+        momentum=optimizers.CosineMomentum(0.5, steps_per_epoch=2, epochs=1),
         health=False,
     )
     model.compile(optimizer=keras.optimizers.SGD(0.5))
@@ -662,7 +661,10 @@ def test_presets_follow_the_official_code():
 def test_config_round_trip_and_keras_file(tmp_path):
     encoder = conv_bn_encoder(size=16)
     model = MoCoV3(
-        encoder, dim=DIM, mlp_dim=MLP_DIM, momentum_epochs=10, steps_per_epoch=5
+        encoder,
+        dim=DIM,
+        mlp_dim=MLP_DIM,
+        momentum=optimizers.CosineMomentum(0.99, steps_per_epoch=5, epochs=10),
     )
     model.compile(optimizer=optimizers.LARS(0.1))
     model.train_on_batch(images(8, 16, 1), images(8, 16, 2))
@@ -674,12 +676,24 @@ def test_config_round_trip_and_keras_file(tmp_path):
     assert loaded_config == config
     for a, b in zip(model.weights, loaded.weights, strict=True):
         np.testing.assert_array_equal(to_numpy(a), to_numpy(b))
+    assert loaded.momentum == model.momentum
+    assert float(loaded.current_momentum()) == pytest.approx(
+        float(model.current_momentum())
+    )
+    # A config written when the schedule was two arguments of the model.
+    legacy = {**model.get_config(), "momentum": 0.99}
+    legacy.update(momentum_epochs=10, steps_per_epoch=5)
+    assert MoCoV3.from_config(legacy).momentum == model.momentum
+    legacy.update(momentum_epochs=None, steps_per_epoch=None)
+    assert MoCoV3.from_config(legacy).momentum == 0.99
 
 
 def test_bad_arguments_say_what_to_fix():
     encoder = conv_bn_encoder(size=16)
     with pytest.raises(ValueError, match="steps_per_epoch"):
-        MoCoV3(encoder, momentum_epochs=100)
+        optimizers.CosineMomentum(0.99, steps_per_epoch=None, epochs=100)
+    with pytest.raises(ValueError, match="a schedule of m is MoCo v3's"):
+        moco.MoCo(encoder, momentum=optimizers.CosineMomentum(0.99, 5, 10))
     with pytest.raises(ValueError, match="mlp_dim"):
         MoCoV3(encoder, mlp_dim=0)
     with pytest.raises(ValueError, match="second view"):

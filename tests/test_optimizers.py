@@ -121,7 +121,7 @@ def test_warmup_cosine_and_momentum_follow_main_moco():
         assert float(schedule(step)) == pytest.approx(expected, abs=1e-6 * lr)
         m = 1.0 - 0.5 * (1.0 + math.cos(math.pi * epoch / epochs)) * (1 - 0.99)
         assert float(
-            optimizers.cosine_momentum(0.99, step, steps, epochs)
+            optimizers.CosineMomentum(0.99, steps, epochs)(step)
         ) == pytest.approx(m, rel=1e-6)
     run_serialization_test(schedule)
     run_serialization_test(optimizers.LARS(0.3, weight_decay=1e-6))

@@ -23,7 +23,7 @@ from support import recipe_defaults as defaults
 from support import tensorboard_events
 
 from moco_keras import datasets
-from moco_keras import moco
+from moco_keras import health
 from moco_keras import pipelines
 from moco_keras import pretraining
 from moco_keras import runs
@@ -152,7 +152,7 @@ def test_smoke_run_writes_the_whole_workdir(smoke_run):
     assert [step for step, _ in events["epoch_loss"]] == [0, 1]
     for tag in ("step/loss", "step/acc1", "step/lr"):
         assert [step for step, _ in events[tag]] == [3, 6], tag
-    # The features' health, every 3 steps and per epoch (moco.HEALTH).
+    # The features' health, every 3 steps and per epoch (health.HEALTH).
     for name in ("alignment", "uniformity", "q_std", "l_pos", "l_neg"):
         assert [step for step, _ in events[f"step/{name}"]] == [3, 6], name
         assert [step for step, _ in events[f"epoch_{name}"]] == [0, 1], name
@@ -957,4 +957,4 @@ def test_own_images_preset_sizes_the_run_to_the_folder(tmp_path):
     assert config["model"]["temperature"] == 0.2 and config["model"]["mlp"]
     results = json.load(open(os.path.join(run, "results.json")))
     assert np.isfinite(results["final_loss"])
-    assert sorted(results["final_health"]) == sorted(moco.HEALTH)
+    assert sorted(results["final_health"]) == sorted(health.HEALTH)

@@ -12,6 +12,7 @@ from support import recipe_defaults
 
 from moco_keras import evaluation
 from moco_keras import linear_classification
+from moco_keras import methods
 from moco_keras import presets
 from moco_keras import pretraining
 from moco_keras import runs
@@ -153,12 +154,18 @@ def test_strategy_of_another_backend_is_refused():
 
 
 def test_batch_and_bn_groups_must_split_over_the_devices():
-    runs.check_devices(defaults(batch_size=256, bn_splits=8), 8)
-    runs.check_devices(defaults(batch_size=256, bn_splits=8), 4)
+    config = defaults(batch_size=256, bn_splits=8)
+    method = methods.get(config)
+    for devices in (8, 4):
+        runs.check_devices(config, devices)
+        method.check_devices(config, devices)
     with pytest.raises(runs.ConfigError, match="does not split over 3 devices"):
-        runs.check_devices(defaults(batch_size=256, bn_splits=8), 3)
+        runs.check_devices(config, 3)
+    # The BN groups are the method's: v1/v2's split BN, none in v3.
     with pytest.raises(runs.ConfigError, match="must be a multiple of 16"):
-        runs.check_devices(defaults(batch_size=256, bn_splits=8), 16)
+        method.check_devices(config, 16)
+    v3 = recipe_defaults(presets.PRETRAINING, "mocov3_r50", batch_size=256)
+    methods.get(v3).check_devices(v3, 16)
 
 
 def test_valid_flags_pass_and_cos_ignores_the_schedule():

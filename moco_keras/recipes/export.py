@@ -92,8 +92,6 @@ def weights_to_export(pretrained):
         finished epochs, and the file read.
     """
 
-    from moco_keras import moco
-
     lincls = _lincls_run(pretrained) if os.path.isdir(pretrained) else None
     if lincls is not None:
         found, _ = training.latest_checkpoint(
@@ -110,12 +108,12 @@ def weights_to_export(pretrained):
         )
         backbone, _ = linear_classification.load_backbone(source)
         return None, backbone, classifier.get_layer("fc"), 0, found
-    from moco_keras import mocov3
+    from moco_keras import momentum_pair
 
     checkpoint = linear_classification.resolve_pretrained(pretrained)
     if os.path.isfile(os.path.join(checkpoint, convert.METADATA)):
         model, _ = convert.load_converted(checkpoint)
-        if not isinstance(model, moco.MoCo | mocov3.MoCoV3):
+        if not isinstance(model, momentum_pair.MomentumPair):
             # a converted classifier
             backbone = convert.backbone_of(model)
             return None, backbone, model.get_layer("fc"), 0, checkpoint
