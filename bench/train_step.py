@@ -176,9 +176,9 @@ def keras_step_fn(
     import keras
 
     from moco_keras import MoCo
+    from moco_keras import configs
     from moco_keras import encoders
     from moco_keras import optimizers
-    from moco_keras import runs
 
     class KeyForward(keras.Model):
         """The key encoder and head in training mode, run by `predict`."""
@@ -194,7 +194,7 @@ def keras_step_fn(
 
     # Compiled as the recipes compile it: under JAX always (Keras' JAX
     # trainer runs an uncompiled step op by op).
-    jit = runs.jit_compile({"run": {"jit_compile": jit}})
+    jit = configs.jit_compile({"run": {"jit_compile": jit}})
     keras.utils.set_random_seed(0)
     if bf16:
         keras.mixed_precision.set_global_policy("mixed_bfloat16")

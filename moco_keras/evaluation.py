@@ -11,9 +11,9 @@ same encoder at its random initialisation and against raw pixels: what
 Example:
 
 ```python
-from moco_keras import evaluation, presets, runs
+from moco_keras import configs, evaluation, presets
 
-config = runs.config(
+config = configs.config(
     presets.PRETRAINING["quickstart"],
     run={"workdir": "runs/fmnist"},
     schedule={"epochs": 1},
@@ -30,6 +30,7 @@ import time
 import keras
 import numpy as np
 
+from moco_keras import configs
 from moco_keras import datasets
 from moco_keras import knn
 from moco_keras import linear_classification
@@ -37,6 +38,7 @@ from moco_keras import methods
 from moco_keras import presets
 from moco_keras import pretraining
 from moco_keras import runs
+from moco_keras import sources
 from moco_keras import training
 
 # The linear probe's epochs on the 60k cached features: about 5 s each on 2
@@ -76,16 +78,16 @@ def knn_evaluation(
         `{name: top-1 %}`, plus `{f"{name} linear": top-1 %}` for each name
         of `linear_probe_of`.
     """
-    bank, bank_labels, source = runs.evaluation_arrays(
+    bank, bank_labels, source = sources.evaluation_arrays(
         config, "train", bank_limit
     )
-    test, test_labels, _ = runs.evaluation_arrays(config, "val", test_limit)
+    test, test_labels, _ = sources.evaluation_arrays(config, "val", test_limit)
     classes = len(source.class_names)
     scores, raw = {}, {}
     for name, encoder in encoders.items():
         if isinstance(encoder, tuple):
             backbone, head = encoder
-            runs.check(
+            configs.check(
                 backbone in raw,
                 f"knn_evaluation: {name!r} takes the features of "
                 f"{backbone!r}, which is not an encoder listed before it.",
@@ -138,8 +140,8 @@ def linear_probe(train, test, classes, epochs, seed=0):
         epochs: int, >= 1.
         seed: int, the head's initialisation and the batches' order.
     """
-    runs.check(epochs >= 1, f"The linear probe needs epochs >= 1: {epochs}")
-    probe = runs.config(
+    configs.check(epochs >= 1, f"The linear probe needs epochs >= 1: {epochs}")
+    probe = configs.config(
         presets.LINEAR_CLASSIFICATION["imagenet"], schedule={"epochs": epochs}
     )
     milestones = sorted(
@@ -229,7 +231,7 @@ def quickstart(config, linear_epochs=LINEAR_EPOCHS, progress=None):
         and `wall_seconds`.
     """
     milestones = pretraining.check_pretraining(config)
-    runs.check(
+    configs.check(
         config["data"]["dataset"] == "fashion_mnist",
         "The quick start evaluates on Fashion-MNIST's 60k / 10k images; "
         f"--dataset={config['data']['dataset']} is for recipes/pretrain.",

@@ -13,9 +13,9 @@ checks the backbone against the checkpoint on disk. The config is a
 Example:
 
 ```python
-from moco_keras import linear_classification, presets, runs
+from moco_keras import configs, linear_classification, presets
 
-config = runs.config(
+config = configs.config(
     presets.LINEAR_CLASSIFICATION["imagenet"],
     classifier={"pretrained": "runs/mocov2"},
     data={"data_dir": "/data/ILSVRC2012"},
@@ -32,15 +32,17 @@ import keras
 import numpy as np
 from keras import ops
 
+from moco_keras import configs
 from moco_keras import convert
 from moco_keras import datasets
 from moco_keras import distribute
 from moco_keras import momentum_pair
 from moco_keras import optimizers
 from moco_keras import runs
+from moco_keras import sources
 from moco_keras import training
 from moco_keras import views
-from moco_keras.runs import check
+from moco_keras.configs import check
 
 
 def check_linear_classification(config):
@@ -49,7 +51,8 @@ def check_linear_classification(config):
     Returns:
         The lr milestones as ints.
     """
-    milestones = runs.check_common(config)
+    milestones = configs.check_common(config)
+    sources.check_input(config)
     check(
         not (
             config["classifier"]["cache_features"]
@@ -103,7 +106,7 @@ def load_moco(path):
     try:
         model = convert.load_keras(path)
     except convert.CheckpointError as error:
-        raise runs.ConfigError(
+        raise configs.ConfigError(
             f"--pretrained is not a MoCo checkpoint: {error} Pass a `.keras` "
             "file written by moco_keras.recipes.pretrain, or its workdir."
         ) from None
@@ -138,7 +141,7 @@ def compile_classifier(model, config, milestones, steps_per_epoch, classes):
                 k=min(5, classes), name="acc5"
             ),
         ],
-        jit_compile=runs.jit_compile(config),
+        jit_compile=configs.jit_compile(config),
     )
 
 
@@ -233,7 +236,7 @@ def linear_classification(config):
         "process (all of one host's devices); this job has several "
         "(KERAS_DISTRIBUTION_NUM_PROCESSES). Run it on one host.",
     )
-    runs.check_devices(config, distribute.device_count(strategy))
+    configs.check_devices(config, distribute.device_count(strategy))
     # Everything that makes variables (backbone, head, optimizer) belongs to
     # the strategy, and fit may run in its scope too.
     with distribute.scope(strategy):
@@ -245,9 +248,11 @@ def _train_linear(config, milestones, checkpoint, paths):
     backbone.trainable = False  # inference mode: BN moving statistics
     size = config["data"]["image_size"]
     # A converted checkpoint expects the statistics its source trained with.
-    mean, std = normalization or runs.dataset_stats(config["data"]["dataset"])
-    train = runs.data_source(config, "train", config["data"]["train_limit"])
-    val = runs.data_source(config, "val", config["data"]["val_limit"])
+    mean, std = normalization or sources.dataset_stats(
+        config["data"]["dataset"]
+    )
+    train = sources.data_source(config, "train", config["data"]["train_limit"])
+    val = sources.data_source(config, "val", config["data"]["val_limit"])
     classes = len(train.class_names)
     batch_size = config["data"]["batch_size"]
     steps_per_epoch = train.num_examples // batch_size
@@ -259,7 +264,7 @@ def _train_linear(config, milestones, checkpoint, paths):
     augmentation = None
     if config["classifier"]["train_augment"]:
         augmentation = views.linear_augmentation(size, mean, std)
-    grain = runs.input_pipeline(config) == "grain"
+    grain = sources.input_pipeline(config) == "grain"
     seed = config["run"]["seed"]
 
     def labelled(source, **kwargs):

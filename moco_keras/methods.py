@@ -32,8 +32,8 @@ from moco_keras import momentum_pair
 from moco_keras import optimizers
 from moco_keras import presets
 from moco_keras import vits
-from moco_keras.runs import ConfigError
-from moco_keras.runs import check
+from moco_keras.configs import ConfigError
+from moco_keras.configs import check
 
 
 class Method:
@@ -54,7 +54,7 @@ class Method:
 
     def check(self, config):
         """The contradictions of the method's own values, before any data
-        is read (`runs.ConfigError`): the `model` section holds this
+        is read (`configs.ConfigError`): the `model` section holds this
         method's model arguments, then `check_method`'s."""
         model = config.get("model", {})
         check(

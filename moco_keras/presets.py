@@ -32,7 +32,7 @@ Each value is written once, here, at one of three levels:
 The recipes' flags keep the official scripts' names (`--moco_t`,
 `--aug_plus`, `--cos`, ...); one table,
 `moco_keras.recipes.common.FLAGS_TO_CONFIG`, maps each onto its section and
-key. `runs.config` merges overrides into a preset.
+key. `configs.config` merges overrides into a preset.
 
 Example:
 
@@ -113,7 +113,7 @@ _IMAGENET = {
     "val_split": "validation",
     "val_limit": 0,
     "batch_size": 256,
-    # tf.data where TensorFlow is installed, else grain (`runs.INPUTS`).
+    # tf.data where TensorFlow is installed, else grain (`sources.INPUTS`).
     "input": "auto",
     # grain's worker processes that decode and crop (0: threads of the
     # training process, which PIL's decode and resize share well).

@@ -5,16 +5,16 @@ workdir and devices, read the data, build the model of the config's method
 (`MoCo(encoder, **config["model"])` for `"mocov1"` and `"mocov2"`,
 `MoCoV3` for `"mocov3"`) with its optimizer, and `fit` with checkpoints,
 logs and the kNN monitor, resuming the workdir's run where it stopped. The
-config is a `moco_keras.presets.PRETRAINING` preset (`runs.config` changes
+config is a `moco_keras.presets.PRETRAINING` preset (`configs.config` changes
 it); what differs between the methods is `moco_keras.methods`, the
 run-keeping `moco_keras.runs`.
 
 Example:
 
 ```python
-from moco_keras import pretraining, presets, runs
+from moco_keras import configs, pretraining, presets
 
-config = runs.config(
+config = configs.config(
     presets.PRETRAINING["quickstart"],
     run={"workdir": "runs/fmnist"},
     schedule={"epochs": 1},
@@ -27,6 +27,7 @@ import time
 
 import keras
 
+from moco_keras import configs
 from moco_keras import distribute
 from moco_keras import encoders
 from moco_keras import health
@@ -34,10 +35,11 @@ from moco_keras import knn
 from moco_keras import methods
 from moco_keras import optimizers
 from moco_keras import runs
+from moco_keras import sources
 from moco_keras import training
 from moco_keras import views
 from moco_keras import vits
-from moco_keras.runs import check
+from moco_keras.configs import check
 
 # The encoders a pretraining config names (`encoder.arch`): the ResNets of
 # `encoders.ENCODERS` and, for MoCo v3, the ViTs of `vits.VITS`.
@@ -50,7 +52,8 @@ def check_pretraining(config):
     Returns:
         The lr milestones as ints.
     """
-    milestones = runs.check_common(config)
+    milestones = configs.check_common(config)
+    sources.check_input(config)
     methods.get(config).check(config)
     encoder = config["encoder"]
     crop_min = config["augmentation"]["crop_min"]
@@ -77,7 +80,7 @@ def augmentation_config(config):
     (`aug_plus`), one dict for both views; or for MoCo v3, BYOL's pair
     (`views.AUGMENTATIONS["mocov3"]`)."""
     settings = config["augmentation"]
-    mean, std = runs.dataset_stats(config["data"]["dataset"])
+    mean, std = sources.dataset_stats(config["data"]["dataset"])
     overrides = {
         "size": config["data"]["image_size"],
         "mean": mean,
@@ -97,7 +100,7 @@ def color_in_model(config):
     half is the crop and the flip only."""
     return bool(
         config["augmentation"]["color_in_model"]
-        or runs.input_pipeline(config) == "grain"
+        or sources.input_pipeline(config) == "grain"
     )
 
 
@@ -118,7 +121,7 @@ def build_moco(config, milestones, steps_per_epoch, replicas=1):
     model = method.build_model(config, encoder, pair, steps_per_epoch)
     model.compile(
         optimizer=optimizers.from_config(config, milestones, steps_per_epoch),
-        jit_compile=runs.jit_compile(config),
+        jit_compile=configs.jit_compile(config),
     )
     return model
 
@@ -126,10 +129,10 @@ def build_moco(config, milestones, steps_per_epoch, replicas=1):
 def knn_monitor(config):
     """The kNN callback on `knn.bank` training and `knn.test` val images."""
     settings = config["knn"]
-    bank, bank_labels, source = runs.evaluation_arrays(
+    bank, bank_labels, source = sources.evaluation_arrays(
         config, "train", settings["bank"]
     )
-    test, test_labels, _ = runs.evaluation_arrays(
+    test, test_labels, _ = sources.evaluation_arrays(
         config, "val", settings["test"]
     )
     return knn.KNNMonitor(
@@ -148,7 +151,7 @@ def pretrain(config):
     """MoCo pretraining of `config` in its workdir, resumed if it exists.
 
     Args:
-        config: a `PRETRAINING` preset with `run.workdir` (`runs.config`).
+        config: a `PRETRAINING` preset with `run.workdir` (`configs.config`).
 
     Returns:
         The run's `results.json` as a dict (the chief's; other workers get
@@ -160,7 +163,7 @@ def pretrain(config):
     data, run = config["data"], config["run"]
     paths, strategy = runs.set_up(config)
     devices = distribute.device_count(strategy)
-    runs.check_devices(config, devices)
+    configs.check_devices(config, devices)
     method.check_devices(config, devices)
     check(
         not config["knn"]["every"] or distribute.process_shard() is None,
@@ -169,7 +172,7 @@ def pretrain(config):
         "evaluate the checkpoint afterwards (the linear recipe, on one "
         "host).",
     )
-    source = runs.data_source(config, "train", data["train_limit"])
+    source = sources.data_source(config, "train", data["train_limit"])
     batch_size = data["batch_size"]
     steps_per_epoch = source.num_examples // batch_size
     check(
@@ -185,7 +188,7 @@ def pretrain(config):
             replicas=devices if strategy is not None else 1,
         )
     augmentation = augmentation_config(config)
-    grain = runs.input_pipeline(config) == "grain"
+    grain = sources.input_pipeline(config) == "grain"
 
     def two_view_batches(batch_size, epoch, skip=0, shard=None, workers=None):
         if grain:

@@ -285,7 +285,7 @@ def test_gpu_benchmark_tiny(tmp_path, backend):
 @pytest.mark.parametrize("part", ["step", "supervised", "keys"])
 def test_the_benchmarked_keras_step_compiles_as_the_recipes_do(part):
     """Keras' JAX trainer runs an uncompiled step op by op: the benchmark
-    times the compiled one, as `runs.jit_compile` gives the recipes."""
+    times the compiled one, as `configs.jit_compile` gives the recipes."""
     import train_step
 
     spec = {**gpu.TINY, "batch": 4}

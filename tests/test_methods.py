@@ -8,6 +8,7 @@ import os
 import pytest
 from support import recipe_defaults
 
+from moco_keras import configs
 from moco_keras import methods
 from moco_keras import presets
 from moco_keras import pretraining
@@ -58,15 +59,17 @@ def test_the_method_is_named_not_inferred():
 def test_a_config_without_a_known_method_is_refused():
     config = presets.get(presets.PRETRAINING, "mocov2")
     del config["method"]
-    with pytest.raises(runs.ConfigError, match="one of mocov1, mocov2, mocov3"):
+    with pytest.raises(
+        configs.ConfigError, match="one of mocov1, mocov2, mocov3"
+    ):
         methods.get(config)
-    with pytest.raises(runs.ConfigError, match="'simclr' is not a method"):
+    with pytest.raises(configs.ConfigError, match="'simclr' is not a method"):
         methods.get({**config, "method": "simclr"})
 
 
 def test_another_methods_model_values_are_refused_before_any_data():
-    config = runs.config(tiny("mocov2"), method="mocov3")
-    with pytest.raises(runs.ConfigError) as error:
+    config = configs.config(tiny("mocov2"), method="mocov3")
+    with pytest.raises(configs.ConfigError) as error:
         pretraining.check_pretraining(config)
     message = str(error.value)
     assert "'mocov3' takes the model values dim, mlp_dim" in message
@@ -98,13 +101,13 @@ def test_a_run_from_before_configs_named_their_method_resumes(tmp_path):
     config = tiny("mocov2", workdir=str(tmp_path))
     legacy = json.loads(json.dumps(config))
     del legacy["method"]
-    runs.write_json_atomically(str(tmp_path / runs.CONFIG_FILE), legacy)
+    runs.write_json_atomically(str(tmp_path / configs.CONFIG_FILE), legacy)
     os.makedirs(tmp_path / "checkpoints")
     (tmp_path / "checkpoints" / "ckpt-000000004.keras").write_bytes(b"")
-    runs.check_resume(config)
+    configs.check_resume(config)
     # v1 with v2's values is the same run: its sections are the same.
-    runs.check_resume(runs.config(config, method="mocov1"))
+    configs.check_resume(configs.config(config, method="mocov1"))
     # A config.json that names its method keeps it.
-    runs.write_json_atomically(str(tmp_path / runs.CONFIG_FILE), config)
-    with pytest.raises(runs.ConfigError, match="method: 'mocov2' in its"):
-        runs.check_resume(runs.config(config, method="mocov1"))
+    runs.write_json_atomically(str(tmp_path / configs.CONFIG_FILE), config)
+    with pytest.raises(configs.ConfigError, match="method: 'mocov2' in its"):
+        configs.check_resume(configs.config(config, method="mocov1"))

@@ -22,11 +22,12 @@ from support import parsed_flags
 from support import recipe_defaults as defaults
 from support import tensorboard_events
 
+from moco_keras import configs
 from moco_keras import datasets
 from moco_keras import health
 from moco_keras import pipelines
 from moco_keras import pretraining
-from moco_keras import runs
+from moco_keras import sources
 from moco_keras import training
 from moco_keras.recipes import common
 from moco_keras.recipes import lincls
@@ -570,8 +571,8 @@ def test_a_missing_or_empty_data_dir_ends_with_its_message(tmp_path):
         (tmp_path / "no_images", "class folder.s. of .*train.*hold no image"),
         (tmp_path / "nowhere", "No data directory at"),
     ):
-        with pytest.raises(runs.ConfigError, match=message):
-            runs.load_source("folder", str(path), "train")
+        with pytest.raises(configs.ConfigError, match=message):
+            sources.load_source("folder", str(path), "train")
 
 
 def flagfile_config(recipe, flagfile):
@@ -822,7 +823,7 @@ def test_flags_given_replace_the_presets_values_and_only_those():
     with parsed_flags("--preset=quickstart", "--width=4", "--workdir=w"):
         config = common.recipe_config(pretrain.PRESETS)
     assert config["encoder"]["width"] == 4 and config["run"]["workdir"] == "w"
-    assert config == runs.config(
+    assert config == configs.config(
         quickstart, encoder={"width": 4}, run={"workdir": "w"}
     )
     assert config["run"]["seed"] == 0 and quickstart["encoder"]["width"] == 16
@@ -833,18 +834,18 @@ def test_flags_given_replace_the_presets_values_and_only_those():
     assert config["schedule"]["milestones"] == [3, 1]  # ints, as given
     with (
         parsed_flags("--preset=mocov3"),
-        pytest.raises(runs.ConfigError, match="--preset=mocov3"),
+        pytest.raises(configs.ConfigError, match="--preset=mocov3"),
     ):
         common.recipe_config(pretrain.PRESETS)
     # A flag that the recipe's config has no place for is refused, not lost.
     with (
         parsed_flags("--preset=imagenet", "--moco_k=16"),
-        pytest.raises(runs.ConfigError, match="--moco_k has no effect"),
+        pytest.raises(configs.ConfigError, match="--moco_k has no effect"),
     ):
         common.recipe_config(lincls.PRESETS)
     with (
         parsed_flags("--preset=imagenet", "--schedule=60,eighty"),
-        pytest.raises(runs.ConfigError, match="--schedule must list epochs"),
+        pytest.raises(configs.ConfigError, match="--schedule must list epochs"),
     ):
         common.recipe_config(lincls.PRESETS)
 
@@ -856,14 +857,14 @@ def test_nohealth_builds_moco_without_the_measures():
         config = common.recipe_config(pretrain.PRESETS)
     assert config["run"]["health"] is False
     assert pretrain.PRESETS["quickstart"]["run"]["health"] is True
-    config = runs.config(
+    config = configs.config(
         config,
         encoder={"width": 2},
         data={"image_size": 8},
         model={"queue_size": 64},
     )
     assert not pretraining.build_moco(config, [], 1).health
-    config = runs.config(config, run={"health": True})
+    config = configs.config(config, run={"health": True})
     assert pretraining.build_moco(config, [], 1).health
 
 

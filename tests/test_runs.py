@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from support import recipe_defaults
 
+from moco_keras import configs
 from moco_keras import evaluation
 from moco_keras import linear_classification
 from moco_keras import methods
@@ -29,14 +30,16 @@ def lincls_defaults(**flags):
 
 def test_config_is_the_preset_with_overrides_and_refuses_unknown_keys():
     preset = presets.PRETRAINING["mocov2"]
-    config = runs.config(preset, run={"workdir": "w"}, model={"queue_size": 64})
+    config = configs.config(
+        preset, run={"workdir": "w"}, model={"queue_size": 64}
+    )
     assert config["model"] == {**presets.MOCOV2, "queue_size": 64}
     assert config["run"]["workdir"] == "w" and config["run"]["seed"] == 0
     assert preset["model"]["queue_size"] == 65536  # the preset unchanged
-    with pytest.raises(runs.ConfigError, match="Unknown keys .'queue'. in"):
-        runs.config(preset, model={"queue": 64})
-    with pytest.raises(runs.ConfigError, match="Unknown config section"):
-        runs.config(preset, classifier={"pretrained": "w"})
+    with pytest.raises(configs.ConfigError, match="Unknown keys .'queue'. in"):
+        configs.config(preset, model={"queue": 64})
+    with pytest.raises(configs.ConfigError, match="Unknown config section"):
+        configs.config(preset, classifier={"pretrained": "w"})
 
 
 @pytest.mark.parametrize(
@@ -62,7 +65,7 @@ def test_config_is_the_preset_with_overrides_and_refuses_unknown_keys():
     ],
 )
 def test_pretrain_flag_contradictions(overrides, message):
-    with pytest.raises(runs.ConfigError, match=message):
+    with pytest.raises(configs.ConfigError, match=message):
         pretraining.check_pretraining(defaults(**overrides))
 
 
@@ -77,7 +80,7 @@ def test_pretrain_flag_contradictions(overrides, message):
     ],
 )
 def test_mocov3_flag_contradictions(preset, overrides, message):
-    with pytest.raises(runs.ConfigError, match=message):
+    with pytest.raises(configs.ConfigError, match=message):
         pretraining.check_pretraining(defaults(preset, **overrides))
     # The preset itself passes.
     pretraining.check_pretraining(defaults(preset))
@@ -96,7 +99,7 @@ def test_mocov3_flag_contradictions(preset, overrides, message):
 )
 def test_a_flag_the_preset_has_no_value_for_is_refused(preset, flag):
     (name,) = flag
-    with pytest.raises(runs.ConfigError, match=f"--{name} has no effect"):
+    with pytest.raises(configs.ConfigError, match=f"--{name} has no effect"):
         defaults(preset, **flag)
 
 
@@ -106,19 +109,21 @@ def test_rerun_of_a_workdir_refuses_changed_values(tmp_path):
     import json
 
     config = defaults(workdir=str(tmp_path), moco_k=256, width=16)
-    runs.check_resume(config)  # a new workdir
+    configs.check_resume(config)  # a new workdir
     runs.write_json_atomically(str(tmp_path / "config.json"), config)
-    changed = runs.config(config, model={"queue_size": 512})
-    runs.check_resume(changed)  # no checkpoint yet
+    changed = configs.config(config, model={"queue_size": 512})
+    configs.check_resume(changed)  # no checkpoint yet
     os.makedirs(tmp_path / "checkpoints")
     (tmp_path / "checkpoints" / "ckpt-000000004.keras").write_bytes(b"")
-    runs.check_resume(json.loads(json.dumps(config)))
-    runs.check_resume(
-        runs.config(config, schedule={"epochs": 400}, run={"verbose": "2"})
+    configs.check_resume(json.loads(json.dumps(config)))
+    configs.check_resume(
+        configs.config(config, schedule={"epochs": 400}, run={"verbose": "2"})
     )
-    with pytest.raises(runs.ConfigError) as error:
-        runs.check_resume(
-            runs.config(changed, encoder={"width": 64}, schedule={"epochs": 9})
+    with pytest.raises(configs.ConfigError) as error:
+        configs.check_resume(
+            configs.config(
+                changed, encoder={"width": 64}, schedule={"epochs": 9}
+            )
         )
     message = str(error.value)
     assert "model.queue_size: 256 in its config.json, 512 now" in message
@@ -126,7 +131,7 @@ def test_rerun_of_a_workdir_refuses_changed_values(tmp_path):
     assert "schedule.epochs:" not in message  # resumable
     assert "ckpt-000000004.keras" in message
     assert "a new run.workdir" in message
-    for key in runs.RESUMABLE:
+    for key in configs.RESUMABLE:
         assert key in message
     # The recipes print it in flag names.
     printed = common.in_flag_names(message)
@@ -138,18 +143,22 @@ def test_rerun_of_a_workdir_refuses_changed_values(tmp_path):
     for health in (True, False):
         config["run"]["health"] = health
         if health:
-            runs.check_resume(config)
+            configs.check_resume(config)
             continue
-        with pytest.raises(runs.ConfigError, match="run.health: True in its"):
-            runs.check_resume(config)
+        with pytest.raises(
+            configs.ConfigError, match="run.health: True in its"
+        ):
+            configs.check_resume(config)
 
 
 def test_strategy_of_another_backend_is_refused():
     backend = keras.backend.backend()
     other = "data_parallel" if backend == "tensorflow" else "mirrored"
-    with pytest.raises(runs.ConfigError, match=f"this process runs {backend}"):
+    with pytest.raises(
+        configs.ConfigError, match=f"this process runs {backend}"
+    ):
         pretraining.check_pretraining(defaults(strategy=other))
-    with pytest.raises(runs.ConfigError, match="Unknown strategy 'horovod'"):
+    with pytest.raises(configs.ConfigError, match="Unknown strategy 'horovod'"):
         pretraining.check_pretraining(defaults(strategy="horovod"))
 
 
@@ -157,12 +166,14 @@ def test_batch_and_bn_groups_must_split_over_the_devices():
     config = defaults(batch_size=256, bn_splits=8)
     method = methods.get(config)
     for devices in (8, 4):
-        runs.check_devices(config, devices)
+        configs.check_devices(config, devices)
         method.check_devices(config, devices)
-    with pytest.raises(runs.ConfigError, match="does not split over 3 devices"):
-        runs.check_devices(config, 3)
+    with pytest.raises(
+        configs.ConfigError, match="does not split over 3 devices"
+    ):
+        configs.check_devices(config, 3)
     # The BN groups are the method's: v1/v2's split BN, none in v3.
-    with pytest.raises(runs.ConfigError, match="must be a multiple of 16"):
+    with pytest.raises(configs.ConfigError, match="must be a multiple of 16"):
         method.check_devices(config, 16)
     v3 = recipe_defaults(presets.PRETRAINING, "mocov3_r50", batch_size=256)
     methods.get(v3).check_devices(v3, 16)
@@ -174,7 +185,7 @@ def test_valid_flags_pass_and_cos_ignores_the_schedule():
     assert linear_classification.check_linear_classification(
         lincls_defaults(schedule=["60", "80"], epochs=100, train_augment=False)
     ) == [60, 80]
-    with pytest.raises(runs.ConfigError, match="--notrain_augment"):
+    with pytest.raises(configs.ConfigError, match="--notrain_augment"):
         linear_classification.check_linear_classification(
             lincls_defaults(cache_features=True, train_augment=True)
         )
@@ -216,21 +227,21 @@ def test_backbone_check_reads_the_checkpoint_back(tmp_path):
 
 
 def test_pretrained_must_be_a_moco_checkpoint(tmp_path):
-    with pytest.raises(runs.ConfigError, match="does not exist"):
+    with pytest.raises(configs.ConfigError, match="does not exist"):
         linear_classification.resolve_pretrained(
             str(tmp_path / "missing.keras")
         )
-    with pytest.raises(runs.ConfigError, match="without MoCo checkpoints"):
+    with pytest.raises(configs.ConfigError, match="without MoCo checkpoints"):
         linear_classification.resolve_pretrained(str(tmp_path))
     text = tmp_path / "notes.keras"
     text.write_text("not a zip")
-    with pytest.raises(runs.ConfigError, match="is not a MoCo checkpoint"):
+    with pytest.raises(configs.ConfigError, match="is not a MoCo checkpoint"):
         linear_classification.load_backbone(str(text))
     inputs = keras.Input((4,))
     plain = keras.Model(inputs, keras.layers.Dense(2)(inputs))
     plain.save(tmp_path / "plain.keras")
     with pytest.raises(
-        runs.ConfigError, match="holds a Functional, not a MoCo"
+        configs.ConfigError, match="holds a Functional, not a MoCo"
     ):
         linear_classification.load_backbone(str(tmp_path / "plain.keras"))
 
@@ -248,7 +259,9 @@ def test_a_jax_run_compiles_its_step_and_the_others_follow_the_config():
     jax = keras.backend.backend() == "jax"
     # Keras' JAX trainer runs an uncompiled step op by op.
     assert model.jit_compile is jax
-    assert runs.jit_compile(runs.config(config, run={"jit_compile": True}))
+    assert configs.jit_compile(
+        configs.config(config, run={"jit_compile": True})
+    )
 
 
 def test_linear_probe_separates_clusters_and_not_shuffled_labels():
@@ -261,7 +274,7 @@ def test_linear_probe_separates_clusters_and_not_shuffled_labels():
     # Labels that the features do not predict: chance, not a leak.
     shuffled = (features[:450], rng.permutation(labels[:450]))
     assert evaluation.linear_probe(shuffled, test, 3, epochs=5) < 60
-    with pytest.raises(runs.ConfigError, match="epochs >= 1"):
+    with pytest.raises(configs.ConfigError, match="epochs >= 1"):
         evaluation.linear_probe(train, test, 3, epochs=0)
 
 
@@ -303,7 +316,7 @@ def test_knn_evaluation_of_a_head_reuses_its_backbones_features(tmp_path):
     assert scores["head"] == scores["model"]
     assert scores["head linear"] == scores["model linear"]
     assert 0 <= scores["backbone"] <= 100
-    with pytest.raises(runs.ConfigError, match="'backbone', which is not"):
+    with pytest.raises(configs.ConfigError, match="'backbone', which is not"):
         evaluation.knn_evaluation(config, {"head": ("backbone", model.head_q)})
 
 
@@ -315,5 +328,5 @@ def test_the_docs_list_the_values_a_resume_may_change():
     paragraph = text[text.index("What may change on a resume") :]
     paragraph = paragraph[: paragraph.index("\n\n")]
     listed = re.findall(r"`--(\w+)`", paragraph)
-    resumable = [common.CONFIG_TO_FLAGS[key] for key in runs.RESUMABLE]
+    resumable = [common.CONFIG_TO_FLAGS[key] for key in configs.RESUMABLE]
     assert sorted(listed) == sorted(resumable)

@@ -25,9 +25,9 @@ from torch_checkpoints import save_official
 from torch_checkpoints import save_pdparams
 from torch_checkpoints import v2_head
 
+from moco_keras import configs
 from moco_keras import convert
 from moco_keras import linear_classification
-from moco_keras import runs
 
 
 class Payload:
@@ -185,7 +185,7 @@ def test_a_keras_file_with_code_is_refused_unrun(tmp_path):
     assert message.startswith(f"{path} was refused: it holds Python code")
     assert "safe_mode" not in message and "unsafe" not in message
     # As --pretrained: the same refusal, in the flag's words.
-    with pytest.raises(runs.ConfigError, match="--pretrained is not a MoCo"):
+    with pytest.raises(configs.ConfigError, match="--pretrained is not a MoCo"):
         linear_classification.load_backbone(path)
     assert not os.path.exists(marker)
     keras.saving.load_model(path, safe_mode=False)

@@ -5,7 +5,7 @@ scripts' names (`--moco_t`, `--aug_plus`, `--cos`, `--wd`, ...);
 `FLAGS_TO_CONFIG` maps each onto a section and key of the config
 (`moco_keras.presets`), and `recipe_config` puts the flags given, on the
 command line or in a flagfile, into the `--preset`'s config; `run`
-reports a config that cannot run (`runs.ConfigError`) as a usage error,
+reports a config that cannot run (`configs.ConfigError`) as a usage error,
 without a traceback, naming the flags.
 """
 
@@ -16,9 +16,9 @@ import sys
 from absl import app
 from absl import flags
 
+from moco_keras import configs
 from moco_keras import convert
 from moco_keras import presets
-from moco_keras import runs
 
 FLAGS = flags.FLAGS
 
@@ -245,7 +245,7 @@ def config_value(name, value):
     try:
         return [int(epoch) for epoch in value or []]
     except ValueError:
-        raise runs.ConfigError(
+        raise configs.ConfigError(
             f"--schedule must list epochs (e.g. 120,160): {value}"
         ) from None
 
@@ -255,21 +255,21 @@ def with_flags(config, **values):
     line, in place: `with_flags(preset, moco_k=4096, cos=False)`.
 
     Raises:
-        runs.ConfigError: a flag that `config` has no place for (e.g.
+        configs.ConfigError: a flag that `config` has no place for (e.g.
             `--moco_k` in a linear classification config).
     """
     config = copy.deepcopy(config)
     for name, value in values.items():
         section, key = FLAGS_TO_CONFIG[name]
         if section not in config:
-            raise runs.ConfigError(
+            raise configs.ConfigError(
                 f"--{name} has no effect in this recipe (its config has no "
                 f"{section!r} section: {sorted(config)}); drop it."
             )
         if key not in config[section]:
             # E.g. --moco_k with a MoCo v3 preset (no queue), --cos with
             # v3's warm-up and cosine, --width with a ViT.
-            raise runs.ConfigError(
+            raise configs.ConfigError(
                 f"--{name} has no effect with this preset (its {section!r} "
                 f"values are {', '.join(sorted(config[section]))}); drop it."
             )
@@ -284,7 +284,7 @@ def recipe_config(table):
     try:
         config = presets.get(table, FLAGS.preset)
     except ValueError as error:
-        raise runs.ConfigError(f"--preset={FLAGS.preset}: {error}") from None
+        raise configs.ConfigError(f"--preset={FLAGS.preset}: {error}") from None
     given = {
         name: FLAGS[name].value
         for name in FLAGS_TO_CONFIG
@@ -318,7 +318,7 @@ def run(main, table, preset):
     """`app.run(main)`, `preset` of `table` the default `--preset`.
 
     Its values become the flags' defaults too, so that `--help` shows them.
-    A `runs.ConfigError` ends the run with its message in flag names; a
+    A `configs.ConfigError` ends the run with its message in flag names; a
     `convert.CheckpointError` (a file that cannot be read, or that was
     refused) with its message alone, exit status 1; neither with a
     traceback.
@@ -327,7 +327,7 @@ def run(main, table, preset):
     def checked_main(argv):
         try:
             return main(argv)
-        except runs.ConfigError as error:
+        except configs.ConfigError as error:
             raise app.UsageError(in_flag_names(str(error))) from None
         except convert.CheckpointError as error:
             print(f"Error: {error}", file=sys.stderr)

@@ -22,10 +22,11 @@ import os
 
 from absl import flags
 
+from moco_keras import configs
 from moco_keras import convert
 from moco_keras import export_pytorch
 from moco_keras import linear_classification
-from moco_keras import runs
+from moco_keras import sources
 from moco_keras import training
 from moco_keras.recipes import common
 
@@ -59,7 +60,7 @@ def preprocessing_flags(pretrained, checkpoint):
     run = {}
     # A workdir, or a checkpoint in its checkpoints/ folder.
     for directory in (pretrained, os.path.dirname(os.path.dirname(checkpoint))):
-        path = os.path.join(directory, runs.CONFIG_FILE)
+        path = os.path.join(directory, configs.CONFIG_FILE)
         if os.path.isfile(path):
             with open(path) as f:
                 run = json.load(f)["data"]
@@ -74,7 +75,7 @@ def preprocessing_flags(pretrained, checkpoint):
 
 def _lincls_run(path):
     """The config of a lincls workdir `path`, or None."""
-    config = os.path.join(path, runs.CONFIG_FILE)
+    config = os.path.join(path, configs.CONFIG_FILE)
     if not os.path.isfile(config):
         return None
     with open(config) as f:
@@ -97,7 +98,7 @@ def weights_to_export(pretrained):
         found, _ = training.latest_checkpoint(
             os.path.join(pretrained, "checkpoints")
         )
-        runs.check(
+        configs.check(
             found is not None,
             f"--pretrained={pretrained} is a linear-classification workdir "
             "without checkpoints/ckpt-<step>.keras.",
@@ -134,7 +135,7 @@ def export_for_pytorch(pretrained, output, format):
 
     model, backbone, fc, epoch, origin = weights_to_export(pretrained)
     vit = any(layer.name == "embedding" for layer in backbone.layers)
-    runs.check(
+    configs.check(
         vit == (format == "timm"),
         f"--format=timm writes ViTs and the other PyTorch formats ResNets; "
         f"{origin} holds a {'ViT' if vit else 'ResNet'}: use "
@@ -146,7 +147,7 @@ def export_for_pytorch(pretrained, output, format):
             export_pytorch.save_torch(state, output)
             what = "a timm VisionTransformer state dict (all but the head)"
         elif format == "moco_pytorch":
-            runs.check(
+            configs.check(
                 isinstance(model, moco.MoCo),
                 f"--format=moco_pytorch writes a MoCo pretraining checkpoint "
                 f"(query and key encoders, queue); {origin} is not one "
@@ -175,13 +176,13 @@ def export_for_pytorch(pretrained, output, format):
             )
             what = "detectron2's weights (MODEL.WEIGHTS)"
     except (ImportError, ValueError) as error:
-        runs.check(False, str(error))
+        configs.check(False, str(error))
     print(f"Wrote {what} of {origin} to {output}.")
 
 
 def main(argv):
     del argv
-    runs.check(
+    configs.check(
         FLAGS.output,
         "--output is required: a directory (saved_model, keras_hub) or a "
         "file (onnx, torchvision, moco_pytorch, detectron2).",
@@ -195,7 +196,7 @@ def main(argv):
     checkpoint = linear_classification.resolve_pretrained(FLAGS.pretrained)
     backbone, normalization = linear_classification.load_backbone(checkpoint)
     values = preprocessing_flags(FLAGS.pretrained, checkpoint)
-    mean, std = normalization or runs.dataset_stats(values["dataset"])
+    mean, std = normalization or sources.dataset_stats(values["dataset"])
     from moco_keras import export
 
     size = values["image_size"]
@@ -208,7 +209,7 @@ def main(argv):
                 backbone, FLAGS.output, size=size, mean=mean, std=std
             )
         except (ImportError, ValueError) as error:
-            runs.check(False, str(error))
+            configs.check(False, str(error))
         print(
             f"Wrote the keras-hub preset of {checkpoint} to {FLAGS.output}: "
             "keras_hub.models.ResNetBackbone.from_preset(DIR) and "
@@ -226,7 +227,7 @@ def main(argv):
         try:
             export.export_onnx(backbone, FLAGS.output, **preprocessing)
         except (ImportError, ValueError) as error:
-            runs.check(False, str(error))
+            configs.check(False, str(error))
         print(
             f"Wrote the encoder of {checkpoint} as ONNX to {FLAGS.output}: "
             f"input `images` (float32 N x H x W x 3, normalized with mean "
@@ -240,7 +241,7 @@ def main(argv):
             backbone, FLAGS.output, **preprocessing
         )
     except ValueError as error:
-        runs.check(False, str(error))
+        configs.check(False, str(error))
     print(
         f"Exported the encoder of {checkpoint} to {FLAGS.output}: "
         f"signature serving_default, input `images` (uint8, any size), "

@@ -24,9 +24,10 @@ included.
 
 from absl import flags
 
+from moco_keras import configs
 from moco_keras import presets
 from moco_keras import pretraining
-from moco_keras import runs
+from moco_keras import sources
 from moco_keras.recipes import common
 
 FLAGS = flags.FLAGS
@@ -124,9 +125,10 @@ OWN_IMAGES_FLAGS = {
 def own_images_config(config):
     """`--preset=own_images`: the rules of `presets.own_images_rules` for
     the dataset at hand, printed; a flag given keeps its value."""
-    runs.check_common(config)
+    configs.check_common(config)
+    sources.check_input(config)
     data = config["data"]
-    source = runs.data_source(config, "train", data["train_limit"])
+    source = sources.data_source(config, "train", data["train_limit"])
     sections, reasons = presets.own_images_rules(
         source.num_examples, data["image_size"], data["batch_size"]
     )
