@@ -296,10 +296,13 @@ def distribute_dataset(strategy, dataset_fn):
 
     Args:
         strategy: a `tf.distribute.Strategy`, or None.
-        dataset_fn: `f(shard)` -> a `tf.data.Dataset`: the global batches
-            for `shard=None`; for `shard=(index, count)`, worker `index`'s
-            share of each global batch, one of `count` equal parts (as
-            `pipelines.two_view_dataset(..., shard=shard)` gives).
+        dataset_fn: `f(shard)` -> a `tf.data.Dataset` or grain batches: the
+            global batches for `shard=None`; for `shard=(index, count)`,
+            worker `index`'s share of each global batch, one of `count`
+            equal parts (as `pipelines.two_view_dataset(..., shard=shard)`
+            and `views.two_view_batches(..., shard=shard)` give). Under a
+            `tf.distribute` strategy grain's finished batches reach it
+            through `grain_to_tf_data`.
 
     Returns:
         What `model.fit` takes: the global batches on one worker (a local
@@ -314,7 +317,7 @@ def distribute_dataset(strategy, dataset_fn):
         strategy.extended._in_multi_worker_mode()
     )
     if not multi_worker:
-        return dataset_fn(None)
+        return grain_to_tf_data(dataset_fn(None))
 
     import tensorflow as tf
 
@@ -325,9 +328,53 @@ def distribute_dataset(strategy, dataset_fn):
             tf.data.experimental.AutoShardPolicy.OFF
         )
         shard = (context.input_pipeline_id, context.num_input_pipelines)
-        return dataset_fn(shard).with_options(options)
+        return grain_to_tf_data(dataset_fn(shard)).with_options(options)
 
     return strategy.distribute_datasets_from_function(worker_dataset)
+
+
+def grain_to_tf_data(batches):
+    """`batches` as a `tf.data.Dataset` that only hands them over.
+
+    A `tf.distribute` strategy takes its input as tf.data: grain's batches
+    (`views.two_view_batches`, finished numpy arrays in their order) are
+    yielded as they are, with no transformation of their own, so that the
+    pipeline's order, draws and resume are grain's. A `tf.data.Dataset`
+    is returned unchanged.
+
+    Each pass over the dataset reads `batches` from its start, as a tf.data
+    pipeline would (Keras reads the first batch once to build the model,
+    then the epoch); the first pass goes on from the batch read here for
+    the batches' shapes.
+    """
+    import tensorflow as tf
+
+    if isinstance(batches, tf.data.Dataset):
+        return batches
+    iterator = iter(batches)
+    try:
+        first = next(iterator)
+    except StopIteration:
+        raise ValueError(
+            "The input pipeline gave no batch: fewer images than one global "
+            "batch, or a resumed epoch's skip past its end."
+        ) from None
+    signature = tf.nest.map_structure(
+        lambda x: tf.TensorSpec(x.shape, tf.as_dtype(x.dtype)), first
+    )
+    started = [(first, iterator)]
+
+    def handed_over():
+        if started:
+            head, rest = started.pop()
+            yield head
+            yield from rest
+        else:
+            yield from batches
+
+    return tf.data.Dataset.from_generator(
+        handed_over, output_signature=signature
+    ).prefetch(tf.data.AUTOTUNE)
 
 
 def patch_keras_multi_worker():

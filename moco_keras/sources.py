@@ -61,10 +61,10 @@ def check_input(config):
         "images as a folder of class folders (--dataset=folder).",
     )
     check(
-        run["strategy"] in ("none", "data_parallel"),
-        f"--strategy={run['strategy']} is tf.distribute's, which reads "
-        "tf.data: use --input=tf_data with it (grain feeds --strategy=none "
-        "and JAX's data_parallel).",
+        run["strategy"] != "tpu",
+        "--strategy=tpu reads its input on the TPU hosts through tf.data "
+        "graphs, which grain's Python batches cannot feed: use "
+        "--input=tf_data with it.",
     )
     check(
         data["workers"] >= 0,

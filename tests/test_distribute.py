@@ -22,11 +22,11 @@ from moco_keras import distribute
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_script(script, **env):
+def run_script(script, *args, **env):
     """Runs `tests/scripts/<script>` in a fresh Python; the JSON of its last
     output line."""
     out = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tests", "scripts", script)],
+        [sys.executable, os.path.join(ROOT, "tests", "scripts", script), *args],
         env={
             **os.environ,
             "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]),
@@ -98,6 +98,26 @@ def test_mirrored_replicas_keep_one_queue(mirrored):
     assert result["queue"] < 1e-4
     worst = max(result["weights"], key=result["weights"].get)
     assert result["weights"][worst] < 1e-4, worst
+
+
+@pytest.mark.slow
+@pytest.mark.process
+@pytest.mark.backends("tensorflow")
+def test_mirrored_recipe_reads_grain_as_one_device_does(tmp_path):
+    """The pretraining recipe with grain's batches handed to
+    MirroredStrategy (`distribute.grain_to_tf_data`) over 2 CPU devices:
+    each replica takes its half of every global batch, and both steps
+    equal the same run on one device with split BN of 2 groups."""
+    result = run_script(
+        "mirrored_grain.py", str(tmp_path), KERAS_BACKEND="tensorflow"
+    )
+    assert result["devices"] == [2, 1]
+    assert result["ptr1"] == [32, 32] and result["ptr2"] == [0, 0]
+    for step in ("step1", "step2"):
+        gaps = result[step]
+        worst = max(gaps, key=gaps.get)
+        assert gaps[worst] < 1e-5, (step, worst, gaps[worst])
+        assert any("moving_mean" in path for path in gaps)
 
 
 @pytest.mark.slow

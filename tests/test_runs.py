@@ -17,6 +17,7 @@ from moco_keras import methods
 from moco_keras import presets
 from moco_keras import pretraining
 from moco_keras import runs
+from moco_keras import sources
 from moco_keras.recipes import common
 
 
@@ -160,6 +161,13 @@ def test_strategy_of_another_backend_is_refused():
         pretraining.check_pretraining(defaults(strategy=other))
     with pytest.raises(configs.ConfigError, match="Unknown strategy 'horovod'"):
         pretraining.check_pretraining(defaults(strategy="horovod"))
+
+
+def test_grain_feeds_every_strategy_but_the_tpus():
+    for strategy in ("none", "mirrored", "multi_worker"):
+        sources.check_input(defaults(input="grain", strategy=strategy))
+    with pytest.raises(configs.ConfigError, match="--strategy=tpu reads its"):
+        sources.check_input(defaults(input="grain", strategy="tpu"))
 
 
 def test_batch_and_bn_groups_must_split_over_the_devices():
