@@ -28,7 +28,6 @@ from moco_keras import color
 from moco_keras import encoders
 from moco_keras import moco
 from moco_keras import mocov3
-from moco_keras import momentum_pair
 from moco_keras import optimizers
 from moco_keras import presets
 from moco_keras import vits
@@ -209,21 +208,13 @@ class MoCoV3Method(Method):
     def check_method(self, config):
         model, encoder = config["model"], config["encoder"]
         self.check_model_arguments(
-            momentum_pair.check_arguments,
+            mocov3.check_arguments,
             model["dim"],
+            model["mlp_dim"],
+            model["projector_layers"],
             model["momentum"],
             model["temperature"],
         )
-        for key, flag in (
-            ("mlp_dim", "moco_mlp_dim"),
-            ("projector_layers", ""),
-        ):
-            value = model[key]
-            check(
-                isinstance(value, int) and value >= 1,
-                f"model.{key} must be a positive int: {value!r}"
-                + (f" (--{flag})" if flag else ""),
-            )
         size = config["data"]["image_size"]
         if encoder["arch"] in vits.VITS:
             check(

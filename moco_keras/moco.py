@@ -315,7 +315,8 @@ _SEED_STATE = "seed_generator_state"
 def check_arguments(dim, mlp, queue_size, momentum, temperature):
     """Raises `ValueError` unless these are valid `MoCo` arguments.
 
-    `MoCo` calls it first; `methods.MOCOV1`/`MOCOV2` before any data is read.
+    `MoCo` calls it first; the methods `mocov1` and `mocov2`
+    (`methods.METHODS`) before any data is read.
     """
     if callable(momentum):
         raise ValueError(

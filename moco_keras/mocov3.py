@@ -133,16 +133,7 @@ class MoCoV3(momentum_pair.MomentumPair):
         health=True,
         **kwargs,
     ):
-        momentum_pair.check_arguments(dim, momentum, temperature)
-        for label, value in (
-            ("mlp_dim", mlp_dim),
-            ("projector_layers", projector_layers),
-        ):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(
-                    f"`{label}` must be a positive int. Received: "
-                    f"{label}={value!r}"
-                )
+        check_arguments(dim, mlp_dim, projector_layers, momentum, temperature)
         super().__init__(**kwargs)
         feature_dim = momentum_pair.check_encoder(encoder)
         pair = (
@@ -287,6 +278,24 @@ class MoCoV3(momentum_pair.MomentumPair):
                 config["momentum"], steps_per_epoch, epochs
             )
         return super().from_config(config)
+
+
+def check_arguments(dim, mlp_dim, projector_layers, momentum, temperature):
+    """Raises `ValueError` unless these are valid `MoCoV3` arguments.
+
+    `MoCoV3` calls it first; `methods.METHODS["mocov3"]` before any data is
+    read.
+    """
+    momentum_pair.check_arguments(dim, momentum, temperature)
+    for name, value in (
+        ("mlp_dim", mlp_dim),
+        ("projector_layers", projector_layers),
+    ):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(
+                f"`{name}` must be a positive int (4096 and 2 or 3 in the "
+                f"official code). Received: {name}={value!r}"
+            )
 
 
 def contrastive_loss(q, k, temperature, context=None):

@@ -15,6 +15,7 @@ from moco_keras import pretraining
 from moco_keras import runs
 from moco_keras.moco import MoCo
 from moco_keras.mocov3 import MoCoV3
+from moco_keras.recipes import common
 
 
 def tiny(preset, **flags):
@@ -111,3 +112,13 @@ def test_a_run_from_before_configs_named_their_method_resumes(tmp_path):
     runs.write_json_atomically(str(tmp_path / configs.CONFIG_FILE), config)
     with pytest.raises(configs.ConfigError, match="method: 'mocov2' in its"):
         configs.check_resume(configs.config(config, method="mocov1"))
+
+
+def test_a_bad_model_value_is_named_by_the_flag_that_sets_it():
+    for preset, flag, printed in (
+        ("quickstart_mocov3", {"moco_mlp_dim": 0}, "--moco_mlp_dim: `mlp_dim`"),
+        ("mocov2", {"moco_k": 0}, "--moco_k: `queue_size` (K) must"),
+    ):
+        with pytest.raises(configs.ConfigError) as error:
+            pretraining.check_pretraining(tiny(preset, **flag))
+        assert printed in common.in_flag_names(str(error.value))
