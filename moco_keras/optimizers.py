@@ -76,14 +76,19 @@ class SGD(keras.optimizers.Optimizer):
 
     def update_step(self, gradient, variable, learning_rate):
         learning_rate = ops.cast(learning_rate, variable.dtype)
-        direction = ops.cast(gradient, variable.dtype)
-        if self.l2_weight_decay:
-            direction = direction + self.l2_weight_decay * variable
+        direction = self.direction(ops.cast(gradient, variable.dtype), variable)
         if self.momentum:
             buffer = self.momentums[self._get_variable_index(variable)]
             self.assign(buffer, buffer * self.momentum + direction)
             direction = buffer
         self.assign_sub(variable, learning_rate * direction)
+
+    def direction(self, gradient, variable):
+        """`d`, what the momentum buffer accumulates: `g + weight_decay *
+        w` (`LARS` scales it)."""
+        if self.l2_weight_decay:
+            return gradient + self.l2_weight_decay * variable
+        return gradient
 
     def get_config(self):
         config = super().get_config()
@@ -159,15 +164,15 @@ class EpochSchedule(keras.optimizers.schedules.LearningRateSchedule):
 
 
 @keras.saving.register_keras_serializable(package="moco_keras")
-class LARS(keras.optimizers.Optimizer):
+class LARS(SGD):
     """LARS as MoCo v3's `moco/optimizer.py` runs it (ResNet-50 recipes).
 
-    For each trainable variable `w` with gradient `g`: if `w` is a matrix
-    or a kernel (rank > 1), `d = g + weight_decay * w` scaled by the trust
-    ratio `trust_coefficient * ||w|| / ||d||` (1 where either norm is 0);
-    biases and normalization scales and offsets (rank 1) keep `d = g`, with
-    no decay and no scaling. Then `buf = momentum * buf + d; w -= lr * buf`
-    for every variable.
+    `SGD`'s momentum step on another direction: for each trainable
+    variable `w` with gradient `g`, if `w` is a matrix or a kernel
+    (rank > 1), `d = g + weight_decay * w` scaled by the trust ratio
+    `trust_coefficient * ||w|| / ||d||` (1 where either norm is 0); biases
+    and normalization scales and offsets (rank 1) keep `d = g`, with no
+    decay and no scaling. Then `buf = momentum * buf + d; w -= lr * buf`.
 
     Args:
         learning_rate: float or a `LearningRateSchedule`.
@@ -195,55 +200,38 @@ class LARS(keras.optimizers.Optimizer):
         name="LARS",
         **kwargs,
     ):
-        super().__init__(learning_rate=learning_rate, name=name, **kwargs)
-        if momentum < 0 or weight_decay < 0 or trust_coefficient <= 0:
+        if trust_coefficient <= 0:
             raise ValueError(
-                "momentum and weight_decay must be >= 0 and trust_coefficient "
-                f"> 0. Received: momentum={momentum}, weight_decay="
-                f"{weight_decay}, trust_coefficient={trust_coefficient}"
+                "trust_coefficient must be > 0 (0.001 in MoCo v3). Received: "
+                f"trust_coefficient={trust_coefficient}"
             )
-        self.momentum = momentum
-        # Not `self.weight_decay`: the base class would add decoupled decay.
-        self.l2_weight_decay = weight_decay
+        super().__init__(
+            learning_rate=learning_rate,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            name=name,
+            **kwargs,
+        )
         self.trust_coefficient = trust_coefficient
 
-    def build(self, variables):
-        if self.built:
-            return
-        super().build(variables)
-        self.momentums = [
-            self.add_variable_from_reference(v, name="momentum")
-            for v in variables
-        ]
-
-    def update_step(self, gradient, variable, learning_rate):
-        learning_rate = ops.cast(learning_rate, variable.dtype)
-        direction = ops.cast(gradient, variable.dtype)
-        if len(variable.shape) > 1:
-            direction = direction + self.l2_weight_decay * variable
-            param_norm = ops.sqrt(ops.sum(ops.square(variable)))  # ()
-            update_norm = ops.sqrt(ops.sum(ops.square(direction)))  # ()
-            trust = ops.where(
-                (param_norm > 0.0) & (update_norm > 0.0),
-                self.trust_coefficient
-                * param_norm
-                / ops.maximum(update_norm, 1e-30),
-                1.0,
-            )  # ()
-            direction = direction * ops.cast(trust, variable.dtype)
-        buffer = self.momentums[self._get_variable_index(variable)]
-        self.assign(buffer, buffer * self.momentum + direction)
-        self.assign_sub(variable, learning_rate * buffer)
+    def direction(self, gradient, variable):
+        if len(variable.shape) <= 1:
+            return gradient
+        direction = gradient + self.l2_weight_decay * variable
+        param_norm = ops.sqrt(ops.sum(ops.square(variable)))  # ()
+        update_norm = ops.sqrt(ops.sum(ops.square(direction)))  # ()
+        trust = ops.where(
+            (param_norm > 0.0) & (update_norm > 0.0),
+            self.trust_coefficient
+            * param_norm
+            / ops.maximum(update_norm, 1e-30),
+            1.0,
+        )  # ()
+        return direction * ops.cast(trust, variable.dtype)
 
     def get_config(self):
         config = super().get_config()
-        config.update(
-            {
-                "momentum": self.momentum,
-                "weight_decay": self.l2_weight_decay,
-                "trust_coefficient": self.trust_coefficient,
-            }
-        )
+        config["trust_coefficient"] = self.trust_coefficient
         return config
 
 
