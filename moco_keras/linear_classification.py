@@ -25,6 +25,7 @@ results = linear_classification.linear_classification(config)
 ```
 """
 
+import json
 import os
 import time
 
@@ -36,6 +37,7 @@ from moco_keras import configs
 from moco_keras import convert
 from moco_keras import datasets
 from moco_keras import distribute
+from moco_keras import methods
 from moco_keras import momentum_pair
 from moco_keras import optimizers
 from moco_keras import runs
@@ -63,6 +65,52 @@ def check_linear_classification(config):
         "--notrain_augment (or drop --cache_features).",
     )
     return milestones
+
+
+def linear_preset(pretrained):
+    """The linear protocol of the method `pretrained` was trained with.
+
+    A pretraining workdir (or a checkpoint in its `checkpoints/`) names its
+    method in `config.json`; a directory of `recipes/convert` its kind and
+    architecture. Each method names its protocol
+    (`methods.Method.linear_preset`): `"imagenet"` (`main_lincls.py` of
+    MoCo v1/v2), `"mocov3"` or `"mocov3_vit"` (MoCo v3's).
+
+    Returns:
+        `(preset, why)`: a key of `presets.LINEAR_CLASSIFICATION` and what
+        chose it; `("imagenet", None)` where `pretrained` names no method
+        (a run from before configs named it, or a lone `.keras` file).
+    """
+    path = os.path.abspath(pretrained or ".")
+    metadata = os.path.join(path, convert.METADATA)
+    if os.path.isfile(metadata):
+        try:
+            with open(metadata) as f:
+                converted = json.load(f)
+            kind, arch = converted["kind"], converted["arch"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return "imagenet", None  # load_converted says what is wrong
+        if kind not in ("moco", "mocov3"):
+            return "imagenet", None
+        method = methods.METHODS["mocov3" if kind == "mocov3" else "mocov2"]
+        why = f"the converted checkpoint's method ({method.title}, {arch})"
+        return method.linear_preset(arch), why
+    workdir = (
+        path if os.path.isdir(path) else os.path.dirname(os.path.dirname(path))
+    )
+    try:
+        with open(os.path.join(workdir, configs.CONFIG_FILE)) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return "imagenet", None
+    if not isinstance(config, dict) or config.get("method") not in (
+        methods.METHODS
+    ):
+        return "imagenet", None
+    method = methods.get(config)
+    arch = config.get("encoder", {}).get("arch")
+    why = f"the pretraining run's method ({method.title}, {arch})"
+    return method.linear_preset(arch), why
 
 
 def resolve_pretrained(path):

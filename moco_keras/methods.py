@@ -113,6 +113,11 @@ class Method:
         """The queue's length (`training.LossWatch`), or None."""
         return None
 
+    def linear_preset(self, arch):
+        """The `presets.LINEAR_CLASSIFICATION` preset of the method's own
+        linear protocol for an encoder `arch`."""
+        raise NotImplementedError
+
     def check_model_arguments(self, check_arguments, *arguments):
         """`check_arguments(*arguments)`'s `ValueError` as a `ConfigError`
         naming the value (`model.temperature`), which the recipes print as
@@ -198,6 +203,10 @@ class MoCoMethod(Method):
     def queue_size(self, config):
         return config["model"]["queue_size"]
 
+    def linear_preset(self, arch):
+        # main_lincls.py of facebookresearch/moco: lr 30, 100 epochs.
+        return "imagenet"
+
 
 class MoCoV3Method(Method):
     """MoCo v3 (`mocov3.MoCoV3`): no queue, a projector and a predictor,
@@ -263,6 +272,10 @@ class MoCoV3Method(Method):
     def query_head(self, model):
         # The predictor follows the projector; the kNN reads the projector.
         return model.projector_q
+
+    def linear_preset(self, arch):
+        # moco-v3's main_lincls.py: lr 0.1 per 256 (its ViTs: 3), 90 epochs.
+        return "mocov3_vit" if arch in vits.VITS else "mocov3"
 
 
 METHODS = {

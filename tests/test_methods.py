@@ -9,6 +9,7 @@ import pytest
 from support import recipe_defaults
 
 from moco_keras import configs
+from moco_keras import linear_classification
 from moco_keras import methods
 from moco_keras import presets
 from moco_keras import pretraining
@@ -122,3 +123,41 @@ def test_a_bad_model_value_is_named_by_the_flag_that_sets_it():
         with pytest.raises(configs.ConfigError) as error:
             pretraining.check_pretraining(tiny(preset, **flag))
         assert printed in common.in_flag_names(str(error.value))
+
+
+def test_the_linear_protocol_is_the_pretraining_methods(tmp_path):
+    def workdir(name, preset, **flags):
+        path = tmp_path / name
+        os.makedirs(path / "checkpoints")
+        config = recipe_defaults(presets.PRETRAINING, preset, **flags)
+        runs.write_json_atomically(str(path / configs.CONFIG_FILE), config)
+        return str(path)
+
+    v2 = workdir("v2", "mocov2")
+    assert linear_classification.linear_preset(v2) == (
+        "imagenet",
+        "the pretraining run's method (MoCo v2, resnet50)",
+    )
+    v3 = workdir("v3", "mocov3_r50")
+    assert linear_classification.linear_preset(v3)[0] == "mocov3"
+    # A checkpoint in the run's checkpoints/ folder names the same run.
+    checkpoint = os.path.join(v3, "checkpoints", "ckpt-000000001.keras")
+    assert linear_classification.linear_preset(checkpoint)[0] == "mocov3"
+    vit = workdir("vit", "mocov3_vit_small")
+    assert linear_classification.linear_preset(vit)[0] == "mocov3_vit"
+    # A converted official v3 ViT checkpoint: its kind and architecture.
+    converted = tmp_path / "converted"
+    os.makedirs(converted)
+    (converted / "conversion.json").write_text(
+        json.dumps({"kind": "mocov3", "arch": "vit_base"})
+    )
+    assert linear_classification.linear_preset(str(converted))[0] == (
+        "mocov3_vit"
+    )
+    # What names no method keeps the default protocol, and says nothing.
+    legacy = workdir("legacy", "mocov3_r50")
+    config = json.loads((tmp_path / "legacy" / "config.json").read_text())
+    del config["method"]
+    runs.write_json_atomically(str(tmp_path / "legacy" / "config.json"), config)
+    for path in (legacy, str(tmp_path / "nothing"), None):
+        assert linear_classification.linear_preset(path) == ("imagenet", None)

@@ -434,9 +434,10 @@ def test_killed_mocov3_run_resumes_to_the_same_weights(tmp_path):
 @pytest.mark.parametrize(
     "flagfile, lincls_flagfile, without_tensorflow",
     [
+        # "": the linear recipe without --preset, which takes the run's.
         pytest.param(
             "mocov3_r50.flags",
-            "lincls_mocov3.flags",
+            "",
             False,
             marks=pytest.mark.backends("torch"),
         ),
@@ -459,7 +460,8 @@ def test_mocov3_recipes_run_a_step_then_the_linear_protocol(
 ):
     """Each ImageNet v3 recipe on an ImageNet-style folder at 32 px, one
     step (the encoders at full size, the heads' hidden layers small), then
-    its linear protocol on the checkpoint; one backend each."""
+    its linear protocol on the checkpoint (from its flagfile, or chosen by
+    the run's method); one backend each."""
     root = image_folder(str(tmp_path / "ILSVRC2012"), np.random.default_rng(0))
     run = str(tmp_path / "pretrain")
     tiny = ["--width=8"] if "r50" in flagfile else []
@@ -489,9 +491,12 @@ def test_mocov3_recipes_run_a_step_then_the_linear_protocol(
     if lincls_flagfile is None:
         return
     evaluation = str(tmp_path / "lincls")
+    preset = (
+        [f"--flagfile=recipes/{lincls_flagfile}"] if lincls_flagfile else []
+    )
     out = run_recipe(
         "lincls",
-        f"--flagfile=recipes/{lincls_flagfile}",
+        *preset,
         f"--data_dir={root}",
         "--image_size=32",
         "--batch_size=24",
@@ -501,6 +506,16 @@ def test_mocov3_recipes_run_a_step_then_the_linear_protocol(
         without_tensorflow=without_tensorflow,
     )
     assert "The backbone is unchanged" in out.stdout
+    if not lincls_flagfile:
+        assert (
+            "Linear protocol: --preset=mocov3, from the pretraining run's "
+            "method (MoCo v3, resnet50)." in out.stdout
+        )
+        lincls = json.load(open(os.path.join(evaluation, "config.json")))
+        assert (
+            lincls["schedule"]["epochs"] == 1 and lincls["schedule"]["cosine"]
+        )
+        assert lincls["optimizer"]["lr_batch_size"] == 256
     results = json.load(open(os.path.join(evaluation, "results.json")))
     assert results["val_images"] == 24
     assert 0.0 <= results["top1"] <= results["top5"] <= 100.0

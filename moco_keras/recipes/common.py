@@ -277,14 +277,15 @@ def with_flags(config, **values):
     return config
 
 
-def recipe_config(table):
-    """The run's config: the `--preset` of `table` (`moco_keras.presets`)
-    with the flags given, on the command line or in a flagfile, in place of
-    its values (`with_flags`)."""
+def recipe_config(table, preset=None):
+    """The run's config: `preset` of `table` (`moco_keras.presets`; by
+    default `--preset`) with the flags given, on the command line or in a
+    flagfile, in place of its values (`with_flags`)."""
+    preset = preset or FLAGS.preset
     try:
-        config = presets.get(table, FLAGS.preset)
+        config = presets.get(table, preset)
     except ValueError as error:
-        raise configs.ConfigError(f"--preset={FLAGS.preset}: {error}") from None
+        raise configs.ConfigError(f"--preset={preset}: {error}") from None
     given = {
         name: FLAGS[name].value
         for name in FLAGS_TO_CONFIG

@@ -20,7 +20,11 @@ path gives the same result (tested).
 
 The flags are put into the `--preset`'s config (moco_keras.presets) by the
 one table `common.FLAGS_TO_CONFIG`, and run by
-`moco_keras.linear_classification.linear_classification`.
+`moco_keras.linear_classification.linear_classification`. Without
+`--preset`, the protocol is that of the method `--pretrained` was trained
+with (`linear_classification.linear_preset`): MoCo v3's `main_lincls.py`
+for a v3 run or converted v3 checkpoint, `imagenet` otherwise; `--help`
+shows `imagenet`'s values.
 """
 
 from absl import flags
@@ -61,7 +65,15 @@ DEFAULT_PRESET = "imagenet"
 
 def main(argv):
     del argv
-    linear_classification.linear_classification(common.recipe_config(PRESETS))
+    preset = FLAGS.preset
+    if not FLAGS["preset"].present:
+        # The protocol of the method the checkpoint was trained with.
+        preset, why = linear_classification.linear_preset(FLAGS.pretrained)
+        if why:
+            print(f"Linear protocol: --preset={preset}, from {why}.")
+    linear_classification.linear_classification(
+        common.recipe_config(PRESETS, preset)
+    )
 
 
 if __name__ == "__main__":
