@@ -30,8 +30,9 @@ flags.DEFINE_string(
     None,
     "The run's preset in moco_keras.presets: pretrain: mocov1 (default), "
     "mocov2, mocov3_r50, mocov3_vit_small, mocov3_vit_base, quickstart, "
-    "quickstart_mocov3, fmnist_moco_v2, own_images; lincls: imagenet "
-    "(default), mocov3, mocov3_vit. Flags given replace its values.",
+    "quickstart_mocov3, fmnist_moco_v2, own_images; lincls: imagenet, "
+    "mocov3, mocov3_vit (default: the protocol of the method --pretrained "
+    "was trained with, else imagenet). Flags given replace its values.",
 )
 flags.DEFINE_string("workdir", None, "Where checkpoints and logs go.")
 flags.DEFINE_string(
