@@ -7,9 +7,10 @@ facebookresearch/moco `main_moco.py` runs both; v2 is v1 with
 official moco-v3 `main_moco.py`). `get(config)` returns its `Method`, which
 owns everything in a run that differs between the methods: the config's
 checks, the views' preset, the encoder, the model with its in-model colour
-layers, the head the kNN monitor reads, and the queue the loss watch
-compares with. Shared code (`pretraining`, `evaluation`) asks the method
-and never branches on it. The models themselves take no config: they are
+layers, the head the kNN monitor reads, the queue the loss watch
+compares with, and the linear protocol that evaluates it. Shared code
+(`pretraining`, `evaluation`, `linear_classification`) asks the method and
+never branches on it. The models themselves take no config: they are
 the library's layer (`MoCo(encoder, **config["model"])`), usable alone.
 
 Example:
@@ -41,6 +42,14 @@ class Method:
     Args:
         name: the config's `method` value.
         title: "MoCo v1", "MoCo v2" or "MoCo v3", for titles and logs.
+        model_keys: the keys of the config's `model` section: the
+            arguments of the method's model (`presets.MOCOV2`, ...).
+
+    Example:
+
+    >>> method = METHODS["mocov3"]
+    >>> method.linear_preset("vit_small"), method.linear_preset("resnet50")
+    ('mocov3_vit', 'mocov3')
     """
 
     def __init__(self, name, title, model_keys):
