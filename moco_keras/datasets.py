@@ -642,6 +642,164 @@ def tfds_source(
     return TfdsSource(builder, split, image_key, label_key, shuffle_buffer)
 
 
+class TfdsRecords:
+    """A tfds split prepared as ArrayRecord, its records read by index
+    (`tfds.data_source`): the images of a `tfds/` dataset as grain reads
+    them (`moco_keras.views`), encoded (`SkipDecoding`).
+
+    Picklable for grain's worker processes: each opens the split anew.
+    """
+
+    def __init__(self, name, split, data_dir, image_key, label_key):
+        self.name, self.split, self.data_dir = name, split, data_dir
+        self.image_key, self.label_key = image_key, label_key
+        self._source = None
+        # The record read last: a labelled view reads an image, then its
+        # label (a tuple, replaced whole, so threads see either one).
+        self._last = (None, None)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_source": None, "_last": (None, None)}
+
+    def _open(self):
+        if self._source is None:
+            import tensorflow_datasets as tfds
+
+            self._source = tfds.data_source(
+                self.name,
+                split=self.split,
+                data_dir=self.data_dir,
+                download=False,
+                decoders={self.image_key: tfds.decode.SkipDecoding()},
+            )
+        return self._source
+
+    def _record(self, index):
+        last_index, record = self._last
+        if last_index == index:
+            return record
+        record = self._open()[int(index)]
+        self._last = (index, record)
+        return record
+
+    def __len__(self):
+        return len(self._open())
+
+    def read(self, index):
+        """The encoded image of record `index`."""
+        return self._record(index)[self.image_key]
+
+    def label(self, index):
+        return int(self._record(index)[self.label_key])
+
+    def describe(self, index):
+        return f"record {index} of tfds {self.name} {self.split}"
+
+
+class TfdsRecordSource:
+    """A tfds split for grain, read by index: the interface of `Source` as
+    `moco_keras.views` reads it (`paths_or_arrays` the `TfdsRecords`,
+    `labels` read with their records).
+
+    ArrayRecord files are read by index, so an epoch's order is the
+    uniform `permutation` of all records, as for a folder.
+    """
+
+    encoded = True
+
+    def __init__(self, records, class_names):
+        self.paths_or_arrays = records
+        self.labels = _RecordLabels(records)
+        self.class_names = tuple(class_names)
+        self.num_examples = len(records)
+
+    def subset(self, count, seed=0):
+        """The split's first `count` records: tfds stored them shuffled, so
+        they are a random draw (not class-stratified; `seed` is unused)."""
+        del seed
+        if count >= self.num_examples:
+            return self
+        records = self.paths_or_arrays
+        return TfdsRecordSource(
+            TfdsRecords(
+                records.name,
+                f"{records.split}[:{count}]",
+                records.data_dir,
+                records.image_key,
+                records.label_key,
+            ),
+            self.class_names,
+        )
+
+
+class _RecordLabels:
+    """The labels of `TfdsRecords`, each read with its record."""
+
+    def __init__(self, records):
+        self._records = records
+
+    def __len__(self):
+        return len(self._records)
+
+    def __getitem__(self, index):
+        return np.int32(self._records.label(index))
+
+
+def tfds_record_source(
+    name,
+    split="train",
+    data_dir=None,
+    download=True,
+    image_key="image",
+    label_key="label",
+):
+    """A tensorflow-datasets image dataset for grain, read by index.
+
+    The split must be prepared as ArrayRecord (what `tfds.data_source`
+    reads by index); `download` prepares a dataset that is not there yet so.
+    One prepared as TFRecord (tfds' default) is refused with the command
+    that prepares it as ArrayRecord.
+
+    Args:
+        name: the tfds name, e.g. "imagenet2012" or "imagenette/320px-v2".
+        split: a tfds split, e.g. "train" or "validation".
+        data_dir: where tfds keeps (or builds) its datasets.
+        download: build the dataset first if it is not there yet.
+        image_key: the feature name of the image.
+        label_key: the feature name of the label.
+
+    Returns:
+        A `TfdsRecordSource`.
+    """
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder(name, data_dir=data_dir)
+    if download and not builder.is_prepared():
+        builder.download_and_prepare(file_format="array_record")
+    info = builder.info
+    if str(getattr(info.file_format, "value", "")) != "array_record":
+        where = data_dir or "~/tensorflow_datasets"
+        raise ValueError(
+            f"tfds dataset {name!r} in {where} is prepared as "
+            f"{getattr(info.file_format, 'value', info.file_format)}, which "
+            "is read in file order only; grain reads a dataset by index, "
+            "from ArrayRecord files. Prepare it so in a data_dir of its own: "
+            f"`tfds build {name} --data_dir=NEW_DIR "
+            "--file_format=array_record` (in Python: tfds.builder(name, "
+            "data_dir=NEW_DIR).download_and_prepare(file_format="
+            "'array_record')), then pass --data_dir=NEW_DIR; or read it "
+            "through tf.data (--input=tf_data)."
+        )
+    if image_key not in info.features or label_key not in info.features:
+        raise ValueError(
+            f"tfds dataset {name!r} has features {list(info.features)}; "
+            f"expected {image_key!r} and {label_key!r}. Pass "
+            "`image_key`/`label_key` with the names this dataset uses."
+        )
+    records = TfdsRecords(name, split, data_dir, image_key, label_key)
+    return TfdsRecordSource(records, info.features[label_key].names)
+
+
 def epoch_seed(seed, epoch):
     """The seed of one epoch's shuffle and draws, from the run's seed."""
     return (seed * 1_000_003 + epoch) % 2**31

@@ -53,14 +53,6 @@ def check_input(config):
     if input_pipeline(config) != "grain":
         return
     check(
-        not data["dataset"].startswith("tfds/"),
-        f"--dataset={data['dataset']} is read through tf.data (TensorFlow "
-        "datasets), and this run reads with grain"
-        + ("" if name == "grain" else " (TensorFlow is not installed)")
-        + ". Install TensorFlow and use --input=tf_data, or write the "
-        "images as a folder of class folders (--dataset=folder).",
-    )
-    check(
         run["strategy"] != "tpu",
         "--strategy=tpu reads its input on the TPU hosts through tf.data "
         "graphs, which grain's Python batches cannot feed: use "
@@ -82,13 +74,21 @@ def dataset_stats(dataset):
 
 
 def load_source(
-    dataset, data_dir, split, limit=0, val_split="validation", seed=0
+    dataset,
+    data_dir,
+    split,
+    limit=0,
+    val_split="validation",
+    seed=0,
+    by_index=False,
 ):
     """A `datasets.Source` by the config's name; `split` is "train" or "val".
 
     `limit` keeps that many images drawn at random (class-stratified where
-    the labels are known: `Source.subset`, with `seed`). A folder or files
-    that cannot be read raise `ConfigError` with their message.
+    the labels are known: `Source.subset`, with `seed`). `by_index`: a
+    `tfds/` dataset read by index, as grain reads (`TfdsRecordSource`). A
+    folder or files that cannot be read raise `ConfigError` with their
+    message.
     """
     # tf.data: imported here, so that the run-keeping above imports on hosts
     # without TensorFlow.
@@ -102,7 +102,12 @@ def load_source(
         elif dataset == "folder":
             source = datasets.image_folder(data_dir, split=split)
         else:
-            source = datasets.tfds_source(
+            read = (
+                datasets.tfds_record_source
+                if by_index
+                else (datasets.tfds_source)
+            )
+            source = read(
                 dataset[len("tfds/") :],
                 split="train" if split == "train" else val_split,
                 data_dir=data_dir,
@@ -122,6 +127,7 @@ def data_source(config, split, limit):
         limit=limit,
         val_split=data["val_split"],
         seed=config["run"]["seed"],
+        by_index=input_pipeline(config) == "grain",
     )
 
 

@@ -207,19 +207,24 @@ def read_picture(items, encoded, index):
     resumed run its draws.
     """
     count = len(items)
+    # A tfds split (`datasets.TfdsRecords`) holds the encoded images; a
+    # folder's items are the files' paths.
+    records = isinstance(items, datasets.TfdsRecords)
     for offset in range(count):
-        item = items[(index + offset) % count]
+        at = (index + offset) % count
         if not encoded:
-            return decode(item)
+            return decode(items[at])
         try:
-            with open(item, "rb") as f:
+            if records:
+                return decode(items.read(at))
+            with open(items[at], "rb") as f:
                 return decode(f.read())
         except (OSError, ValueError, SyntaxError) as error:
             # PIL raises OSError subclasses for unknown and cut-off data.
             logger.warning(
                 "Skipping %s, which does not decode (%s); the next image "
                 "takes its place.",
-                os.fsdecode(item),
+                items.describe(at) if records else os.fsdecode(items[at]),
                 error,
             )
     raise ValueError(f"None of the {count} files decodes.")
@@ -296,7 +301,8 @@ def labelled_arrays(source, size, mean, std, crop_fraction=0.875):
     view = LabelledViews(source, size, mean, std, crop_fraction)
     with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
         rows = list(pool.map(view, range(source.num_examples)))
-    return np.stack([v for v, _ in rows]), source.labels.copy()
+    labels = np.asarray([label for _, label in rows], np.int32)
+    return np.stack([v for v, _ in rows]), labels
 
 
 def resized_crop(picture, window, size, antialias=True):

@@ -197,3 +197,74 @@ def test_tfds_source_reads_a_locally_built_dataset(tmp_path):
             download=False,
             image_key="picture",
         )
+
+
+def test_tfds_records_are_read_by_index_through_grain(tmp_path):
+    """A tfds split prepared as ArrayRecord, as grain reads it: every
+    record by index, its label with it, an epoch's order the uniform
+    permutation of all records; one prepared as TFRecord is refused with
+    the command that prepares it for grain."""
+    from moco_keras import sources
+    from moco_keras import views
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (12, 20, 24, 3), dtype=np.uint8)
+    register_tfds_dataset(
+        "MocoTestRecords",
+        [(image, i % 3) for i, image in enumerate(images)],
+        ["a", "b", "c"],
+    )
+    data_dir = str(tmp_path / "array_record")
+    source = datasets.tfds_record_source("moco_test_records", data_dir=data_dir)
+    assert source.num_examples == 12 and source.class_names == ("a", "b", "c")
+    mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    pixels, labels = views.labelled_arrays(source, 16, mean, std, 1.0)
+    assert pixels.shape == (12, 16, 16, 3)
+    assert sorted(labels.tolist()) == sorted([0, 1, 2] * 4)
+    # tfds stores a split shuffled, not in its keys' order.
+    assert labels.tolist() != [0, 1, 2] * 4
+    # Each record's view is its image's (JPEG-encoded noise: nearest by
+    # far, not equal).
+    for row, label in zip(pixels, labels, strict=True):
+        gaps = [
+            np.abs(
+                row - views.center_view(Image.fromarray(i), 16, 1.0) / 255
+            ).mean()
+            for i in images
+        ]
+        nearest, second = sorted(gaps)[:2]
+        assert int(np.argmin(gaps)) % 3 == label and nearest < 0.6 * second
+    augmentation = views.get_augmentation("mocov2", size=16)
+    batches = list(views.two_view_batches(source, augmentation, 4, seed=3))
+    assert len(batches) == 3
+    assert all(q.shape == k.shape == (4, 16, 16, 3) for q, k in batches)
+    # The first records, as the tf.data source's subset: a random draw.
+    subset = sources.load_source(
+        "tfds/moco_test_records", data_dir, "train", limit=5, by_index=True
+    )
+    assert subset.num_examples == 5
+    first = views.labelled_arrays(subset, 16, mean, std, 1.0)[1]
+    np.testing.assert_array_equal(first, labels[:5])
+
+    # A recipe's config that reads with grain takes this source.
+    from support import recipe_defaults
+
+    from moco_keras import presets
+
+    config = recipe_defaults(
+        presets.PRETRAINING,
+        "quickstart",
+        dataset="tfds/moco_test_records",
+        data_dir=data_dir,
+        input="grain",
+    )
+    sources.check_input(config)
+    source = sources.data_source(config, "train", 0)
+    assert isinstance(source, datasets.TfdsRecordSource)
+
+    tfrecord_dir = str(tmp_path / "tfrecord")
+    datasets.tfds_source("moco_test_records", data_dir=tfrecord_dir)
+    with pytest.raises(ValueError) as error:
+        datasets.tfds_record_source("moco_test_records", data_dir=tfrecord_dir)
+    assert "is prepared as tfrecord" in str(error.value)
+    assert "--file_format=array_record" in str(error.value)
