@@ -602,46 +602,6 @@ class TfdsSource:
         )
 
 
-def tfds_source(
-    name,
-    split="train",
-    data_dir=None,
-    download=True,
-    image_key="image",
-    label_key="label",
-    shuffle_buffer=10_000,
-):
-    """A tensorflow-datasets image dataset as a `TfdsSource`.
-
-    Images stay encoded (`SkipDecoding`) until the augmentation decodes
-    them. `imagenet2012` needs its manual download (the ILSVRC2012 tars) in
-    `data_dir/downloads/manual`, as tfds documents.
-
-    Args:
-        name: the tfds name, e.g. "imagenet2012" or "imagenette/320px-v2".
-        split: a tfds split, e.g. "train" or "validation".
-        data_dir: where tfds keeps (or builds) its datasets.
-        download: build the dataset first if it is not there yet.
-        image_key: the feature name of the image.
-        label_key: the feature name of the label.
-        shuffle_buffer: records in the shuffle that follows the shuffled
-            files (encoded images: about 110 kB each on ImageNet).
-    """
-    import tensorflow_datasets as tfds
-
-    builder = tfds.builder(name, data_dir=data_dir)
-    if download:
-        builder.download_and_prepare()
-    info = builder.info
-    if image_key not in info.features or label_key not in info.features:
-        raise ValueError(
-            f"tfds dataset {name!r} has features {list(info.features)}; "
-            f"expected {image_key!r} and {label_key!r}. Pass "
-            "`image_key`/`label_key` with the names this dataset uses."
-        )
-    return TfdsSource(builder, split, image_key, label_key, shuffle_buffer)
-
-
 class TfdsRecords:
     """A tfds split prepared as ArrayRecord, its records read by index
     (`tfds.data_source`): the images of a `tfds/` dataset as grain reads
@@ -745,20 +705,21 @@ class _RecordLabels:
         return np.int32(self._records.label(index))
 
 
-def tfds_record_source(
+def tfds_source(
     name,
     split="train",
     data_dir=None,
     download=True,
     image_key="image",
     label_key="label",
+    shuffle_buffer=10_000,
+    by_index=False,
 ):
-    """A tensorflow-datasets image dataset for grain, read by index.
+    """A tensorflow-datasets image dataset as a source.
 
-    The split must be prepared as ArrayRecord (what `tfds.data_source`
-    reads by index); `download` prepares a dataset that is not there yet so.
-    One prepared as TFRecord (tfds' default) is refused with the command
-    that prepares it as ArrayRecord.
+    Images stay encoded (`SkipDecoding`) until the augmentation decodes
+    them. `imagenet2012` needs its manual download (the ILSVRC2012 tars) in
+    `data_dir/downloads/manual`, as tfds documents.
 
     Args:
         name: the tfds name, e.g. "imagenet2012" or "imagenette/320px-v2".
@@ -767,16 +728,34 @@ def tfds_record_source(
         download: build the dataset first if it is not there yet.
         image_key: the feature name of the image.
         label_key: the feature name of the label.
+        shuffle_buffer: tf.data only: records in the shuffle that follows
+            the shuffled files (encoded images: about 110 kB each on
+            ImageNet).
+        by_index: read the split by index, as grain does: it must be
+            prepared as ArrayRecord (what `tfds.data_source` reads), and
+            `download` prepares it so; one prepared as TFRecord (tfds'
+            default) is refused with the command that prepares it.
 
     Returns:
-        A `TfdsRecordSource`.
+        A `TfdsSource` (tf.data, in file order), or with `by_index` a
+        `TfdsRecordSource`.
     """
     import tensorflow_datasets as tfds
 
     builder = tfds.builder(name, data_dir=data_dir)
     if download and not builder.is_prepared():
-        builder.download_and_prepare(file_format="array_record")
+        builder.download_and_prepare(
+            **({"file_format": "array_record"} if by_index else {})
+        )
     info = builder.info
+    if image_key not in info.features or label_key not in info.features:
+        raise ValueError(
+            f"tfds dataset {name!r} has features {list(info.features)}; "
+            f"expected {image_key!r} and {label_key!r}. Pass "
+            "`image_key`/`label_key` with the names this dataset uses."
+        )
+    if not by_index:
+        return TfdsSource(builder, split, image_key, label_key, shuffle_buffer)
     if str(getattr(info.file_format, "value", "")) != "array_record":
         where = data_dir or "~/tensorflow_datasets"
         raise ValueError(
@@ -789,12 +768,6 @@ def tfds_record_source(
             "data_dir=NEW_DIR).download_and_prepare(file_format="
             "'array_record')), then pass --data_dir=NEW_DIR; or read it "
             "through tf.data (--input=tf_data)."
-        )
-    if image_key not in info.features or label_key not in info.features:
-        raise ValueError(
-            f"tfds dataset {name!r} has features {list(info.features)}; "
-            f"expected {image_key!r} and {label_key!r}. Pass "
-            "`image_key`/`label_key` with the names this dataset uses."
         )
     records = TfdsRecords(name, split, data_dir, image_key, label_key)
     return TfdsRecordSource(records, info.features[label_key].names)

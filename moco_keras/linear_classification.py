@@ -90,10 +90,10 @@ def linear_preset(pretrained):
             kind, arch = converted["kind"], converted["arch"]
         except (OSError, ValueError, KeyError, TypeError):
             return "imagenet", None  # load_converted says what is wrong
-        if kind not in ("moco", "mocov3"):
+        method = methods.of_converted(kind)
+        if method is None:
             return "imagenet", None
-        method = methods.METHODS["mocov3" if kind == "mocov3" else "mocov2"]
-        why = f"the converted checkpoint's method ({method.title}, {arch})"
+        why = f"the converted checkpoint's kind ({kind}, {arch})"
         return method.linear_preset(arch), why
     workdir = (
         path if os.path.isdir(path) else os.path.dirname(os.path.dirname(path))

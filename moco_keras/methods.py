@@ -52,6 +52,9 @@ class Method:
     ('mocov3_vit', 'mocov3')
     """
 
+    # The `kind` of `convert.Converted` that holds this method's model.
+    CONVERTED_KIND = None
+
     def __init__(self, name, title, model_keys):
         self.name = name
         self.title = title
@@ -145,6 +148,8 @@ class MoCoMethod(Method):
     split BN (`encoder.bn_splits` groups over the global batch), the views
     of v1 or, with `augmentation.aug_plus`, v2."""
 
+    CONVERTED_KIND = "moco"
+
     def check_method(self, config):
         model, batch = config["model"], config["data"]["batch_size"]
         self.check_model_arguments(
@@ -223,6 +228,8 @@ class MoCoV3Method(Method):
     views, the key momentum on a cosine to 1 with
     `schedule.momentum_cosine`."""
 
+    CONVERTED_KIND = "mocov3"
+
     def check_method(self, config):
         model, encoder = config["model"], config["encoder"]
         self.check_model_arguments(
@@ -292,6 +299,15 @@ METHODS = {
     "mocov2": MoCoMethod("mocov2", "MoCo v2", presets.MOCOV2),
     "mocov3": MoCoV3Method("mocov3", "MoCo v3", presets.MOCOV3_RESNET),
 }
+
+
+def of_converted(kind):
+    """The method of a converted checkpoint's `kind` (`convert.Converted`),
+    or None (a classifier). v1 and v2 convert alike: the first is given."""
+    for method in METHODS.values():
+        if method.CONVERTED_KIND == kind:
+            return method
+    return None
 
 
 def get(config):

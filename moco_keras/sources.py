@@ -102,15 +102,11 @@ def load_source(
         elif dataset == "folder":
             source = datasets.image_folder(data_dir, split=split)
         else:
-            read = (
-                datasets.tfds_record_source
-                if by_index
-                else (datasets.tfds_source)
-            )
-            source = read(
+            source = datasets.tfds_source(
                 dataset[len("tfds/") :],
                 split="train" if split == "train" else val_split,
                 data_dir=data_dir,
+                by_index=by_index,
             )
     except (OSError, ValueError) as error:
         check(False, f"--dataset={dataset} --data_dir={data_dir}: {error}")

@@ -215,7 +215,9 @@ def test_tfds_records_are_read_by_index_through_grain(tmp_path):
         ["a", "b", "c"],
     )
     data_dir = str(tmp_path / "array_record")
-    source = datasets.tfds_record_source("moco_test_records", data_dir=data_dir)
+    source = datasets.tfds_source(
+        "moco_test_records", data_dir=data_dir, by_index=True
+    )
     assert source.num_examples == 12 and source.class_names == ("a", "b", "c")
     mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     pixels, labels = views.labelled_arrays(source, 16, mean, std, 1.0)
@@ -265,6 +267,8 @@ def test_tfds_records_are_read_by_index_through_grain(tmp_path):
     tfrecord_dir = str(tmp_path / "tfrecord")
     datasets.tfds_source("moco_test_records", data_dir=tfrecord_dir)
     with pytest.raises(ValueError) as error:
-        datasets.tfds_record_source("moco_test_records", data_dir=tfrecord_dir)
+        datasets.tfds_source(
+            "moco_test_records", data_dir=tfrecord_dir, by_index=True
+        )
     assert "is prepared as tfrecord" in str(error.value)
     assert "--file_format=array_record" in str(error.value)

@@ -154,6 +154,12 @@ def test_the_linear_protocol_is_the_pretraining_methods(tmp_path):
     assert linear_classification.linear_preset(str(converted))[0] == (
         "mocov3_vit"
     )
+    for kind, preset in (("moco", "imagenet"), ("classifier", "imagenet")):
+        (converted / "conversion.json").write_text(
+            json.dumps({"kind": kind, "arch": "resnet50"})
+        )
+        found = linear_classification.linear_preset(str(converted))
+        assert found[0] == preset and (found[1] is None) == (kind != "moco")
     # What names no method keeps the default protocol, and says nothing.
     legacy = workdir("legacy", "mocov3_r50")
     config = json.loads((tmp_path / "legacy" / "config.json").read_text())
