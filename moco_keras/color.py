@@ -1,19 +1,13 @@
-"""MoCo's colour augmentation, written once, for tf.data and models.
+"""MoCo's colour augmentation, batched in the model.
 
-After the crop (`moco_keras.augment.crop_view`, uint8), a view takes the
-rest of the torchvision v1/v2 transforms: ColorJitter (random op order,
-applied with a probability), RandomGrayscale, GaussianBlur and ImageNet
-normalization. Every image draws its own parameters. The functions below
-take a batch (N x H x W x 3) and run in either of two places, unchanged:
-
-- in tf.data, one view at a time (a batch of one), on any Keras backend
-  (`TF_OPS`: the same functions on Keras' TensorFlow backend, as Keras' own
-  preprocessing layers switch to TensorFlow inside tf.data), with draws
-  from the view's stateless seed, so epoch e's views are a function of
-  `(seed, e)`; there `cond` and `switch` skip what a view does not take;
-- inside the model on the accelerator (`ColorAugmentation`, `keras.ops`),
-  batched, with draws from the layer's seed generator, saved in
-  checkpoints.
+After the crop (`moco_keras.views`: RandomResizedCrop and flip, uint8), a
+view takes the rest of the torchvision v1/v2/v3 transforms: ColorJitter
+(random op order, applied with a probability), RandomGrayscale,
+GaussianBlur, Solarize and ImageNet normalization. Every image draws its
+own parameters. The functions below take a batch (N x H x W x 3) in
+`keras.ops`; `ColorAugmentation` runs them inside the model on the
+accelerator, with draws from the layer's seed generator, saved in
+checkpoints.
 
 Horizontal flip stays in the crop: it commutes with every op here (the blur
 kernel is symmetric and its padding mirrors).
@@ -44,7 +38,7 @@ BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
 # The probabilities of a colour config: all 0 is a view of crop and flip only.
 PROBABILITIES = ("jitter_p", "grayscale_p", "blur_p", "solarize_p")
 
-# The keys of an `augment.AUGMENTATIONS` dict that the colour half reads.
+# The keys of a `views.AUGMENTATIONS` dict that the colour half reads.
 CONFIG_KEYS = (
     "jitter",
     "jitter_p",
@@ -56,27 +50,6 @@ CONFIG_KEYS = (
     "mean",
     "std",
 )
-
-
-class _TensorFlowOps:
-    """`keras.ops`' names on Keras' TensorFlow backend, whatever the backend.
-
-    tf.data runs TensorFlow graphs, so the colour ops inside a tf.data map
-    need TensorFlow tensors even when Keras runs on JAX or torch.
-    """
-
-    def __getattr__(self, name):
-        from keras.src.backend import tensorflow as backend
-
-        if name == "image":
-            return backend.image
-        for module in (backend.numpy, backend.core, backend.nn, backend.math):
-            if hasattr(module, name):
-                return getattr(module, name)
-        raise AttributeError(name)
-
-
-TF_OPS = _TensorFlowOps()
 
 
 def validate(config):
@@ -102,7 +75,7 @@ def validate(config):
         )
 
 
-def sample_parameters(config, uniform, ops=ops):
+def sample_parameters(config, uniform):
     """One image's (or a batch's) draws, torchvision's distributions.
 
     Brightness, contrast and saturation factors ~ U(max(0, 1 - x), 1 + x),
@@ -115,7 +88,6 @@ def sample_parameters(config, uniform, ops=ops):
         config: a dict with `CONFIG_KEYS`.
         uniform: `uniform(shape)` -> U(0, 1) draws of `batch_shape + shape`
             (`batch_shape` is `()` for one image).
-        ops: `keras.ops` or `TF_OPS`.
 
     Returns:
         A dict: `factors` (... x 4: b, c, s, h), `order` (int32 ... x 4, the
@@ -146,12 +118,12 @@ def sample_parameters(config, uniform, ops=ops):
     return parameters
 
 
-def _column(values, ops):
+def _column(values):
     """N -> N x 1 x 1 x 1, to scale a batch of images per image."""
     return ops.reshape(values, (-1, 1, 1, 1))
 
 
-def grayscale(images, ops=ops, keepdims=False):
+def grayscale(images, keepdims=False):
     """N x H x W x 3 -> luma, 3 equal channels (1 with `keepdims`)."""
     images = ops.convert_to_tensor(images, "float32")
     # A matmul, not a sum over the channels: 2.5x faster in TensorFlow.
@@ -160,7 +132,7 @@ def grayscale(images, ops=ops, keepdims=False):
     return gray if keepdims else ops.broadcast_to(gray, ops.shape(images))
 
 
-def _target(images, op, ops):
+def _target(images, op):
     """The blend target of brightness (0), contrast (the gray image's mean)
     or saturation (the gray image), for a static `op`."""
     if op == BRIGHTNESS:
@@ -168,48 +140,31 @@ def _target(images, op, ops):
     if op == CONTRAST:
         # The mean of the grayscale image, from the three channel means.
         means = ops.mean(images, axis=(1, 2), keepdims=True)  # N x 1 x 1 x 3
-        return grayscale(means, ops, keepdims=True)  # N x 1 x 1 x 1
-    return grayscale(images, ops, keepdims=True)  # N x H x W x 1
+        return grayscale(means, keepdims=True)  # N x 1 x 1 x 1
+    return grayscale(images, keepdims=True)  # N x H x W x 1
 
 
-def _blend(images, factor, target, ops):
+def _blend(images, factor, target):
     """`factor * x + (1 - factor) * target`, clipped; factor N x 1 x 1 x 1."""
     return ops.clip(factor * images + (1.0 - factor) * target, 0.0, 1.0)
 
 
-def _jitter_op(images, factors, op, ops):
-    """Jitter op `op` (a Python int) on every image, with its own factor."""
-    if op == HUE:
-        return adjust_hue(images, factors[:, HUE], ops)
-    factor = _column(factors[:, op], ops)
-    return _blend(images, factor, _target(images, op, ops), ops)
-
-
-def _chosen_blend(images, op, factor, active, ops):
+def _chosen_blend(images, op, factor, active):
     """Brightness, contrast or saturation, the op picked per image by `op`
     (N), as one blend; images with `active` False (or whose op is the hue)
     pass through unchanged."""
-    op = _column(op, ops)
+    op = _column(op)
     target = ops.where(
         op == CONTRAST,
-        _target(images, CONTRAST, ops),
-        ops.where(op == SATURATION, _target(images, SATURATION, ops), 0.0),
+        _target(images, CONTRAST),
+        ops.where(op == SATURATION, _target(images, SATURATION), 0.0),
     )  # N x H x W x 1
-    factor = ops.where(
-        _column(active, ops) & (op != HUE), _column(factor, ops), 1.0
-    )
-    return _blend(images, factor, target, ops)
+    factor = ops.where(_column(active) & (op != HUE), _column(factor), 1.0)
+    return _blend(images, factor, target)
 
 
-def adjust_hue(images, delta, ops=ops):
+def adjust_hue(images, delta):
     """Rotates the hue of each image by `delta` (N, a fraction of a turn)."""
-    if ops is TF_OPS and images.shape[0] == 1:
-        # TensorFlow's fused kernel for one image: the same HSV rotation
-        # (tested equal), 3x faster than the round trip below on a CPU.
-        import tensorflow as tf
-
-        rotated = tf.image.adjust_hue(images[0], delta[0])
-        return ops.clip(rotated, 0.0, 1.0)[None]
     hsv = ops.image.rgb_to_hsv(images, data_format="channels_last")
     hue = ops.mod(hsv[..., :1] + ops.reshape(delta, (-1, 1, 1, 1)), 1.0)
     hsv = ops.concatenate([hue, hsv[..., 1:]], axis=-1)
@@ -217,7 +172,7 @@ def adjust_hue(images, delta, ops=ops):
     return ops.clip(rgb, 0.0, 1.0)
 
 
-def color_jitter(images, factors, order, ops=ops):
+def color_jitter(images, factors, order):
     """torchvision's ColorJitter with per-image factors and op order.
 
     Brightness scales, contrast blends with the mean of the grayscale
@@ -230,31 +185,22 @@ def color_jitter(images, factors, order, ops=ops):
             hue delta.
         order: int N x 4, a permutation of (0, 1, 2, 3) per image: which op
             (brightness, contrast, saturation, hue) runs at each position.
-        ops: `keras.ops` or `TF_OPS`.
     """
     images = ops.convert_to_tensor(images, "float32")
     factors = ops.convert_to_tensor(factors, "float32")
     order = ops.cast(order, "int32")
-    if images.shape[0] == 1:
-        # One image (tf.data, per image): each of its four ops runs once.
-        branches = [
-            lambda x, op=op: _jitter_op(x, factors, op, ops) for op in range(4)
-        ]
-        for position in range(4):
-            images = ops.switch(order[0, position], branches, images)
-        return images
-    # A batch: where each image's hue rotation sits, blends before it, then
+    # Where each image's hue rotation sits, blends before it, then
     # the hue of all images at once, then the blends after it.
     hue_at = ops.argmax(ops.cast(order == HUE, "int32"), axis=-1)  # N
     for position in range(3):
         op = order[:, position]
         factor = ops.take_along_axis(factors, op[:, None], axis=1)[:, 0]
-        images = _chosen_blend(images, op, factor, position < hue_at, ops)
-    images = adjust_hue(images, factors[:, HUE], ops)
+        images = _chosen_blend(images, op, factor, position < hue_at)
+    images = adjust_hue(images, factors[:, HUE])
     for position in range(1, 4):
         op = order[:, position]
         factor = ops.take_along_axis(factors, op[:, None], axis=1)[:, 0]
-        images = _chosen_blend(images, op, factor, position > hue_at, ops)
+        images = _chosen_blend(images, op, factor, position > hue_at)
     return images
 
 
@@ -265,7 +211,7 @@ def _symmetric_indices(size, radius):
     return np.where(index >= size, 2 * size - 1 - index, index)
 
 
-def gaussian_blur(images, sigma, ops=ops):
+def gaussian_blur(images, sigma):
     """Separable Gaussian blur, per-image sigma, mirrored edges.
 
     The batch folds into the channels (N x H x W x 3 -> 1 x H x W x 3N), so
@@ -275,7 +221,6 @@ def gaussian_blur(images, sigma, ops=ops):
     Args:
         images: float N x H x W x 3, H and W known.
         sigma: N standard deviations in pixels.
-        ops: `keras.ops` or `TF_OPS`.
     """
     images = ops.convert_to_tensor(images, "float32")
     height, width, channels = images.shape[1:]
@@ -311,21 +256,19 @@ def gaussian_blur(images, sigma, ops=ops):
     return ops.transpose(images, (2, 0, 1, 3))
 
 
-def solarize(images, ops=ops):
+def solarize(images):
     """PIL's `ImageOps.solarize` (threshold 128) on images in [0, 1]: every
     value of 128/255 or more inverted; between the uint8 levels 127 and 128
     the cut at 0.5 gives the same result."""
     return ops.where(images >= 0.5, 1.0 - images, images)
 
 
-def augment(images, parameters, config, ops=ops):
+def augment(images, parameters, config):
     """Applies drawn `parameters` to float images in [0, 1]: the whole
     colour half but the normalization.
 
-    On a batch every op runs on every image and `where` keeps it where the
-    image's coin says so (static shapes, as an accelerator wants); on a
-    batch of one image (tf.data, per image, on a CPU) `cond` and `switch`
-    skip what the image does not take, which is the fast way there.
+    Every op runs on every image and `where` keeps it where the image's
+    coin says so (static shapes, as an accelerator wants).
     """
 
     images = ops.convert_to_tensor(images, "float32")
@@ -334,20 +277,16 @@ def augment(images, parameters, config, ops=ops):
         """`transform` where an image's coin says so."""
         if config[f"{name}_p"] <= 0:
             return x
-        flags = parameters[name]
-        if x.shape[0] == 1:
-            # One image: skip the work when its coin says no.
-            return ops.cond(flags[0], lambda: transform(x), lambda: x)
-        return ops.where(_column(flags, ops), transform(x), x)
+        return ops.where(_column(parameters[name]), transform(x), x)
 
     def gray(x):
-        return maybe("grayscale", lambda y: grayscale(y, ops), x)
+        return maybe("grayscale", grayscale, x)
 
     def jitter(x):
         return maybe(
             "jitter",
             lambda y: color_jitter(
-                y, parameters["factors"], parameters["order"], ops
+                y, parameters["factors"], parameters["order"]
             ),
             x,
         )
@@ -358,13 +297,13 @@ def augment(images, parameters, config, ops=ops):
         else gray(jitter(images))
     )
     images = maybe(
-        "blur", lambda y: gaussian_blur(y, parameters["sigma"], ops), images
+        "blur", lambda y: gaussian_blur(y, parameters["sigma"]), images
     )
     # MoCo v3's second view solarizes after the blur (`main_moco.py`).
-    return maybe("solarize", lambda y: solarize(y, ops), images)
+    return maybe("solarize", solarize, images)
 
 
-def normalize(images, mean, std, ops=ops):
+def normalize(images, mean, std):
     """uint8 (or float) [0, 255] -> `(x / 255 - mean) / std`, float32."""
     images = ops.cast(images, "float32") / 255.0
     mean = ops.convert_to_tensor(np.array(mean, "float32"))
@@ -372,20 +311,20 @@ def normalize(images, mean, std, ops=ops):
     return (images - mean) / std
 
 
-def augment_crops(crops, parameters, config, ops=ops):
+def augment_crops(crops, parameters, config):
     """The colour half of a batch of uint8 crops: augment, then normalize."""
     images = ops.cast(crops, "float32") / 255.0
-    images = augment(images, parameters, config, ops)
-    return normalize(images * 255.0, config["mean"], config["std"], ops)
+    images = augment(images, parameters, config)
+    return normalize(images * 255.0, config["mean"], config["std"])
 
 
 @keras.saving.register_keras_serializable(package="moco_keras")
 class ColorAugmentation(keras.layers.Layer):
     """MoCo's colour augmentation and normalization over a batch.
 
-    The colour half of `moco_keras.color` inside the model, for a tf.data
-    pipeline that stops after the crop (`two_view_dataset(...,
-    color_in_model=True)`): training draws per-image parameters
+    The colour half of `moco_keras.color` inside the model, after the
+    pipeline's crops (`views.two_view_batches`): training draws per-image
+    parameters
     (`sample_parameters`) and applies them (`augment`), then normalizes;
     inference only normalizes.
 
@@ -407,9 +346,9 @@ class ColorAugmentation(keras.layers.Layer):
     Example:
 
     >>> import numpy as np
-    >>> from moco_keras import augment
+    >>> from moco_keras import views
     >>> layer = ColorAugmentation.from_augmentation(
-    ...     augment.get_augmentation("mocov2"), seed=1)
+    ...     views.get_augmentation("mocov2"), seed=1)
     >>> crops = np.random.randint(0, 256, (4, 32, 32, 3), dtype="uint8")
     >>> tuple(layer(crops, training=True).shape)
     (4, 32, 32, 3)
@@ -445,12 +384,12 @@ class ColorAugmentation(keras.layers.Layer):
 
     @property
     def config(self):
-        """The colour config, as in an `augment.AUGMENTATIONS` dict."""
+        """The colour config, as in a `views.AUGMENTATIONS` dict."""
         return {key: getattr(self, key) for key in CONFIG_KEYS}
 
     @classmethod
     def from_augmentation(cls, augmentation, **kwargs):
-        """The layer for an `augment.AUGMENTATIONS` dict (crop keys ignored)."""
+        """The layer for a `views.AUGMENTATIONS` dict (crop keys ignored)."""
         return cls(**{key: augmentation[key] for key in CONFIG_KEYS}, **kwargs)
 
     def sample_parameters(self, batch_size):
@@ -508,18 +447,3 @@ class ColorAugmentation(keras.layers.Layer):
         config = super().get_config()
         config.update({**self.config, "seed": self.seed})
         return config
-
-
-def stateless_uniform(seed, draws=8):
-    """A `uniform(shape)` for `sample_parameters` from one image's stateless
-    seed (int32 `[2]`, tf.data): each call takes the next of `draws` seeds."""
-    import tensorflow as tf
-
-    seeds = iter(
-        tf.unstack(tf.random.experimental.stateless_split(seed, draws))
-    )
-
-    def uniform(shape):
-        return tf.random.stateless_uniform(shape, seed=next(seeds))
-
-    return uniform

@@ -30,6 +30,7 @@ Example:
 import json
 import math
 import os
+import zipfile
 
 import keras
 
@@ -66,6 +67,17 @@ RESUMABLE = (
 # Keys newer than some workdirs' config.json, with the value those runs
 # had: a run started before a key existed resumes with it.
 ADDED_KEYS = {"run.health": True}
+
+# Keys that configs no longer have, which older workdirs' config.json
+# hold, with the value a run resumes with unchanged (None: any): the input
+# pipeline's choice (one pipeline reads every run now); where the views'
+# colour half ran (in the model now; `check_resume` asks the checkpoint);
+# the crops' resize without antialiasing (PIL's filtered resize alone now).
+REMOVED_KEYS = {
+    "data.input": None,
+    "augmentation.color_in_model": None,
+    "augmentation.antialias": True,
+}
 
 # The smallest crop the recipes take: 8 x 8 pixels (Fashion-MNIST's 28 is
 # the smallest any preset uses).
@@ -244,6 +256,18 @@ def check_resume(config):
         return
     with open(path) as f:
         stored = {**ADDED_KEYS, **flatten(json.load(f))}
+    removed = {key: stored.pop(key) for key in REMOVED_KEYS if key in stored}
+    check(
+        removed.get("augmentation.color_in_model", True)
+        or _colour_in_model(checkpoint),
+        f"run.workdir={workdir} holds a run whose views took their colour "
+        f"half on the CPU, in the tf.data pipeline of moco-keras before "
+        f"one pipeline read every run; its checkpoint {checkpoint} has no "
+        "colour layer, and this version feeds the model uncoloured crops. "
+        "Finish that run with the version that started it, or start a new "
+        "run.workdir (a finished run's checkpoint still loads for "
+        "evaluation, export and linear classification).",
+    )
     current = flatten(config)
     if "method" in current and "method" not in stored:
         # A run started before configs named their method: its `model`
@@ -254,6 +278,11 @@ def check_resume(config):
         f"{current.get(key)!r} now"
         for key in sorted(stored.keys() | current.keys())
         if key not in RESUMABLE and stored.get(key) != current.get(key)
+    ] + [
+        f"{key}: {value!r} in its {CONFIG_FILE}, removed now (as "
+        f"{REMOVED_KEYS[key]!r})"
+        for key, value in sorted(removed.items())
+        if REMOVED_KEYS[key] not in (None, value)
     ]
     check(
         not changed,
@@ -266,3 +295,11 @@ def check_resume(config):
         + ", ".join(RESUMABLE)
         + ".",
     )
+
+
+def _colour_in_model(checkpoint):
+    """Whether a pretraining checkpoint's model runs the views' colour half
+    (its `augmentation`), read from the `.keras` file's config alone."""
+    with zipfile.ZipFile(checkpoint) as archive:
+        saved = json.loads(archive.read("config.json"))
+    return saved.get("config", {}).get("augmentation") is not None

@@ -1,11 +1,11 @@
 """Image datasets as sources: ImageNet-style folders, tfds, Fashion-MNIST.
 
-A source gives `(image, label)` pairs, where `image` is either the encoded
-file (`Source.encoded`, decoded once by the augmentation for both views) or
-a decoded uint8 `H x W x C` array, and the order of each pass over its
-images (`Source.order`: a permutation of the whole dataset drawn from the
-seed and the epoch, as the official code's sampler does). The pipelines
-that read them into batches are in `moco_keras.pipelines`.
+A source holds its images by index, either encoded (file paths, or a tfds
+split's records: `Source.encoded`, decoded once for both views) or as
+decoded uint8 `H x W x C` arrays, with their labels. The order of each pass
+over them is `permutation`: uniform over the whole dataset and drawn from
+the seed and the epoch, as the official code's sampler does. The pipeline
+that reads them into batches is `moco_keras.views`.
 """
 
 import concurrent.futures
@@ -47,14 +47,14 @@ class Source:
     """Images and labels that a pipeline reads in any order it draws.
 
     The images stay where they are (files on disk, or one array in memory);
-    a pipeline draws an order of indices (`order`), which costs 8 bytes an
-    image, and reads each image by its index (`read`) only when it needs it:
-    the 1.28M paths of ImageNet are permuted in well under a second, every
-    epoch, without a shuffle buffer of decoded images.
+    a pipeline draws an order of indices (`permutation`), which costs 8
+    bytes an image, and reads each image by its index only when it needs
+    it: the 1.28M paths of ImageNet are permuted in well under a second,
+    every epoch, without a shuffle buffer of decoded images.
 
     Args:
-        items: what `read` turns into an image, one row per example: file
-            paths (encoded files) or a uint8 `N x H x W x C` array.
+        items: the images, one row per example: file paths (encoded files)
+            or a uint8 `N x H x W x C` array.
         labels: `N` int labels.
         class_names: the class names, index = label.
         encoded: True if an image is encoded file contents (read from a
@@ -62,9 +62,7 @@ class Source:
 
     Attributes:
         paths_or_arrays: the `items` as one numpy array (paths as bytes, or
-            uint8 images); `items` is the same as one TensorFlow tensor, made on
-            first use (the tf.data pipelines; a TensorFlow-free reader such
-            as `moco_keras.views` takes the numpy one).
+            uint8 images).
         labels: numpy int32 labels.
         class_names: as given.
         encoded: as given.
@@ -89,65 +87,6 @@ class Source:
             np.asarray([os.fsencode(item) for item in items], np.bytes_)
             if encoded
             else np.asarray(items)
-        )
-        self._tensors = None
-
-    def _tf_tensors(self):
-        """`(items, labels)` as TensorFlow tensors, made once and outside any
-        tf.function, so that every pipeline (and every epoch's) captures the
-        same tensors instead of a copy of them."""
-        if self._tensors is None:
-            import tensorflow as tf
-
-            with tf.init_scope():
-                self._tensors = (
-                    tf.convert_to_tensor(self.paths_or_arrays),
-                    tf.convert_to_tensor(self.labels),
-                )
-        return self._tensors
-
-    @property
-    def items(self):
-        return self._tf_tensors()[0]
-
-    def order(self, seed=0, epoch=None, shuffle=True):
-        """The indices of one pass over the images, as a `tf.data.Dataset`.
-
-        With `epoch`: `permutation(num_examples, seed, epoch)`, uniform over
-        all images and a function of `(seed, epoch)`, so a resumed run reads
-        what the uninterrupted run read. Without: a new uniform permutation
-        on each iteration (`model.fit(..., epochs=n)` on one dataset), drawn
-        by a shuffle whose buffer holds every index. `shuffle=False`: the
-        stored order.
-        """
-        import tensorflow as tf
-
-        n = self.num_examples
-        if not shuffle:
-            return tf.data.Dataset.range(n)
-        if epoch is None:
-            return tf.data.Dataset.range(n).shuffle(
-                n, seed=seed, reshuffle_each_iteration=True
-            )
-        return tf.data.Dataset.from_tensor_slices(permutation(n, seed, epoch))
-
-    def read(self, index):
-        """`(image, label)` of one index: the file's bytes, or the array."""
-        import tensorflow as tf
-
-        items, labels = self._tf_tensors()
-        item = tf.gather(items, index)
-        if self.encoded:
-            item = tf.io.read_file(item)
-        return item, tf.gather(labels, index)
-
-    @property
-    def dataset(self):
-        """Every `(image, label)`, in the stored order."""
-        import tensorflow as tf
-
-        return self.order(shuffle=False).map(
-            self.read, num_parallel_calls=tf.data.AUTOTUNE
         )
 
     def subset(self, count, seed=0):
@@ -512,96 +451,6 @@ def fashion_mnist(split="train", data_dir=None, pad=2, limit=None, seed=0):
     return source.subset(limit, seed) if limit else source
 
 
-class TfdsSource:
-    """A tensorflow-datasets split, read as the stream of records tfds has.
-
-    tfds keeps a split in TFRecord shards, readable in file order only, not
-    by index, so no exact permutation of all images exists without reading
-    them all. What it allows, and `order` does: tfds writes every split with
-    its examples shuffled over all shards (by a hash of their keys, at
-    `download_and_prepare`), so a shard is a random sample of the classes
-    even where the source files were sorted by class; each epoch reads the
-    shards in an order of its own (`shuffle_files`, seeded), interleaved one
-    record at a time, through a `shuffle_buffer` that moves each record
-    within the epoch. The order is a function of `(seed, epoch)`.
-
-    It has the interface of `Source`, `labels` excepted (None: unknown
-    until read); `order` yields whole records, which `read` unpacks into
-    `(encoded image, label)` (`SkipDecoding`).
-    """
-
-    def __init__(self, builder, split, image_key, label_key, shuffle_buffer):
-        self._builder = builder
-        self._split = split
-        self._keys = image_key, label_key
-        self.shuffle_buffer = shuffle_buffer
-        info = builder.info
-        self.num_examples = info.splits[split].num_examples
-        self.class_names = tuple(info.features[label_key].names)
-        self.encoded = True
-        self.labels = None
-
-    def _records(self, shuffle_files, read_config=None):
-        import tensorflow as tf
-        import tensorflow_datasets as tfds
-
-        image_key, label_key = self._keys
-        records = self._builder.as_dataset(
-            split=self._split,
-            decoders={image_key: tfds.decode.SkipDecoding()},
-            shuffle_files=shuffle_files,
-            read_config=read_config,
-        )
-        # One dict a record (tf.data would unpack a tuple into arguments).
-        return records.map(
-            lambda example: {
-                "image": example[image_key],
-                "label": tf.cast(example[label_key], tf.int32),
-            }
-        )
-
-    def order(self, seed=0, epoch=None, shuffle=True):
-        """The records of one pass: see the class docstring."""
-        import tensorflow_datasets as tfds
-
-        if not shuffle:
-            return self._records(shuffle_files=False)
-        per_run = epoch is None
-        if not per_run:
-            seed = epoch_seed(seed, epoch)
-        config = tfds.ReadConfig(
-            shuffle_seed=seed,
-            shuffle_reshuffle_each_iteration=per_run,
-            # One record from each file in turn (tfds reads 16 by default).
-            interleave_block_length=1,
-        )
-        return self._records(shuffle_files=True, read_config=config).shuffle(
-            min(self.shuffle_buffer, self.num_examples),
-            seed=seed,
-            reshuffle_each_iteration=per_run,
-        )
-
-    def read(self, record):
-        return record["image"], record["label"]
-
-    @property
-    def dataset(self):
-        return self.order(shuffle=False).map(self.read)
-
-    def subset(self, count, seed=0):
-        """The split's first `count` records: tfds stored them shuffled, so
-        they are a random draw (not class-stratified; `seed` is unused)."""
-        del seed
-        if count >= self.num_examples:
-            return self
-        return TfdsSource(
-            self._builder,
-            f"{self._split}[:{count}]",
-            *self._keys,
-            self.shuffle_buffer,
-        )
-
-
 class TfdsRecords:
     """A tfds split prepared as ArrayRecord, its records read by index
     (`tfds.data_source`): the images of a `tfds/` dataset as grain reads
@@ -712,14 +561,17 @@ def tfds_source(
     download=True,
     image_key="image",
     label_key="label",
-    shuffle_buffer=10_000,
-    by_index=False,
 ):
     """A tensorflow-datasets image dataset as a source.
 
     Images stay encoded (`SkipDecoding`) until the augmentation decodes
     them. `imagenet2012` needs its manual download (the ILSVRC2012 tars) in
     `data_dir/downloads/manual`, as tfds documents.
+
+    The split is read by index, so it must be prepared as ArrayRecord
+    (what `tfds.data_source` reads), and `download` prepares it so; one
+    prepared as TFRecord (tfds' default, readable in file order only) is
+    refused with the command that prepares it.
 
     Args:
         name: the tfds name, e.g. "imagenet2012" or "imagenette/320px-v2".
@@ -728,25 +580,15 @@ def tfds_source(
         download: build the dataset first if it is not there yet.
         image_key: the feature name of the image.
         label_key: the feature name of the label.
-        shuffle_buffer: tf.data only: records in the shuffle that follows
-            the shuffled files (encoded images: about 110 kB each on
-            ImageNet).
-        by_index: read the split by index, as grain does: it must be
-            prepared as ArrayRecord (what `tfds.data_source` reads), and
-            `download` prepares it so; one prepared as TFRecord (tfds'
-            default) is refused with the command that prepares it.
 
     Returns:
-        A `TfdsSource` (tf.data, in file order), or with `by_index` a
-        `TfdsRecordSource`.
+        A `TfdsRecordSource`.
     """
     import tensorflow_datasets as tfds
 
     builder = tfds.builder(name, data_dir=data_dir)
     if download and not builder.is_prepared():
-        builder.download_and_prepare(
-            **({"file_format": "array_record"} if by_index else {})
-        )
+        builder.download_and_prepare(file_format="array_record")
     info = builder.info
     if image_key not in info.features or label_key not in info.features:
         raise ValueError(
@@ -754,8 +596,6 @@ def tfds_source(
             f"expected {image_key!r} and {label_key!r}. Pass "
             "`image_key`/`label_key` with the names this dataset uses."
         )
-    if not by_index:
-        return TfdsSource(builder, split, image_key, label_key, shuffle_buffer)
     if str(getattr(info.file_format, "value", "")) != "array_record":
         where = data_dir or "~/tensorflow_datasets"
         raise ValueError(
@@ -766,13 +606,7 @@ def tfds_source(
             f"`tfds build {name} --data_dir=NEW_DIR "
             "--file_format=array_record` (in Python: tfds.builder(name, "
             "data_dir=NEW_DIR).download_and_prepare(file_format="
-            "'array_record')), then pass --data_dir=NEW_DIR; or read it "
-            "through tf.data (--input=tf_data)."
+            "'array_record')), then pass --data_dir=NEW_DIR."
         )
     records = TfdsRecords(name, split, data_dir, image_key, label_key)
     return TfdsRecordSource(records, info.features[label_key].names)
-
-
-def epoch_seed(seed, epoch):
-    """The seed of one epoch's shuffle and draws, from the run's seed."""
-    return (seed * 1_000_003 + epoch) % 2**31

@@ -149,7 +149,7 @@ def is_multi_process():
 
 def process_shard():
     """`(index, count)` of this process among the JAX job's processes, the
-    `shard` of `pipelines.two_view_dataset`; None with one process."""
+    `shard` of `views.two_view_batches`; None with one process."""
     if keras.backend.backend() != "jax":
         return None
     import jax
@@ -296,13 +296,12 @@ def distribute_dataset(strategy, dataset_fn):
 
     Args:
         strategy: a `tf.distribute.Strategy`, or None.
-        dataset_fn: `f(shard)` -> a `tf.data.Dataset` or grain batches: the
-            global batches for `shard=None`; for `shard=(index, count)`,
-            worker `index`'s share of each global batch, one of `count`
-            equal parts (as `pipelines.two_view_dataset(..., shard=shard)`
-            and `views.two_view_batches(..., shard=shard)` give). Under a
-            `tf.distribute` strategy grain's finished batches reach it
-            through `grain_to_tf_data`.
+        dataset_fn: `f(shard)` -> grain batches: the global batches for
+            `shard=None`; for `shard=(index, count)`, worker `index`'s
+            share of each global batch, one of `count` equal parts (as
+            `views.two_view_batches(..., shard=shard)` gives). Under a
+            `tf.distribute` strategy they reach it through
+            `grain_to_tf_data`.
 
     Returns:
         What `model.fit` takes: the global batches on one worker (a local
@@ -339,8 +338,7 @@ def grain_to_tf_data(batches):
     A `tf.distribute` strategy takes its input as tf.data: grain's batches
     (`views.two_view_batches`, finished numpy arrays in their order) are
     yielded as they are, with no transformation of their own, so that the
-    pipeline's order, draws and resume are grain's. A `tf.data.Dataset`
-    is returned unchanged.
+    pipeline's order, draws and resume are grain's.
 
     Each pass over the dataset reads `batches` from its start, as a tf.data
     pipeline would (Keras reads the first batch once to build the model,
@@ -349,8 +347,6 @@ def grain_to_tf_data(batches):
     """
     import tensorflow as tf
 
-    if isinstance(batches, tf.data.Dataset):
-        return batches
     iterator = iter(batches)
     try:
         first = next(iterator)

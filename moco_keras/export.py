@@ -66,7 +66,6 @@ def export_feature_extractor(
     import tensorflow as tf
 
     from moco_keras import color
-    from moco_keras import pipelines
 
     mean = tuple(color.IMAGENET_MEAN if mean is None else mean)
     std = tuple(color.IMAGENET_STD if std is None else std)
@@ -106,7 +105,7 @@ def export_feature_extractor(
             )
             def serve(self, images):
                 views = tf.map_fn(
-                    lambda image: pipelines.eval_view(
+                    lambda image: _eval_view(
                         image, size, mean, std, crop_fraction
                     ),
                     images,
@@ -311,3 +310,28 @@ def export_onnx(
     with open(path + ".json", "w") as f:
         json.dump(preprocessing, f, indent=2)
     return preprocessing
+
+
+def _eval_view(image, size, mean, std, crop_fraction):
+    """The official evaluation transform of a uint8 image, in TensorFlow
+    (the SavedModel's serving graph): the short side resized to
+    `round(size / crop_fraction)` (256 for 224), antialiased where it
+    shrinks as PIL's resize in the official loader, then the center
+    `size x size`, normalized. `views.center_view` is the same view for
+    the pipeline, in PIL.
+    """
+    import tensorflow as tf
+
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    short = tf.round(size / crop_fraction)
+    scale = short / tf.reduce_min(shape)
+    new_shape = tf.cast(tf.round(shape * scale), tf.int32)
+    new_shape = tf.maximum(new_shape, size)
+    resized = tf.image.resize(
+        tf.cast(image, tf.float32), new_shape, antialias=True
+    )
+    top = (new_shape[0] - size) // 2
+    left = (new_shape[1] - size) // 2
+    crop = tf.slice(resized, [top, left, 0], [size, size, 3])
+    crop = tf.clip_by_value(crop / 255.0, 0.0, 1.0)
+    return (crop - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)

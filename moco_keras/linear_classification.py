@@ -35,7 +35,6 @@ from keras import ops
 
 from moco_keras import configs
 from moco_keras import convert
-from moco_keras import datasets
 from moco_keras import distribute
 from moco_keras import methods
 from moco_keras import momentum_pair
@@ -246,7 +245,6 @@ def epoch_scores(columns):
 
 def _features(backbone, dataset):
     """Features and labels of a `(images, labels)` dataset, in order."""
-
     features, labels = [], []
     for images, batch_labels in dataset:
         images = ops.convert_to_tensor(np.asarray(images))
@@ -312,19 +310,10 @@ def _train_linear(config, milestones, checkpoint, paths):
     augmentation = None
     if config["classifier"]["train_augment"]:
         augmentation = views.linear_augmentation(size, mean, std)
-    grain = sources.input_pipeline(config) == "grain"
     seed = config["run"]["seed"]
 
     def labelled(source, **kwargs):
-        if grain:
-            load = views.labelled_batches
-            kwargs["workers"] = config["data"]["workers"]
-        else:
-            # tf.data: imported here, so that grain runs without TensorFlow.
-            from moco_keras import pipelines
-
-            load = pipelines.labelled_dataset
-        return load(
+        return views.labelled_batches(
             source,
             batch_size,
             size,
@@ -332,6 +321,7 @@ def _train_linear(config, milestones, checkpoint, paths):
             std,
             crop_fraction=config["data"]["crop_fraction"],
             seed=seed,
+            workers=config["data"]["workers"],
             **kwargs,
         )
 
@@ -343,26 +333,14 @@ def _train_linear(config, milestones, checkpoint, paths):
         val_x, val_y = _features(backbone, labelled(val))
         inputs = keras.Input((feature_dim,))
         model = keras.Model(inputs, head(inputs), name="linear_head")
+
         # In the order of `train`: the image path's order for each epoch.
-        if grain:
+        def epoch_dataset(epoch, skip):
+            return views.array_batches(
+                (train_x, train_y), batch_size, seed, epoch, skip
+            )
 
-            def epoch_dataset(epoch, skip):
-                return views.array_batches(
-                    (train_x, train_y), batch_size, seed, epoch, skip
-                )
-
-            val_data = views.array_batches((val_x, val_y), batch_size)
-        else:
-            cached = datasets.Source(train_x, train_y, train.class_names, False)
-
-            def epoch_dataset(epoch, skip):
-                keys = cached.order(seed, epoch).skip(skip * batch_size)
-                return keys.map(cached.read).batch(
-                    batch_size, drop_remainder=True
-                )
-
-            val_data = datasets.Source(val_x, val_y, val.class_names, False)
-            val_data = val_data.dataset.batch(batch_size)
+        val_data = views.array_batches((val_x, val_y), batch_size)
     else:
         inputs = keras.Input((size, size, 3))
         features = backbone(inputs, training=False)

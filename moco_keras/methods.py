@@ -112,8 +112,8 @@ class Method:
         """The method's model on `encoder`, uncompiled.
 
         Args:
-            pair: the two views' `views.view_pair` when their colour half
-                runs in the model (`pretraining.color_in_model`), or None.
+            pair: the two views' `views.view_pair`, whose colour half
+                runs in the model.
         """
         raise NotImplementedError
 
@@ -197,12 +197,10 @@ class MoCoMethod(Method):
 
     def build_model(self, config, encoder, pair, steps_per_epoch):
         seed = config["run"]["seed"]
-        augmentation = None
-        if pair is not None:
-            # One layer for both views: v1's and v2's views are alike.
-            augmentation = color.ColorAugmentation.from_augmentation(
-                pair[0], seed=seed
-            )
+        # One layer for both views: v1's and v2's views are alike.
+        augmentation = color.ColorAugmentation.from_augmentation(
+            pair[0], seed=seed
+        )
         return moco.MoCo(
             encoder,
             **config["model"],
@@ -264,15 +262,12 @@ class MoCoV3Method(Method):
         return {"sync_bn": replicas > 1, "zero_init_residual": True}
 
     def build_model(self, config, encoder, pair, steps_per_epoch):
-        augmentation = None
-        if pair is not None:
-            # One layer per view, seeded apart: the views draw
-            # independently.
-            seed = config["run"]["seed"]
-            augmentation = [
-                color.ColorAugmentation.from_augmentation(view, seed=seed + i)
-                for i, view in enumerate(pair)
-            ]
+        # One layer per view, seeded apart: the views draw independently.
+        seed = config["run"]["seed"]
+        augmentation = [
+            color.ColorAugmentation.from_augmentation(view, seed=seed + i)
+            for i, view in enumerate(pair)
+        ]
         momentum = config["model"]["momentum"]
         if config["schedule"]["momentum_cosine"]:
             momentum = optimizers.CosineMomentum(

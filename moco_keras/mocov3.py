@@ -92,7 +92,7 @@ class MoCoV3(momentum_pair.MomentumPair):
             layer for both, or a pair, the first view's and the second's
             (`color.ColorAugmentation`s of `views.get_augmentation(
             "mocov3")`), for inputs that are uint8 crops
-            (`color_in_model`). Inference takes the first (which only
+            (`views.two_view_batches`). Inference takes the first (which only
             normalizes outside training).
         health: bool, also track the `health.HEALTH` measures.
         **kwargs: `keras.Model` arguments such as `name`.

@@ -7,8 +7,8 @@ Each value is written once, here, at one of three levels:
   `main_moco.py`): v1 (arXiv 1911.05722) has a linear head and temperature
   0.07; v2 (arXiv 2003.04297) a 2-layer MLP head and temperature 0.2. Both
   use 128-d features, a queue of 65536 keys and key encoder momentum 0.999.
-- `VIEWS`: the official views' crop and resize, which the views of
-  `augment.AUGMENTATIONS` and the runs below share.
+- `VIEWS`: the official views' crop, which the views of
+  `views.AUGMENTATIONS` and the runs below share.
 - `PRETRAINING`, `LINEAR_CLASSIFICATION`: whole runs. A pretraining run
   names its method (`method`: `"mocov1"`, `"mocov2"` or `"mocov3"`,
   `moco_keras.methods`); then one section per part of the library that
@@ -76,11 +76,10 @@ MOCOV3_VIT = {
     "temperature": 0.2,
 }
 
-# The official views' crop and resize (`main_moco.py`), which
-# `augment.AUGMENTATIONS` and the runs' `augmentation` sections both take:
-# RandomResizedCrop's smallest area fraction (MoCo v3's --crop-min), and the
-# crops' resize antialiased as PIL's.
-VIEWS = {"crop_min": 0.2, "antialias": True}
+# The official views' crop (`main_moco.py`), which `views.AUGMENTATIONS`
+# and the runs' `augmentation` sections both take: RandomResizedCrop's
+# smallest area fraction (MoCo v3's --crop-min).
+VIEWS = {"crop_min": 0.2}
 
 # How a run executes, for every protocol; none of it changes what it learns
 # but `seed`.
@@ -113,8 +112,6 @@ _IMAGENET = {
     "val_split": "validation",
     "val_limit": 0,
     "batch_size": 256,
-    # tf.data where TensorFlow is installed, else grain (`sources.INPUTS`).
-    "input": "auto",
     # grain's worker processes that decode and crop (0: threads of the
     # training process, which PIL's decode and resize share well).
     "workers": 0,
@@ -130,9 +127,6 @@ _MOCOV1_IMAGENET = {
         "aug_plus": False,
         "blur": True,
         **VIEWS,
-        # Colour jitter, grayscale, blur and normalization batched in the
-        # model (for accelerators); the CPU only decodes, crops and flips.
-        "color_in_model": False,
     },
     "data": _IMAGENET,
     "optimizer": {
@@ -197,7 +191,6 @@ _MOCOV3_R50_IMAGENET = {
     "augmentation": {
         "blur": True,
         **VIEWS,
-        "color_in_model": False,
     },
     "data": {**_IMAGENET, "batch_size": 4096},
     "optimizer": {

@@ -85,23 +85,12 @@ def augmentation_config(config):
         "size": config["data"]["image_size"],
         "mean": mean,
         "std": std,
-        "antialias": settings["antialias"],
         "scale": (settings["crop_min"], 1.0),
     }
     name = methods.get(config).views(config)
     if name != "mocov1" and not settings["blur"]:
         overrides["blur_p"] = 0.0
     return views.get_augmentation(name, **overrides)
-
-
-def color_in_model(config):
-    """Whether the colour half of the views runs in the model: the config's
-    `augmentation.color_in_model`, and always with grain input, whose CPU
-    half is the crop and the flip only."""
-    return bool(
-        config["augmentation"]["color_in_model"]
-        or sources.input_pipeline(config) == "grain"
-    )
 
 
 def build_moco(config, milestones, steps_per_epoch, replicas=1):
@@ -115,9 +104,8 @@ def build_moco(config, milestones, steps_per_epoch, replicas=1):
     """
     method = methods.get(config)
     encoder = method.build_encoder(config, replicas)
-    pair = None
-    if color_in_model(config):
-        pair = views.view_pair(augmentation_config(config))
+    # The pipeline crops and flips; the colour half runs in the model.
+    pair = views.view_pair(augmentation_config(config))
     model = method.build_model(config, encoder, pair, steps_per_epoch)
     model.compile(
         optimizer=optimizers.from_config(config, milestones, steps_per_epoch),
@@ -188,32 +176,17 @@ def pretrain(config):
             replicas=devices if strategy is not None else 1,
         )
     augmentation = augmentation_config(config)
-    grain = sources.input_pipeline(config) == "grain"
 
     def two_view_batches(batch_size, epoch, skip=0, shard=None, workers=None):
-        if grain:
-            return views.two_view_batches(
-                source,
-                augmentation,
-                batch_size,
-                seed=run["seed"],
-                epoch=epoch,
-                skip_batches=skip,
-                shard=shard,
-                workers=data["workers"] if workers is None else workers,
-            )
-        # tf.data: imported here, so that grain runs without TensorFlow.
-        from moco_keras import pipelines
-
-        return pipelines.two_view_dataset(
+        return views.two_view_batches(
             source,
             augmentation,
             batch_size,
             seed=run["seed"],
-            color_in_model=color_in_model(config),
             epoch=epoch,
             skip_batches=skip,
             shard=shard,
+            workers=data["workers"] if workers is None else workers,
         )
 
     def epoch_dataset(epoch, skip):
@@ -226,9 +199,9 @@ def pretrain(config):
     preview = None
     fresh = training.latest_checkpoint(paths["checkpoints"])[0] is None
     if paths["chief"] and fresh:
-        # A new run shows the views of epoch 0's first images (before the
-        # in-model colour ops with color_in_model), from a pipeline of its
-        # own so that the training pipeline's draws stay as they are.
+        # A new run shows the crops of epoch 0's first images (before the
+        # in-model colour ops), from a pipeline of its own so that the
+        # training pipeline's draws stay as they are.
         preview = next(
             iter(two_view_batches(min(batch_size, 8), epoch=0, workers=0))
         )
@@ -246,8 +219,7 @@ def pretrain(config):
         f"{method.title} pretraining: {source.num_examples} images, "
         f"{epochs} epochs of {steps_per_epoch} steps, backend "
         f"{keras.backend.backend()}, strategy {run['strategy']} over "
-        f"{devices} device(s), input "
-        f"{'grain' if grain else 'tf.data'}, workdir {run['workdir']}"
+        f"{devices} device(s), workdir {run['workdir']}"
     )
     started = time.time()
     start_step = runs.fit(

@@ -486,9 +486,9 @@ def fit_resumable(
 
     Args:
         model: a compiled model (a `Checkpointer` in `callbacks` saves it).
-        epoch_dataset: `f(epoch, skip_batches)` -> a `tf.data.Dataset` of
-            the batches of `epoch`
-            from batch `skip_batches` on, the same for the same arguments.
+        epoch_dataset: `f(epoch, skip_batches)` -> the batches of `epoch`
+            from batch `skip_batches` on (grain, or what `model.fit`
+            takes), the same for the same arguments.
         epochs: total epochs of the run.
         steps_per_epoch: batches per epoch.
         directory: the checkpoint directory.

@@ -1,11 +1,11 @@
-"""MoCo's views: their presets (`AUGMENTATIONS`), the crop half in numpy
-and PIL without TensorFlow, and a grain pipeline of two-view batches from a
-`datasets.Source`.
+"""The input pipeline: MoCo's views (their presets, `AUGMENTATIONS`), the
+crop half in numpy and PIL, and grain batches of two views or of labelled
+views from a `datasets.Source`, on every backend.
 
-`AUGMENTATIONS` holds `mocov1`, `mocov2` and `cifar` (the official CIFAR
-demo) as plain dicts, which the tf.data path (`moco_keras.augment`, which
-re-exports them), this one and the colour half (`color.ColorAugmentation`)
-all take; `get_augmentation` copies one with overrides.
+`AUGMENTATIONS` holds `mocov1`, `mocov2`, `mocov3` and `cifar` (the
+official CIFAR demo) as plain dicts, which this pipeline and the colour
+half (`color.ColorAugmentation`) both take; `get_augmentation` copies one
+with overrides.
 
 The official loader (`main_moco.py`) builds each view with torchvision's
 transforms on PIL images: RandomResizedCrop (PIL's bilinear resize, which
@@ -22,10 +22,9 @@ Every draw of an image's two views is a function of `(seed, epoch, index)`
 Example:
 
     >>> import numpy as np
-    >>> from moco_keras import augment
     >>> image = np.zeros((40, 30, 3), np.uint8)
-    >>> views = augment.AUGMENTATIONS["mocov2"]
-    >>> view_q, view_k = two_crops(image, view_rng(0, 0, 7), views)
+    >>> view_q, view_k = two_crops(
+    ...     image, view_rng(0, 0, 7), AUGMENTATIONS["mocov2"])
     >>> view_q.shape, view_q.dtype
     ((224, 224, 3), dtype('uint8'))
 """
@@ -60,10 +59,6 @@ def _preset(**overrides):
         "blur_sigma": (0.1, 2.0),
         "solarize_p": 0.0,
         "flip": True,
-        # False: plain bilinear where a crop shrinks, more pairs per core
-        # for the split path's CPU half at a measured cost in fidelity to
-        # the official views (BENCHMARKS.md).
-        "antialias": VIEWS["antialias"],
         "mean": IMAGENET_MEAN,
         "std": IMAGENET_STD,
     }
@@ -103,7 +98,7 @@ AUGMENTATIONS["mocov3"] = (
 
 # The keys that make a view's crop: equal in the two views of a pair, which
 # are batched together.
-CROP_KEYS = ("size", "scale", "ratio", "flip", "antialias")
+CROP_KEYS = ("size", "scale", "ratio", "flip")
 
 
 def get_augmentation(name, **overrides):
@@ -235,8 +230,7 @@ def center_view(picture, size, crop_fraction=0.875):
 
     The short side resized to `round(size / crop_fraction)` (256 for 224;
     PIL's bilinear resize, as torchvision's `Resize` on the official
-    loader's PIL images), then the center `size x size`: the numpy twin of
-    `pipelines.eval_view` before its normalization.
+    loader's PIL images), then the center `size x size`.
     """
     from PIL import Image
 
@@ -289,10 +283,9 @@ class LabelledViews:
 def labelled_arrays(source, size, mean, std, crop_fraction=0.875):
     """Every image of `source` as an evaluation view in memory, in order.
 
-    What `pipelines.labelled_dataset(source, ...)` gives without an epoch,
-    read with PIL in threads (PIL releases the GIL as it decodes and
-    resizes): for the kNN monitor and the linear recipe's features on a
-    host without TensorFlow.
+    What `labelled_batches(source, ...)` gives without an epoch, read with
+    PIL in threads (PIL releases the GIL as it decodes and resizes): for
+    the kNN monitor.
 
     Returns:
         `(images, labels)`: float32 `N x size x size x 3`, normalized with
@@ -305,34 +298,15 @@ def labelled_arrays(source, size, mean, std, crop_fraction=0.875):
     return np.stack([v for v, _ in rows]), labels
 
 
-def resized_crop(picture, window, size, antialias=True):
+def resized_crop(picture, window, size):
     """The window of `picture` resized to `size x size`, uint8: PIL's
     bilinear resize, as torchvision's `resized_crop` on a PIL image (which
-    filters over the shrunk pixels); `antialias=False` samples the crop
-    bilinearly at the output pixels' centres, without a filter."""
+    filters over the pixels a shrunk crop drops)."""
     from PIL import Image
 
     top, left, h, w = window
     crop = picture.crop((left, top, left + w, top + h))
-    if not antialias:
-        return _bilinear_sample(np.asarray(crop), size)
     return np.asarray(crop.resize((size, size), Image.BILINEAR), np.uint8)
-
-
-def _bilinear_sample(array, size):
-    """Bilinear interpolation at the output pixels' centres, no filter."""
-    h, w = array.shape[:2]
-    ys = (np.arange(size) + 0.5) * h / size - 0.5
-    xs = (np.arange(size) + 0.5) * w / size - 0.5
-    ys, xs = np.clip(ys, 0, h - 1), np.clip(xs, 0, w - 1)
-    y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
-    y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
-    fy, fx = (ys - y0)[:, None, None], (xs - x0)[None, :, None]
-    a = array.astype(np.float32)
-    top = a[y0][:, x0] * (1 - fx) + a[y0][:, x1] * fx
-    bottom = a[y1][:, x0] * (1 - fx) + a[y1][:, x1] * fx
-    out = top * (1 - fy) + bottom * fy
-    return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
 def two_crops(image, rng, augmentation):
@@ -344,8 +318,8 @@ def two_crops(image, rng, augmentation):
         image: encoded bytes (JPEG, PNG, ...), a uint8 array, or a PIL
             image.
         rng: a `numpy.random.Generator` (`view_rng`).
-        augmentation: an `augment.AUGMENTATIONS` dict or pair: its `size`,
-            `scale`, `ratio`, `flip` and `antialias` are used here, the
+        augmentation: an `AUGMENTATIONS` dict or pair: its `size`,
+            `scale`, `ratio` and `flip` are used here, the
             colour entries by `color.ColorAugmentation` in the model.
     """
     picture = image if hasattr(image, "crop") else decode(image)
@@ -362,9 +336,7 @@ def crop_and_flip(picture, rng, augmentation):
     window = crop_window(
         rng, height, width, augmentation["scale"], augmentation["ratio"]
     )
-    view = resized_crop(
-        picture, window, augmentation["size"], augmentation["antialias"]
-    )
+    view = resized_crop(picture, window, augmentation["size"])
     # Drawn with or without `flip`, so that the next view's window is the
     # same draw either way.
     coin = rng.uniform()
@@ -431,14 +403,15 @@ def two_view_batches(
 ):
     """One epoch of `(view_q, view_k)` uint8 batches through grain.
 
-    The same batches as `pipelines.two_view_dataset(...,
-    color_in_model=True, epoch=epoch)` reads in order and shape, with the
-    crop half in PIL: for a host without TensorFlow. The colour half goes
-    in the model (`color.ColorAugmentation`).
+    Each epoch reads every image once, in the uniform order
+    `datasets.permutation(n, seed, epoch)`, and each view's crop and flip
+    are drawn from `(seed, epoch, index)` (`view_rng`): a resumed run, any
+    worker and any process read the batches an uninterrupted run reads.
+    The colour half goes in the model (`color.ColorAugmentation`).
 
     Args:
         source: a `datasets.Source` (folders, arrays).
-        augmentation: an `augment.AUGMENTATIONS` dict.
+        augmentation: an `AUGMENTATIONS` dict or pair.
         batch_size: the global batch.
         seed: int, with `epoch` fixes the order and every draw.
         epoch: the epoch whose order and draws these are.
@@ -476,8 +449,7 @@ def labelled_batches(
 ):
     """Batches of `(image, label)` for linear classification, through grain.
 
-    What `pipelines.labelled_dataset` gives, with the views in PIL:
-    without `train_augmentation` and `epoch`, the evaluation view of every
+    Without `train_augmentation` and `epoch`, the evaluation view of every
     image in the source's order, the last batch kept; with `epoch`, one
     training epoch in the order `datasets.permutation(n, seed, epoch)`
     from batch `skip_batches` on, the last partial batch dropped, its views

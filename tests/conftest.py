@@ -5,9 +5,8 @@ torch (`make test` runs all three). Two tiers:
 
 - in-process tests (tiny, fast) run under every backend, except a test of
   one backend's own machinery (tf.distribute, JAX's data parallel), which
-  carries `@pytest.mark.backends(...)`, and a test of tf.data and numpy
-  code alone, where no backend enters (`support.tf_data_only`: the
-  TensorFlow suite's);
+  carries `@pytest.mark.backends(...)`, and a test of the data code alone,
+  where no backend enters (`support.data_only`: the torch suite's);
 - process tests (`@pytest.mark.process`: a recipe, notebook, benchmark or
   command in a fresh Python, seconds to minutes each) must name the
   backend(s) where they run with `backends(...)`: each runs once, under the

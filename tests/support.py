@@ -25,10 +25,11 @@ from moco_keras import SplitBatchNormalization
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# A test of tf.data and numpy code alone (sources, pipelines, crops), where
-# no Keras backend enters: it runs once, in the TensorFlow suite, as any
-# test marked with the backends it checks (conftest.py).
-tf_data_only = pytest.mark.backends("tensorflow")
+# A test of the data code alone (sources, the views' pipeline: numpy, PIL,
+# grain), where no Keras backend enters: it runs once, in the torch suite
+# (the shortest), as any test marked with the backends it checks
+# (conftest.py).
+data_only = pytest.mark.backends("torch")
 
 
 @contextlib.contextmanager

@@ -1,8 +1,8 @@
-"""The colour half: torchvision's semantics, one implementation in two places.
+"""The colour half: torchvision's semantics, batched in the model.
 
-The same functions run in tf.data (`color.TF_OPS`) and in the model
-(`keras.ops`, every backend); the references below are written
-independently, one image at a time, in numpy (and `tf.image.adjust_hue`).
+The functions run in `keras.ops` on every backend; the references below are
+written independently, one image at a time, in numpy (and
+`tf.image.adjust_hue`).
 """
 
 import math
@@ -15,16 +15,14 @@ from keras import ops
 from support import dense_encoder
 from support import make_moco
 from support import run_serialization_test
-from support import tf_data_only
 
-from moco_keras import augment
 from moco_keras import color
 from moco_keras import datasets
-from moco_keras import pipelines
+from moco_keras import views
 
-V1 = augment.get_augmentation("mocov1", size=16)
-V2 = augment.get_augmentation("mocov2", size=16)
-V3_FIRST, V3_SECOND = augment.get_augmentation("mocov3", size=16)
+V1 = views.get_augmentation("mocov1", size=16)
+V2 = views.get_augmentation("mocov2", size=16)
+V3_FIRST, V3_SECOND = views.get_augmentation("mocov3", size=16)
 LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
 
@@ -41,7 +39,7 @@ def _config(**overrides):
         "mean": (0.0, 0.0, 0.0),
         "std": (1.0, 1.0, 1.0),
     }
-    return augment.get_augmentation("mocov2", **{**plain, **overrides})
+    return views.get_augmentation("mocov2", **{**plain, **overrides})
 
 
 def _draws(config, n, seed=0):
@@ -144,42 +142,6 @@ def test_augment_composes_the_ops_in_the_preset_order(config):
         np.testing.assert_allclose(out[i], expected, atol=2e-5)
 
 
-@pytest.mark.parametrize("V2", [V2, V3_SECOND], ids=["mocov2", "mocov3"])
-def test_tf_data_and_model_run_the_same_ops(V2):
-    """`TF_OPS` (tf.data, whatever the backend) equals `keras.ops`."""
-    rng = np.random.default_rng(2)
-    crops = rng.integers(0, 256, (8, 12, 12, 3)).astype("uint8")
-    p = _draws(V2, 8, seed=4)
-    in_model = _numpy(color.augment_crops(crops, p, V2))
-    tf_p = {k: tf.constant(v) for k, v in p.items()}
-    in_tf_data = color.augment_crops(tf.constant(crops), tf_p, V2, color.TF_OPS)
-    assert isinstance(in_tf_data, tf.Tensor)
-    np.testing.assert_allclose(in_model, in_tf_data.numpy(), atol=1e-5)
-    # One image at a time (tf.data's per-image path: `cond` and `switch`
-    # skip the ops an image does not take) gives the batch's pixels.
-    for i in range(8):
-        one = {k: v[i : i + 1] for k, v in p.items()}
-        alone = color.augment_crops(
-            tf.constant(crops[i : i + 1]),
-            {k: tf.constant(v) for k, v in one.items()},
-            V2,
-            color.TF_OPS,
-        )
-        np.testing.assert_allclose(alone.numpy()[0], in_model[i], atol=1e-5)
-        alone = _numpy(color.augment_crops(crops[i : i + 1], one, V2))
-        np.testing.assert_allclose(alone[0], in_model[i], atol=1e-5)
-    # Inside a tf.data graph, with the batch size unknown to the graph.
-    dataset = tf.data.Dataset.from_tensor_slices((crops, tf_p)).batch(8)
-    graph = next(
-        iter(
-            dataset.map(
-                lambda c, q: color.augment_crops(c, q, V2, color.TF_OPS)
-            )
-        )
-    )
-    np.testing.assert_allclose(in_model, graph.numpy(), atol=1e-5)
-
-
 def _check_distributions(p, n):
     b, c, s, h = p["factors"].T
     for factor in (b, c, s):
@@ -199,15 +161,6 @@ def _check_distributions(p, n):
 
 def test_parameters_follow_the_torchvision_distributions():
     _check_distributions(_draws(V2, 4000, seed=3), 4000)
-    # tf.data's draws: per image, from each image's stateless seed.
-    seeds = tf.data.Dataset.random(seed=3).batch(2).take(4000)
-    per_image = seeds.map(
-        lambda seed: color.sample_parameters(
-            V2, color.stateless_uniform(seed), color.TF_OPS
-        )
-    )
-    p = next(iter(per_image.batch(4000)))
-    _check_distributions({k: v.numpy() for k, v in p.items()}, 4000)
 
 
 def test_jitter_factors_act_in_torchvision_ranges():
@@ -267,7 +220,7 @@ def test_v1_grays_before_its_jitter_and_v2_after():
     red = np.broadcast_to([1.0, 0.0, 0.0], (40, 4, 4, 3)).astype("float32")
     brightest = {}
     for name in ("mocov1", "mocov2"):
-        config = augment.get_augmentation(
+        config = views.get_augmentation(
             name,
             jitter=(0.4, 0.0, 0.0, 0.0),
             jitter_p=1.0,
@@ -343,62 +296,19 @@ def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="blur_sigma"):
         color.ColorAugmentation(blur_sigma=(0.0, 2.0))
     with pytest.raises(ValueError, match="grayscale_p"):
-        augment.get_augmentation("mocov2", grayscale_p=-0.1)
+        views.get_augmentation("mocov2", grayscale_p=-0.1)
     with pytest.raises(ValueError, match="solarize_p"):
         color.ColorAugmentation(solarize_p=2.0)
 
 
-@tf_data_only
-def test_the_pipeline_applies_the_colour_half_to_its_crops():
-    """tf.data's full views are the uint8 crops of the split path, then the
-    colour half with each image's own draws."""
+def test_moco_trains_on_the_pipelines_uint8_crops():
     rng = np.random.default_rng(5)
     images = rng.integers(0, 256, (16, 24, 24, 3)).astype("uint8")
     source = datasets.image_array_source(images, np.zeros(16, "int64"), ("a",))
-
-    def first_batch(config, color_in_model=False):
-        pairs = pipelines.two_view_dataset(
-            source, config, 8, seed=0, color_in_model=color_in_model
-        )
-        return [_numpy(v) for v in next(iter(pairs))]
-
-    crops = first_batch(V2, color_in_model=True)
-    normalized = [
-        (c / 255.0 - np.array(V2["mean"])) / np.array(V2["std"]) for c in crops
-    ]
-    plain = augment.get_augmentation(
-        "mocov2", size=16, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0
-    )
-    for view, expected in zip(first_batch(plain), normalized, strict=True):
-        np.testing.assert_allclose(view, expected, atol=1e-5)
-    gray = augment.get_augmentation(
-        "mocov2", size=16, jitter_p=0.0, grayscale_p=1.0, blur_p=0.0
-    )
-    for view, crop in zip(first_batch(gray), crops, strict=True):
-        expected = (_gray(crop / 255.0) - np.array(V2["mean"])) / np.array(
-            V2["std"]
-        )
-        np.testing.assert_allclose(view, expected, atol=1e-4)
-    full = first_batch(V2)
-    distinct = [
-        not np.allclose(v, n, atol=1e-3)
-        for v, n in zip(
-            np.concatenate(full), np.concatenate(normalized), strict=True
-        )
-    ]
-    assert 0.7 < np.mean(distinct) <= 1.0  # most views get some colour op
-
-
-def test_moco_trains_on_uint8_crops_with_color_in_model():
-    rng = np.random.default_rng(5)
-    images = rng.integers(0, 256, (16, 24, 24, 3)).astype("uint8")
-    source = datasets.image_array_source(images, np.zeros(16, "int64"), ("a",))
-    config = augment.get_augmentation("mocov2", size=8)
-    pairs = pipelines.two_view_dataset(
-        source, config, batch_size=8, seed=0, color_in_model=True
-    )
+    config = views.get_augmentation("mocov2", size=8)
+    pairs = views.two_view_batches(source, config, batch_size=8, seed=0)
     q, k = next(iter(pairs))
-    assert q.dtype == tf.uint8 and tuple(q.shape) == (8, 8, 8, 3)
+    assert q.dtype == np.uint8 and tuple(q.shape) == (8, 8, 8, 3)
     augmentation = color.ColorAugmentation.from_augmentation(config, seed=0)
     model = make_moco(
         dense_encoder(input_shape=(8, 8, 3)), augmentation=augmentation

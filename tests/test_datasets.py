@@ -1,5 +1,5 @@
 """Datasets as sources (`moco_keras.datasets`): folders with broken files,
-Fashion-MNIST's IDX files, tfds; each read through a pipeline once."""
+Fashion-MNIST's IDX files, tfds; each read through the pipeline once."""
 
 import io
 import logging
@@ -8,17 +8,22 @@ import os
 import numpy as np
 import pytest
 from PIL import Image
+from support import data_only
 from support import fake_fashion_mnist
 from support import register_tfds_dataset
-from support import tf_data_only
 
-from moco_keras import augment
 from moco_keras import datasets
-from moco_keras import pipelines
+from moco_keras import views
 
-pytestmark = tf_data_only
+pytestmark = data_only
 
-SMALL = augment.get_augmentation("cifar", size=16)
+SMALL = views.get_augmentation("cifar", size=16)
+
+
+def two_views(source):
+    """Each image's two views (uint8 crops), in the source's order."""
+    pair = views.TwoViews(source, SMALL, seed=0, epoch=0)
+    return [pair(index) for index in range(source.num_examples)]
 
 
 def save(path, array, fmt="JPEG", mode="RGB"):
@@ -69,24 +74,20 @@ def test_image_folder_lists_classes_like_torchvision(messy_folder, caplog):
     for bad in ("truncated.JPEG", "empty.JPEG", "notes.JPEG"):
         assert bad in caplog.text
     assert "a.JPEG" not in caplog.text.replace("/", " ").split()
-    labels = sorted(int(label) for _, label in source.dataset)
-    assert labels == [0, 0, 1, 1, 1, 2]
+    assert sorted(source.labels.tolist()) == [0, 0, 1, 1, 1, 2]
 
 
 def test_every_decodable_file_gives_two_rgb_views(messy_folder):
     root, good = messy_folder
     source = datasets.image_folder(str(root))
-    pairs = pipelines.two_view_dataset(
-        source, SMALL, batch_size=1, shuffle=False
-    )
-    views = [(q.numpy(), k.numpy()) for q, k in pairs]
-    assert len(views) == len(good)
-    for q, k in views:
-        assert q.shape == k.shape == (1, 16, 16, 3)
-        assert np.all(np.isfinite(q)) and not np.allclose(q, k)
+    pairs = two_views(source)
+    assert len(pairs) == len(good)
+    for q, k in pairs:
+        assert q.shape == k.shape == (16, 16, 3) and q.dtype == np.uint8
+        assert not np.array_equal(q, k)
 
 
-def test_files_failing_to_decode_are_skipped_not_fatal(tmp_path):
+def test_files_failing_to_decode_are_replaced_not_fatal(tmp_path, caplog):
     # Passes the header and trailer check, fails inside the decoder.
     rng = np.random.default_rng(1)
     ok = save(
@@ -97,10 +98,9 @@ def test_files_failing_to_decode_are_skipped_not_fatal(tmp_path):
     (tmp_path / "c/broken.jpg").write_bytes(bytes(broken))
     source = datasets.image_folder(str(tmp_path))
     assert source.num_examples == 2
-    pairs = pipelines.two_view_dataset(
-        source, SMALL, batch_size=1, shuffle=False
-    )
-    assert len(list(pairs)) == 1
+    with caplog.at_level(logging.WARNING, logger="moco_keras"):
+        pairs = two_views(source)
+    assert len(pairs) == 2 and "broken.jpg" in caplog.text
 
 
 def test_a_jpeg_with_bytes_after_its_end_marker_is_read(tmp_path):
@@ -126,11 +126,7 @@ def test_a_jpeg_with_bytes_after_its_end_marker_is_read(tmp_path):
     assert reason == "truncated JPEG (no end marker)"
     source = datasets.image_folder(str(tmp_path))
     assert source.num_examples == 3  # whole, phone, thumbnail
-    pairs = pipelines.two_view_dataset(
-        source, SMALL, batch_size=1, shuffle=False
-    )
-    views = [q.numpy() for q, _ in pairs]
-    assert len(views) == 3 and all(np.isfinite(v).all() for v in views)
+    assert len(two_views(source)) == 3
 
 
 def test_missing_or_empty_folders_say_what_is_expected(tmp_path):
@@ -160,11 +156,9 @@ def test_fashion_mnist_idx_files(tmp_path):
     assert labels.shape == (12,) and labels.max() < 10
     source = datasets.fashion_mnist("test", str(tmp_path), limit=3)
     assert source.num_examples == 3 and not source.encoded
-    image, _ = next(iter(source.dataset))
+    image = source.paths_or_arrays[0]
     assert image.shape == (32, 32, 1)
-    np.testing.assert_array_equal(
-        image.numpy()[2:30, 2:30, 0], _first(tmp_path)
-    )
+    np.testing.assert_array_equal(image[2:30, 2:30, 0], _first(tmp_path))
     with pytest.raises(FileNotFoundError, match="IDX"):
         datasets.load_fashion_mnist("train", str(tmp_path / "missing"))
 
@@ -173,39 +167,14 @@ def _first(tmp_path):
     return datasets.load_fashion_mnist("test", str(tmp_path))[0][0]
 
 
-def test_tfds_source_reads_a_locally_built_dataset(tmp_path):
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 255, (6, 20, 24, 3), dtype=np.uint8)
-    register_tfds_dataset(
-        "MocoTestImages",
-        [(image, i % 2) for i, image in enumerate(images)],
-        ["a", "b"],
-    )
-    source = datasets.tfds_source("moco_test_images", data_dir=str(tmp_path))
-    assert source.encoded and source.num_examples == 6
-    assert source.class_names == ("a", "b")
-    labels = [int(label) for _, label in source.dataset]
-    assert sorted(labels) == [0, 0, 0, 1, 1, 1]
-    pairs = pipelines.two_view_dataset(source, SMALL, batch_size=3, seed=0)
-    q, k = next(iter(pairs))
-    assert q.shape == k.shape == (3, 16, 16, 3)
-    assert np.all(np.isfinite(q)) and not np.allclose(q, k)
-    with pytest.raises(ValueError, match="expected 'picture' and 'label'"):
-        datasets.tfds_source(
-            "moco_test_images",
-            data_dir=str(tmp_path),
-            download=False,
-            image_key="picture",
-        )
-
-
 def test_tfds_records_are_read_by_index_through_grain(tmp_path):
     """A tfds split prepared as ArrayRecord, as grain reads it: every
     record by index, its label with it, an epoch's order the uniform
     permutation of all records; one prepared as TFRecord is refused with
     the command that prepares it for grain."""
+    import tensorflow_datasets as tfds
+
     from moco_keras import sources
-    from moco_keras import views
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, (12, 20, 24, 3), dtype=np.uint8)
@@ -215,10 +184,12 @@ def test_tfds_records_are_read_by_index_through_grain(tmp_path):
         ["a", "b", "c"],
     )
     data_dir = str(tmp_path / "array_record")
-    source = datasets.tfds_source(
-        "moco_test_records", data_dir=data_dir, by_index=True
+    source = datasets.tfds_source("moco_test_records", data_dir=data_dir)
+    assert (
+        source.encoded
+        and source.num_examples == 12
+        and source.class_names == ("a", "b", "c")
     )
-    assert source.num_examples == 12 and source.class_names == ("a", "b", "c")
     mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     pixels, labels = views.labelled_arrays(source, 16, mean, std, 1.0)
     assert pixels.shape == (12, 16, 16, 3)
@@ -240,15 +211,15 @@ def test_tfds_records_are_read_by_index_through_grain(tmp_path):
     batches = list(views.two_view_batches(source, augmentation, 4, seed=3))
     assert len(batches) == 3
     assert all(q.shape == k.shape == (4, 16, 16, 3) for q, k in batches)
-    # The first records, as the tf.data source's subset: a random draw.
+    # The first records: tfds shuffled them, so they are a random draw.
     subset = sources.load_source(
-        "tfds/moco_test_records", data_dir, "train", limit=5, by_index=True
+        "tfds/moco_test_records", data_dir, "train", limit=5
     )
     assert subset.num_examples == 5
     first = views.labelled_arrays(subset, 16, mean, std, 1.0)[1]
     np.testing.assert_array_equal(first, labels[:5])
 
-    # A recipe's config that reads with grain takes this source.
+    # A recipe's config takes this source.
     from support import recipe_defaults
 
     from moco_keras import presets
@@ -258,17 +229,24 @@ def test_tfds_records_are_read_by_index_through_grain(tmp_path):
         "quickstart",
         dataset="tfds/moco_test_records",
         data_dir=data_dir,
-        input="grain",
     )
     sources.check_input(config)
     source = sources.data_source(config, "train", 0)
     assert isinstance(source, datasets.TfdsRecordSource)
 
-    tfrecord_dir = str(tmp_path / "tfrecord")
-    datasets.tfds_source("moco_test_records", data_dir=tfrecord_dir)
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(ValueError, match="expected 'picture' and 'label'"):
         datasets.tfds_source(
-            "moco_test_records", data_dir=tfrecord_dir, by_index=True
+            "moco_test_records",
+            data_dir=data_dir,
+            download=False,
+            image_key="picture",
         )
+    # tfds' own default format, TFRecord, is read in file order only.
+    tfrecord_dir = str(tmp_path / "tfrecord")
+    tfds.builder(
+        "moco_test_records", data_dir=tfrecord_dir
+    ).download_and_prepare()
+    with pytest.raises(ValueError) as error:
+        datasets.tfds_source("moco_test_records", data_dir=tfrecord_dir)
     assert "is prepared as tfrecord" in str(error.value)
     assert "--file_format=array_record" in str(error.value)

@@ -61,7 +61,7 @@ TINY = {
             'datasets.load_fashion_mnist("test")',
             _subset('datasets.load_fashion_mnist("test")', 50),
         ),
-        ("epochs=5", "epochs=1"),
+        ("range(5)", "range(1)"),
     ],
     "docs/architecture.md": [
         (

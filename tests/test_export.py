@@ -21,8 +21,8 @@ from moco_keras import convert
 from moco_keras import datasets
 from moco_keras import encoders
 from moco_keras import export
-from moco_keras import pipelines
 from moco_keras import training
+from moco_keras import views
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGES = np.random.default_rng(0).integers(0, 256, (3, 45, 60, 3), "uint8")
@@ -31,11 +31,34 @@ IMAGES = np.random.default_rng(0).integers(0, 256, (3, 45, 60, 3), "uint8")
 def expected_features(backbone, size, mean, std, crop_fraction):
     views = np.stack(
         [
-            pipelines.eval_view(tf.constant(i), size, mean, std, crop_fraction)
+            export._eval_view(tf.constant(i), size, mean, std, crop_fraction)
             for i in IMAGES
         ]
     )
     return keras.ops.convert_to_numpy(backbone(views, training=False))
+
+
+@pytest.mark.backends("tensorflow")
+def test_the_served_view_is_the_pipelines_evaluation_view():
+    """The SavedModel's preprocessing (TensorFlow, in its graph) against
+    the pipeline's evaluation view (`views.center_view`, PIL): resize 256 +
+    center crop 224 of a 375 x 500 image, and a Fashion-MNIST-size image at
+    crop fraction 1, within a level of 255."""
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    rng = np.random.default_rng(4)
+    for shape, size, fraction in (((375, 500), 224, 0.875), ((32, 32), 28, 1)):
+        small = rng.integers(0, 256, (shape[0] // 8, shape[1] // 8, 3), "uint8")
+        # A smooth image, as photos are between their edges.
+        image = np.asarray(
+            views.decode(small).resize(shape[::-1], resample=3), np.uint8
+        )
+        ours = views.center_view(views.decode(image), size, fraction)
+        served = export._eval_view(
+            tf.constant(image), size, mean, std, fraction
+        ).numpy()
+        served = (served * std + mean) * 255.0
+        assert served.shape == ours.shape == (size, size, 3)
+        assert np.abs(ours - served).mean() < 1.0
 
 
 def export_and_load(tmp_path, pretrained, *flags):

@@ -25,10 +25,10 @@ from support import tensorboard_events
 from moco_keras import configs
 from moco_keras import datasets
 from moco_keras import health
-from moco_keras import pipelines
 from moco_keras import pretraining
 from moco_keras import sources
 from moco_keras import training
+from moco_keras import views
 from moco_keras.recipes import common
 from moco_keras.recipes import lincls
 from moco_keras.recipes import pretrain
@@ -287,15 +287,12 @@ def test_lincls_fast_path_agrees_with_the_full_path(smoke_run, tmp_path):
 @pytest.mark.process
 @pytest.mark.backends("jax", "torch")
 def test_recipes_run_without_tensorflow_and_resume_a_killed_run(tmp_path):
-    # The whole package and both recipes with `import tensorflow` blocked:
-    # grain reads the images, the colour ops run in the model, the kNN
-    # monitor's and the linear recipe's views are PIL's.
+    # The whole package and both recipes with `import tensorflow` blocked.
     args = [*SMOKE, "--knn_every=1", "--knn_bank=128", "--knn_test=64"]
     uninterrupted = str(tmp_path / "uninterrupted")
     out = run_recipe(
         "pretrain", *args, f"--workdir={uninterrupted}", without_tensorflow=True
     )
-    assert "input grain" in out.stdout
     assert "No TensorBoard logs" in out.stdout
     assert not os.path.exists(os.path.join(uninterrupted, "tensorboard"))
     assert os.path.exists(os.path.join(uninterrupted, "curves.png"))
@@ -342,8 +339,7 @@ def image_folder(root, rng):
 @pytest.mark.process
 @pytest.mark.backends("torch")
 def test_pretrain_then_lincls_on_an_image_folder(tmp_path):
-    # Without TensorFlow, as a PyTorch host runs it: grain reads the JPEGs.
-    # (tf.data reads folders in tests/test_datasets.py.)
+    # Without TensorFlow, as a PyTorch host runs it.
     root = image_folder(str(tmp_path / "ILSVRC2012"), np.random.default_rng(0))
     run = str(tmp_path / "pretrain")
     out = run_recipe(
@@ -363,7 +359,6 @@ def test_pretrain_then_lincls_on_an_image_folder(tmp_path):
         f"--workdir={run}",
         without_tensorflow=True,
     )
-    assert "input grain" in out.stdout
     results = json.load(open(os.path.join(run, "results.json")))
     assert 0.0 <= results["knn_top1"] <= 1.0
     evaluation = str(tmp_path / "lincls")
@@ -635,7 +630,6 @@ MOCOV1 = {
     "bn_splits": 8,
     "width": 64,
     "train_limit": 0,
-    "color_in_model": False,
     "crop_fraction": 0.875,
 }
 MOCOV2 = {**MOCOV1, "mlp": True, "aug_plus": True, "cos": True, "moco_t": 0.2}
@@ -675,7 +669,7 @@ def test_imagenet_flagfiles_hold_the_papers_values(recipe, flagfile, expected):
     for word in ("Hardware", "Time", "Expected"):
         assert word in text.split("\n--")[0], (flagfile, word)
     if recipe is lincls:
-        augmentation = pipelines.linear_augmentation(224, (0,) * 3, (1,) * 3)
+        augmentation = views.linear_augmentation(224, (0,) * 3, (1,) * 3)
         assert augmentation["scale"] == (0.08, 1.0)
         return
     augmentation = pretraining.augmentation_config(config)
@@ -719,7 +713,6 @@ MOCOV3_R50 = {
     "moco_t": 1.0,
     "crop_min": 0.2,
     "blur": True,
-    "color_in_model": False,
 }
 MOCOV3_VIT = {
     **{k: v for k, v in MOCOV3_R50.items() if k not in ("width", "momentum")},
@@ -892,7 +885,7 @@ def recipe_defaults_of(preset, **overrides):
 def test_quickstart_runs_end_to_end(tmp_path):
     fake_fashion_mnist(str(tmp_path / "fmnist"))
     workdir = tmp_path / "run"
-    # As `make demo` runs on a JAX host without TensorFlow (grain input).
+    # As `make demo` runs on a JAX host without TensorFlow.
     result = subprocess.run(
         [
             *recipe_command("quickstart", without_tensorflow=True),
@@ -916,7 +909,6 @@ def test_quickstart_runs_end_to_end(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "MoCo v2 encoder, 2 epochs" in result.stdout
-    assert "input grain" in result.stdout
     # Progress from the first second, each phase announced before it runs.
     lines = result.stdout.splitlines()
     assert lines[0].startswith("[    0 s] Quick start: MoCo v2"), lines[0]

@@ -152,6 +152,57 @@ def test_rerun_of_a_workdir_refuses_changed_values(tmp_path):
             configs.check_resume(config)
 
 
+def test_a_run_of_the_removed_view_options_resumes_only_unchanged(
+    tmp_path,
+):
+    """A workdir of the removed tf.data pipeline with its colour half on the
+    CPU: its checkpoint has no colour layer, so the views would go on
+    uncoloured; refused. One whose colour ran in the model resumes, its
+    stored `data.input` and `augmentation.color_in_model` ignored; one
+    whose crops were resized without antialiasing is refused."""
+    from support import make_moco
+
+    from moco_keras import color
+    from moco_keras import training
+
+    config = defaults(workdir=str(tmp_path))
+    stored = configs.config(config)
+    stored["data"]["input"] = "tf_data"
+    stored["augmentation"]["color_in_model"] = False
+    runs.write_json_atomically(str(tmp_path / "config.json"), stored)
+    checkpoint = str(tmp_path / "checkpoints" / "ckpt-000000004.keras")
+    os.makedirs(tmp_path / "checkpoints")
+    for augmentation in (None, color.ColorAugmentation(seed=0)):
+        model = make_moco(augmentation=augmentation)
+        model(np.zeros((2, 4, 4, 3), "float32"))
+        training.save_atomically(model, checkpoint)
+        if augmentation is not None:
+            # A grain run: its colour ran in the model whatever the flag.
+            configs.check_resume(config)
+            continue
+        with pytest.raises(configs.ConfigError) as error:
+            configs.check_resume(config)
+        assert "colour half on the CPU" in str(error.value)
+        assert "ckpt-000000004.keras" in str(error.value)
+    # Its colour in the model by the flag: resumes, the checkpoint unread.
+    stored["augmentation"]["color_in_model"] = True
+    runs.write_json_atomically(str(tmp_path / "config.json"), stored)
+    (tmp_path / "checkpoints" / "ckpt-000000004.keras").write_bytes(b"")
+    configs.check_resume(config)
+    # Crops resized without antialiasing, an option the pipeline no longer
+    # has: the views would change.
+    stored["augmentation"]["antialias"] = False
+    runs.write_json_atomically(str(tmp_path / "config.json"), stored)
+    with pytest.raises(configs.ConfigError) as error:
+        configs.check_resume(config)
+    assert "augmentation.antialias: False in its config.json, removed now" in (
+        str(error.value)
+    )
+    stored["augmentation"]["antialias"] = True
+    runs.write_json_atomically(str(tmp_path / "config.json"), stored)
+    configs.check_resume(config)
+
+
 def test_strategy_of_another_backend_is_refused():
     backend = keras.backend.backend()
     other = "data_parallel" if backend == "tensorflow" else "mirrored"
@@ -163,11 +214,10 @@ def test_strategy_of_another_backend_is_refused():
         pretraining.check_pretraining(defaults(strategy="horovod"))
 
 
-def test_grain_feeds_every_strategy_but_the_tpus():
-    for strategy in ("none", "mirrored", "multi_worker"):
-        sources.check_input(defaults(input="grain", strategy=strategy))
-    with pytest.raises(configs.ConfigError, match="--strategy=tpu reads its"):
-        sources.check_input(defaults(input="grain", strategy="tpu"))
+def test_a_negative_count_of_grain_workers_is_refused():
+    sources.check_input(defaults(workers=2))
+    with pytest.raises(configs.ConfigError, match="--workers is a count"):
+        sources.check_input(defaults(workers=-1))
 
 
 def test_batch_and_bn_groups_must_split_over_the_devices():
@@ -310,17 +360,20 @@ def test_knn_evaluation_of_a_head_reuses_its_backbones_features(tmp_path):
         knn_k=10,
     )
     model = pretraining.build_moco(config, [], 1)
+    # The embedding of evaluation views (the model itself takes uint8
+    # crops: its colour layer normalizes them).
+    embedding = keras.Sequential([model.encoder_q, model.head_q])
     scores = evaluation.knn_evaluation(
         config,
         {
             "backbone": model.encoder_q,
             "head": ("backbone", model.head_q),
-            "model": model,
+            "model": embedding,
         },
         linear_probe_of=("head", "model"),
         linear_epochs=1,
     )
-    # The head on the backbone's features is the model's own embedding.
+    # The head on the backbone's features is the embedding's.
     assert scores["head"] == scores["model"]
     assert scores["head linear"] == scores["model linear"]
     assert 0 <= scores["backbone"] <= 100

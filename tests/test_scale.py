@@ -9,6 +9,7 @@ of ImageNet's 1,281,167 entries in 1000 sorted classes (not read).
 """
 
 import io
+import itertools
 import os
 import resource
 import time
@@ -16,17 +17,16 @@ import time
 import numpy as np
 import pytest
 from PIL import Image
+from support import data_only
 from support import recipe_defaults
 from support import register_tfds_dataset
-from support import tf_data_only
 
-from moco_keras import augment
 from moco_keras import color
 from moco_keras import datasets
-from moco_keras import pipelines
 from moco_keras import pretraining
+from moco_keras import views
 
-pytestmark = tf_data_only
+pytestmark = data_only
 
 CLASSES, PER_CLASS, VAL_PER_CLASS = 100, 300, 4
 BATCH = 256
@@ -41,7 +41,7 @@ PALETTE = np.array(
     np.float32,
 )
 # The crop, resize and flip only: the colour of a view stays its class's.
-PLAIN = augment.get_augmentation(
+PLAIN = views.get_augmentation(
     "mocov2",
     size=8,
     jitter_p=0.0,
@@ -104,11 +104,16 @@ def sorted_folder(tmp_path_factory):
     return root
 
 
-def classes_of_views(views):
+def classes_of_views(images):
     """The class of each plain view (N x H x W x 3 in [0, 1])."""
-    colours = views.mean(axis=(1, 2)) * 255.0  # N x 3
+    colours = images.mean(axis=(1, 2)) * 255.0  # N x 3
     distance = np.abs(colours[:, None] - PALETTE[None]).sum(-1)  # N x 100
     return distance.argmin(1)
+
+
+def first(batches, count):
+    """The first `count` batches of a grain dataset."""
+    return list(itertools.islice(iter(batches), count))
 
 
 @pytest.mark.xdist_group("sorted_folder")
@@ -121,12 +126,13 @@ def test_pretraining_batches_hold_as_many_classes_as_a_uniform_draw(
     assert len(np.unique(source.labels[:BATCH])) <= 2
     epochs = []
     for epoch in (0, 1):
-        pairs = pipelines.two_view_dataset(
+        pairs = views.two_view_batches(
             source, PLAIN, BATCH, seed=0, epoch=epoch
-        ).take(6)
+        )
+        # uint8 crops: the colour half runs in the model.
         batches = [
-            (classes_of_views(q.numpy()), classes_of_views(k.numpy()))
-            for q, k in pairs
+            (classes_of_views(q / 255.0), classes_of_views(k / 255.0))
+            for q, k in first(pairs, 6)
         ]
         for q_classes, k_classes in batches:
             # Both views of an image, and the colour read back right.
@@ -141,10 +147,10 @@ def test_pretraining_batches_hold_as_many_classes_as_a_uniform_draw(
 @pytest.mark.xdist_group("sorted_folder")
 def test_linear_classification_batches_are_uniform_too(sorted_folder):
     source = datasets.image_folder(str(sorted_folder), split="train")
-    augmentation = pipelines.linear_augmentation(8, (0.0,) * 3, (1.0,) * 3)
+    augmentation = views.linear_augmentation(8, (0.0,) * 3, (1.0,) * 3)
     orders = []
     for epoch in (0, 1):
-        batches = pipelines.labelled_dataset(
+        batches = views.labelled_batches(
             source,
             BATCH,
             8,
@@ -153,27 +159,22 @@ def test_linear_classification_batches_are_uniform_too(sorted_folder):
             train_augmentation=augmentation,
             seed=3,
             epoch=epoch,
-        ).take(6)
+        )
         labels = []
-        for images, batch_labels in batches:
+        for images, batch_labels in first(batches, 6):
             np.testing.assert_array_equal(
-                classes_of_views(images.numpy()), batch_labels.numpy()
+                classes_of_views(images), batch_labels
             )
-            labels.append(batch_labels.numpy())
+            labels.append(batch_labels)
         assert_uniform(labels, [PER_CLASS] * CLASSES)
         orders.append(np.concatenate(labels))
     assert not np.array_equal(orders[0], orders[1])
-    # --cache_features trains on its own Source of features, in the same
+    # --cache_features trains on the rows of its features, in the same
     # order for the same seed and epoch as the image path.
-    cached = datasets.Source(
-        np.eye(CLASSES, dtype=np.float32)[source.labels],
-        source.labels,
-        source.class_names,
-        encoded=False,
-    )
-    keys = cached.order(3, 1).map(cached.read).batch(BATCH).take(6)
+    features = np.eye(CLASSES, dtype=np.float32)[source.labels]
+    cached = views.array_batches((features, source.labels), BATCH, 3, 1)
     np.testing.assert_array_equal(
-        np.concatenate([label.numpy() for _, label in keys]), orders[1]
+        np.concatenate([label for _, label in first(cached, 6)]), orders[1]
     )
 
 
@@ -204,12 +205,12 @@ def test_train_limit_and_knn_bank_are_stratified_draws(sorted_folder):
     subset = source.subset(1000, seed=0)
     assert np.bincount(subset.labels).tolist() == [10] * CLASSES
     other = source.subset(1000, seed=1)
-    assert b"_" in subset.items.numpy()[0]  # paths, kept as paths
+    assert b"_" in subset.paths_or_arrays[0]  # paths, kept as paths
     # As bytes: numpy's str arrays take 4 bytes a character (ImageNet's
     # 1.28M paths: 536 MiB against 212, BENCHMARKS.md).
     assert source.paths_or_arrays.dtype.kind == "S"
     assert subset.paths_or_arrays.dtype.kind == "S"
-    assert not np.array_equal(subset.items.numpy(), other.items.numpy())
+    assert not np.array_equal(subset.paths_or_arrays, other.paths_or_arrays)
     # Fewer images than classes: as many classes as images.
     assert len(np.unique(source.subset(64, seed=0).labels)) == 64
 
@@ -236,23 +237,22 @@ def test_a_permutation_of_imagenets_1_28m_paths(capsys):
     source = datasets.Source(paths, labels, range(1000), encoded=True)
     source_cost = time.perf_counter() - started, peak_rss() - rss
     rss, started = peak_rss(), time.perf_counter()
-    # What each epoch's start costs: its order, up to the first index.
-    first = next(iter(source.order(seed=0, epoch=0)))
+    # What each epoch's start costs: its order, the pipeline's batches of
+    # indices.
+    order = views.epoch_indices(source.num_examples, BATCH, seed=0, epoch=0)
     order_cost = time.perf_counter() - started, peak_rss() - rss
-    whole = next(iter(source.order(seed=0, epoch=0).batch(len(labels))))
-    whole = whole.numpy()
-    assert whole[0] == first.numpy()
+    whole = datasets.permutation(source.num_examples, seed=0, epoch=0)
+    np.testing.assert_array_equal(order.ravel(), whole[: order.size])
     # Every image once: a permutation, not a sample.
     np.testing.assert_array_equal(np.sort(whole), np.arange(len(labels)))
     batches = labels[whole[: 100 * BATCH]].reshape(100, BATCH)
     found, expected = assert_uniform(list(batches), sizes)
     assert expected > 220  # (a 10k buffer: about 32)
-    second = source.order(seed=0, epoch=1).batch(BATCH).take(100)
-    second = np.stack([labels[batch.numpy()] for batch in second])
+    second = labels[views.epoch_indices(len(labels), BATCH, 0, 1)[:100]]
     assert_uniform(list(second), sizes)
     assert not np.array_equal(second, batches)  # a new order each epoch
     # The same (seed, epoch), the same order: a resumed run reads the same.
-    again = next(iter(source.order(seed=0, epoch=0).batch(BATCH))).numpy()
+    again = views.epoch_indices(len(labels), BATCH, seed=0, epoch=0)[0]
     np.testing.assert_array_equal(again, whole[:BATCH])
     with capsys.disabled():
         print(
@@ -265,8 +265,8 @@ def test_a_permutation_of_imagenets_1_28m_paths(capsys):
 
 
 def test_a_class_sorted_tfds_dataset_is_read_in_a_uniform_order(tmp_path):
-    """tfds shuffles a split over its shards when it writes it; each epoch
-    then reads its shards in a seeded order through a buffer."""
+    """A tfds split, prepared as ArrayRecord, is read by index: each epoch
+    a uniform permutation of all records, as a folder's."""
     classes, per_class, batch = 50, 24, 128
     encoded = []
     for colour in PALETTE[:classes].astype(np.uint8):
@@ -289,16 +289,16 @@ def test_a_class_sorted_tfds_dataset_is_read_in_a_uniform_order(tmp_path):
     assert source.num_examples == classes * per_class
     epochs = []
     for epoch in (0, 1):
-        pairs = pipelines.two_view_dataset(
+        pairs = views.two_view_batches(
             source, PLAIN, batch, seed=0, epoch=epoch
-        ).take(classes * per_class // batch)
-        epochs.append([classes_of_views(q.numpy()) for q, _ in pairs])
+        )
+        epochs.append([classes_of_views(q / 255.0) for q, _ in pairs])
         assert_uniform(epochs[-1], [per_class] * classes)
     assert not np.array_equal(epochs[0][0], epochs[1][0])
     # Every record once an epoch.
     counts = np.bincount(np.concatenate(epochs[0]), minlength=classes)
     assert counts.max() <= per_class and counts.sum() == 9 * batch
     subset = source.subset(300)
-    labels = [int(label) for _, label in subset.dataset]
+    labels = [int(subset.labels[i]) for i in range(subset.num_examples)]
     assert subset.num_examples == len(labels) == 300
     assert len(set(labels)) > 40  # a random draw of the classes

@@ -1,8 +1,8 @@
-"""The TensorFlow-free crop half (`moco_keras.views`) and its grain batches.
+"""The input pipeline (`moco_keras.views`): the views' presets, the crop
+half and its grain batches.
 
-numpy, PIL and grain alone (no Keras backend enters), for hosts without
-TensorFlow: run once, under the torch suite. The tf.data path is the
-reference where it is compared.
+numpy, PIL and grain alone (no Keras backend enters): run once, under the
+torch suite.
 """
 
 import math
@@ -13,13 +13,46 @@ import pytest
 from PIL import Image
 from support import torchvision_mean_area
 
-from moco_keras import augment
+from moco_keras import color
 from moco_keras import datasets
 from moco_keras import views
 
 pytestmark = pytest.mark.backends("torch")
 
-MOCOV2 = augment.AUGMENTATIONS["mocov2"]
+MOCOV2 = views.AUGMENTATIONS["mocov2"]
+
+
+def test_presets_follow_the_official_code():
+    v1, v2 = views.AUGMENTATIONS["mocov1"], views.AUGMENTATIONS["mocov2"]
+    assert v1["jitter"] == (0.4, 0.4, 0.4, 0.4) and v1["jitter_p"] == 1.0
+    assert v1["grayscale_first"] and v1["blur_p"] == 0.0
+    assert v2["jitter"] == (0.4, 0.4, 0.4, 0.1) and v2["jitter_p"] == 0.8
+    assert v2["blur_p"] == 0.5 and v2["blur_sigma"] == (0.1, 2.0)
+    for config in (v1, v2):
+        assert config["size"] == 224 and config["scale"] == (0.2, 1.0)
+        assert config["grayscale_p"] == 0.2 and config["flip"]
+        assert config["mean"] == color.IMAGENET_MEAN
+    assert views.AUGMENTATIONS["cifar"]["size"] == 32
+    # v3: BYOL's asymmetric pair, the same crop in both views.
+    first, second = views.AUGMENTATIONS["mocov3"]
+    for config in (first, second):
+        assert config["scale"] == (0.08, 1.0) and config["size"] == 224
+        assert config["jitter"] == (0.4, 0.4, 0.2, 0.1)
+        assert config["jitter_p"] == 0.8 and config["grayscale_p"] == 0.2
+        assert not config["grayscale_first"] and config["flip"]
+    assert (first["blur_p"], first["solarize_p"]) == (1.0, 0.0)
+    assert (second["blur_p"], second["solarize_p"]) == (0.1, 0.2)
+    assert v2["solarize_p"] == 0.0
+    with pytest.raises(ValueError, match="crop settings differ"):
+        views.two_crops(
+            np.zeros((8, 8, 3), np.uint8),
+            views.view_rng(0, 0, 0),
+            (first, {**second, "size": 32}),
+        )
+    with pytest.raises(ValueError, match="Unknown augmentation arguments"):
+        views.get_augmentation("mocov2", blur=1.0)
+    with pytest.raises(ValueError, match="Unknown augmentation 'simclr'"):
+        views.get_augmentation("simclr")
 
 
 def test_crop_windows_follow_torchvisions_area_and_ratio():
@@ -65,37 +98,24 @@ def _photo(height=375, width=500, seed=0):
     return np.clip(smooth + edges[..., None] - 30, 0, 255).astype(np.uint8)
 
 
-def test_the_same_window_gives_the_tf_data_view_within_a_level():
-    """PIL's bilinear resize (the official loader's) against the tf.data
-    path's antialiased resize, on windows that shrink and that enlarge."""
-    import tensorflow as tf
-
-    image = _photo()
-    picture = views.decode(image)
-    rng = np.random.default_rng(2)
-    differences = []
-    for _ in range(16):
-        window = views.crop_window(rng, 375, 500, (0.2, 1.0), (3 / 4, 4 / 3))
-        ours = views.resized_crop(picture, window, 224).astype(np.float32)
-        top, left, h, w = window
-        crop = tf.constant(image[top : top + h, left : left + w], tf.float32)
-        theirs = augment._resize(crop, 224, True).numpy()
-        theirs = np.clip(np.round(theirs), 0, 255)
-        differences.append(np.abs(ours - theirs).mean())
-    assert max(differences) < 1.0, differences
-
-
-def test_without_antialias_the_view_is_tf_datas_plain_bilinear():
+def test_the_views_resize_is_pils_bilinear_as_the_official_loaders():
+    """torchvision's RandomResizedCrop on the official loader's PIL images
+    resizes with PIL's bilinear filter, which averages the pixels a shrunk
+    crop drops; the plain bilinear sampling of other libraries (here
+    TensorFlow's, without antialiasing) aliases."""
     import tensorflow as tf
 
     image = _photo(seed=3)
     picture = views.decode(image)
     window = (10, 20, 300, 400)  # shrinks to 224
-    ours = views.resized_crop(picture, window, 224, antialias=False)
-    crop = tf.constant(image[10:310, 20:420], tf.float32)
-    theirs = tf.image.resize(crop, (224, 224), "bilinear").numpy()
-    theirs = np.clip(np.round(theirs), 0, 255)
-    assert np.abs(ours - theirs).max() <= 1
+    ours = views.resized_crop(picture, window, 224)
+    crop = Image.fromarray(image[10:310, 20:420])
+    pil = np.asarray(crop.resize((224, 224), Image.BILINEAR))
+    assert np.array_equal(ours, pil)
+    plain = tf.image.resize(
+        tf.constant(image[10:310, 20:420], tf.float32), (224, 224), "bilinear"
+    ).numpy()
+    assert np.abs(ours - np.clip(np.round(plain), 0, 255)).mean() > 1.0
 
 
 def test_two_crops_flip_half_the_views_and_a_seed_fixes_them():
@@ -206,27 +226,6 @@ def test_jpeg_files_are_read_and_bad_batches_refused(tmp_path):
         views.two_view_batches(source, MOCOV2, 16)
     with pytest.raises(ValueError, match="multiple of 3"):
         views.two_view_batches(source, MOCOV2, 8, shard=(0, 3))
-
-
-def test_evaluation_views_are_tf_datas_within_a_level():
-    """Resize 256 + center crop 224 of a 375 x 500 photo, and a small
-    Fashion-MNIST-size image at crop fraction 1, against tf.data's."""
-    import tensorflow as tf
-
-    from moco_keras import pipelines
-
-    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
-    for image, size, fraction in (
-        (_photo(), 224, 0.875),
-        (_photo(32, 32, seed=5), 28, 1.0),
-    ):
-        crop = views.center_view(views.decode(image), size, fraction)
-        assert crop.shape == (size, size, 3) and crop.dtype == np.uint8
-        theirs = pipelines.eval_view(
-            tf.constant(image), size, mean, std, fraction
-        ).numpy()
-        theirs = (theirs * std + mean) * 255.0
-        assert np.abs(crop - theirs).mean() < 1.0
 
 
 def test_labelled_batches_read_the_epochs_order_with_their_views():

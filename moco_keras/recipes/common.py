@@ -50,19 +50,10 @@ flags.DEFINE_integer(
     "Train on N training images drawn at random, each class in proportion "
     "(0: all).",
 )
-flags.DEFINE_enum(
-    "input",
-    None,
-    ["auto", "tf_data", "grain"],
-    "How images are read: 'tf_data' (TensorFlow), 'grain' (PIL crops in "
-    "grain, no TensorFlow; the colour ops run in the model), 'auto' "
-    "(tf_data where TensorFlow is installed, else grain).",
-)
 flags.DEFINE_integer(
     "workers",
     None,
-    "--input=grain: worker processes that decode and crop (0: threads of "
-    "this process).",
+    "grain worker processes that decode and crop (0: this process).",
 )
 flags.DEFINE_integer("epochs", None, "Total epochs.")
 flags.DEFINE_integer("batch_size", None, "Global batch size.")
@@ -189,8 +180,6 @@ FLAGS_TO_CONFIG = {
     "aug_plus": ("augmentation", "aug_plus"),
     "blur": ("augmentation", "blur"),
     "crop_min": ("augmentation", "crop_min"),
-    "color_in_model": ("augmentation", "color_in_model"),
-    "antialias": ("augmentation", "antialias"),
     "dataset": ("data", "dataset"),
     "data_dir": ("data", "data_dir"),
     "image_size": ("data", "image_size"),
@@ -199,7 +188,6 @@ FLAGS_TO_CONFIG = {
     "val_split": ("data", "val_split"),
     "val_limit": ("data", "val_limit"),
     "batch_size": ("data", "batch_size"),
-    "input": ("data", "input"),
     "workers": ("data", "workers"),
     "optimizer": ("optimizer", "name"),
     "lr": ("optimizer", "lr"),

@@ -83,19 +83,6 @@ flags.DEFINE_float(
     "The random crop's smallest area fraction of the image (the papers' "
     "0.2); milder for tiny images.",
 )
-flags.DEFINE_bool(
-    "color_in_model",
-    None,
-    "Run colour jitter, grayscale, blur and normalization batched in the "
-    "model (for accelerators); the CPU only decodes, crops and flips.",
-)
-flags.DEFINE_bool(
-    "antialias",
-    None,
-    "Antialias the crops' resize as PIL does in the official code; "
-    "--noantialias gives 1.6x the pairs per CPU core of "
-    "--color_in_model's CPU half and aliases shrunk crops (BENCHMARKS.md).",
-)
 flags.DEFINE_integer("knn_every", None, "kNN monitor every N epochs (0: off).")
 flags.DEFINE_integer(
     "knn_bank",

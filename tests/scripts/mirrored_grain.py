@@ -21,7 +21,6 @@ def run(workdir, **flags):
         "quickstart",
         workdir=workdir,
         data_dir=None,
-        input="grain",
         width=4,
         train_limit=64,
         batch_size=32,
