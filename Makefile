@@ -65,9 +65,7 @@ BENCH_ARGS ?=
 bench: venv fashion-mnist
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[bench]"
 	mkdir -p bench/results
-	KERAS_BACKEND=tensorflow $(BIN)/python bench/pipeline.py --output=BENCHMARKS.md
-	KERAS_BACKEND=tensorflow $(BIN)/python bench/pipeline_parts.py --output=BENCHMARKS.md
-	KERAS_BACKEND=tensorflow $(BIN)/python bench/resize_fidelity.py --output=BENCHMARKS.md
+	$(BIN)/python bench/pipeline.py --output=BENCHMARKS.md
 	KERAS_BACKEND=tensorflow $(BIN)/python bench/shuffle.py --output=BENCHMARKS.md
 	$(BIN)/python bench/train_step.py --model=cifar18 --runs=3 --output=BENCHMARKS.md
 	$(BIN)/python bench/train_step.py --model=resnet50 --runs=2 --steps=4 \

@@ -25,13 +25,12 @@ time and peak memory (the GPU's allocator peak; the process's peak RSS on
 the CPU) per configuration and batch, and the ratio to plain PyTorch in
 the same precision at the same batch.
 
-Then the input pipeline, where TensorFlow is installed (skipped with a
-message elsewhere): pairs/s of MoCo v2 views from ImageNet-sized JPEGs
-with tf.data on all the host's cores, the full CPU path (everything on the
-CPU, float32 out) and the split path's CPU half (decode, crop, resize,
-flip; uint8 out, the colour half runs in the model), beside what the
-fastest step above consumes, and the cores per accelerator each path
-needs to keep up.
+Then the input pipeline, where grain is installed (skipped with a message
+elsewhere): pairs/s of MoCo v2 views from ImageNet-sized JPEGs, the
+pipeline's CPU half (`views.two_view_batches`: PIL decode, crop, resize,
+flip; uint8 out, the colour half runs in the model) in one grain worker
+process per core, beside what the fastest step above consumes, and the
+cores per accelerator it needs to keep up.
 
 `--budget_s` (default 420) stops starting new configurations once spent,
 so that the whole run stays inside a lease of a few minutes.
@@ -241,11 +240,12 @@ def worker(args):
 
 
 def pipeline_rates(seconds, files, tiny):
-    """Pairs/s of the full CPU path and the split path's CPU half (with and
-    without antialiasing), all cores.
+    """Pairs/s of the pipeline's CPU half, one grain worker per core.
 
     The JPEGs are cut from scikit-image's real photos; `tiny` (the suite,
-    which does not install scikit-image) makes do with a synthetic one.
+    which does not install scikit-image) makes do with a synthetic one, and
+    reads in this process (grain's workers take longer to start than the
+    suite's second of reading).
     """
     import pipeline
 
@@ -259,12 +259,9 @@ def pipeline_rates(seconds, files, tiny):
         ]
     with tempfile.TemporaryDirectory() as root:
         pipeline.make_jpegs(root, files, photos=photos)
-        full = pipeline.run_ours(root, seconds, threads=0)
-        split = pipeline.run_ours(root, seconds, threads=0, color_in_model=True)
-        aliased = pipeline.run_ours(
-            root, seconds, threads=0, color_in_model=True, antialias=False
-        )
-    return {"full": full, "split": split, "split_aliased": aliased}
+        workers = 0 if tiny else len(os.sched_getaffinity(0))
+        half = pipeline.run_grain(root, seconds, workers)
+    return {"half": half, "workers": workers}
 
 
 # --- The driver -----------------------------------------------------------
@@ -324,11 +321,18 @@ def report(args, results, skipped, rates):
     lines.append("")
     if rates is None:
         lines.append(
-            "Input pipeline: skipped, TensorFlow is not installed here (the "
-            "tf.data pipelines need it)."
+            "Input pipeline: skipped, grain is not installed here (the "
+            "pipeline needs it)."
         )
     else:
-        cores = len(os.sched_getaffinity(0))
+        # The cores that read: one per grain worker, or the training
+        # process's one.
+        cores = rates["workers"] or 1
+        where = (
+            f"one grain worker per core ({cores})"
+            if rates["workers"]
+            else "in the training process (1 core)"
+        )
         fastest = max(
             (
                 row["pairs_per_s"]
@@ -339,22 +343,17 @@ def report(args, results, skipped, rates):
         )
         lines += [
             f"Input pipeline, MoCo v2 views of 500 x 375 JPEGs at 224 px, "
-            f"tf.data on all {cores} cores:",
+            f"{where}:",
             "",
             "| path | pairs/s | per core | cores to feed the fastest step "
             f"({fastest:.0f} pairs/s) |",
             "|---|---|---|---|",
         ]
-        for name, label in (
-            ("full", "full CPU path"),
-            ("split", "split path, CPU half"),
-            ("split_aliased", "split path, CPU half, --noantialias"),
-        ):
-            per_core = rates[name] / cores
-            need = f"{fastest / per_core:.1f}" if fastest else "-"
-            lines.append(
-                f"| {label} | {rates[name]:.1f} | {per_core:.1f} | {need} |"
-            )
+        per_core = rates["half"] / cores
+        need = f"{fastest / per_core:.1f}" if fastest else "-"
+        lines.append(
+            f"| CPU half | {rates['half']:.1f} | {per_core:.1f} | {need} |"
+        )
     return "\n".join(lines)
 
 
@@ -401,7 +400,7 @@ def main():
                 flush=True,
             )
     rates = None
-    if args.pipeline_seconds > 0 and importlib.util.find_spec("tensorflow"):
+    if args.pipeline_seconds > 0 and importlib.util.find_spec("grain"):
         rates = pipeline_rates(
             args.pipeline_seconds, args.pipeline_files, args.tiny
         )

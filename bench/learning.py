@@ -6,8 +6,11 @@ MoCo v2 pretraining on Fashion-MNIST under the protocol that BENCHMARKS.md
 writes out ("fmnist-moco-v2"), run by this package under each Keras backend
 and by the official algorithm in plain PyTorch (`bench/torch_moco.py`), each
 in a fresh process pinned to the same cores. Every configuration reads the
-same views from the same tf.data pipeline (this package's), so what differs
-is the training step; the kNN evaluation is the same numpy code for all.
+same crops from this package's pipeline (`views.two_view_batches`, a
+function of the seed, the epoch and the image), whose colour half the
+package's colour layer draws (in the model for this package; before the
+step for plain PyTorch), so what differs is the training step; the kNN
+evaluation is the same numpy code for all.
 
 Reports, per configuration: kNN top-1 (k 200, t 0.1, weighted voting; the
 10k test images against all 60k training images) of the pooled backbone
@@ -75,10 +78,10 @@ PROTOCOL = {
 
 
 def load(protocol):
-    """The training pairs (tf.data) and the kNN bank and test sets."""
-    from moco_keras import augment
+    """The training pairs (`epoch -> uint8 crops`, grain) and the kNN bank
+    and test sets."""
     from moco_keras import datasets
-    from moco_keras import pipelines
+    from moco_keras import views
 
     train_images, train_labels = datasets.load_fashion_mnist("train")
     test_images, test_labels = datasets.load_fashion_mnist("test")
@@ -89,22 +92,27 @@ def load(protocol):
         datasets.FASHION_MNIST_CLASSES,
         pad=2,
     )
-    augmentation = augment.get_augmentation(
+    augmentation = views.get_augmentation(
         "cifar",
         scale=(QUICKSTART["augmentation"]["crop_min"], 1.0),
         mean=datasets.FASHION_MNIST_MEAN,
         std=datasets.FASHION_MNIST_STD,
     )
-    pairs = pipelines.two_view_dataset(
-        source,
-        augmentation,
-        protocol["batch_size"],
-        seed=protocol["seed"],
-    )
+
+    def pairs(epoch):
+        return views.two_view_batches(
+            source,
+            augmentation,
+            protocol["batch_size"],
+            seed=protocol["seed"],
+            epoch=epoch,
+        )
+
     bank = slice(0, protocol["bank"])
     test = slice(0, protocol["test"])
     return {
         "pairs": pairs,
+        "augmentation": augmentation,
         "steps_per_epoch": source.num_examples // protocol["batch_size"],
         "bank": datasets.fashion_mnist_eval_images(train_images[bank]),
         "bank_labels": train_labels[bank],
@@ -198,9 +206,6 @@ def run_keras(protocol, sets, log):
     wanted = eval_epochs(protocol)
 
     class Bench(keras.callbacks.Callback):
-        def on_train_begin(self, logs=None):
-            log(0, None, evaluate(embed, sets, protocol))
-
         def on_epoch_begin(self, epoch, logs=None):
             self.started = time.perf_counter()
 
@@ -211,19 +216,25 @@ def run_keras(protocol, sets, log):
                 scores = evaluate(embed, sets, protocol)
             log(epoch + 1, (seconds, float(logs["loss"])), scores)
 
-    model.fit(
-        sets["pairs"],
-        epochs=protocol["epochs"],
-        callbacks=[Bench()],
-        verbose=0,
-        shuffle=False,  # tf.data shuffles
-    )
+    log(0, None, evaluate(embed, sets, protocol))
+    for epoch in range(protocol["epochs"]):
+        # Each epoch's order and crops are its own (`two_view_batches`).
+        model.fit(
+            sets["pairs"](epoch),
+            initial_epoch=epoch,
+            epochs=epoch + 1,
+            callbacks=[Bench()],
+            verbose=0,
+        )
 
 
 def run_torch_plain(protocol, sets, log, threads):
+    import keras
     import torch
     import torch_moco
     from torch import nn
+
+    from moco_keras import color
 
     torch.set_num_threads(threads)
     torch.manual_seed(protocol["seed"])
@@ -251,6 +262,15 @@ def run_torch_plain(protocol, sets, log, threads):
         weight_decay=protocol["wd"],
     )
     criterion = nn.CrossEntropyLoss()
+    # The package's colour half, before the step: the official loader
+    # colours its views on the CPU.
+    colour = color.ColorAugmentation.from_augmentation(
+        sets["augmentation"], seed=protocol["seed"]
+    )
+
+    def coloured(crops):
+        views = colour(crops, training=True)
+        return keras.ops.convert_to_numpy(views)
 
     def nchw(x):
         return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
@@ -276,7 +296,8 @@ def run_torch_plain(protocol, sets, log, threads):
             group["lr"] = torch_moco.cosine_lr(lr, epoch, protocol["epochs"])
         started = time.perf_counter()
         total, count = 0.0, 0
-        for view_q, view_k in sets["pairs"].as_numpy_iterator():
+        for crops_q, crops_k in sets["pairs"](epoch):
+            view_q, view_k = coloured(crops_q), coloured(crops_k)
             logits, labels = model(nchw(view_q), nchw(view_k))
             loss = criterion(logits, labels)
             optimizer.zero_grad()

@@ -1,28 +1,27 @@
 r"""Input pipeline throughput: MoCo v2 two-crop views from JPEG files.
 
-    python bench/pipeline.py [--files=256] [--seconds=20]
+    python bench/pipeline.py [--files=256] [--seconds=20] [--rounds=3]
 
 Builds a folder of ImageNet-sized JPEGs (about 500 x 375, quality 90) from
 the real photos that ship with scikit-image, then measures pairs per second
-of (a) this package's tf.data pipeline (`datasets.image_folder` +
-`pipelines.two_view_dataset`, MoCo v2 augmentation at 224 px) and (b) a baseline
-that does what the official loader does: PIL decode, then the torchvision v2
-transforms written with PIL and numpy, one image at a time in Python. Both
-run in this process, alternately, on the same files; (a) is measured with
-tf.data confined to one thread (per core) and with all cores. Then the two
-halves of the split pipeline: (c) the tf.data part alone
-(`color_in_model=True`: decode, crop, resize, flip, uint8 out) on one
-thread, also without antialiasing (`antialias=False`, the resize that
-aliases where a crop shrinks), and (d) `color.ColorAugmentation`, the part
-that runs in the model on an accelerator, here on the CPU. Last (e) the
-CPU half without TensorFlow (`moco_keras.views`: PIL and grain), in this
-process and in one grain worker per core.
+of (a) a baseline that does what the official loader does: PIL decode, then
+the torchvision v2 transforms written with PIL and numpy, one image at a
+time in Python; (b) this package's pipeline, its CPU half
+(`datasets.image_folder` + `views.two_view_batches`: PIL decode, crop,
+resize, flip, uint8 out, batched by grain) in this process (one core) and
+in one grain worker process per core; (c) the colour
+half, `color.ColorAugmentation`, which runs in the model on an accelerator,
+here on the CPU under each Keras backend (a process each). Rounds
+alternate all of them on the same files, in one job.
 """
 
 import argparse
+import json
 import math
 import os
 import random
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -141,38 +140,10 @@ def run_baseline(paths, seconds, seed=0):
 # --- Ours ------------------------------------------------------------------
 
 
-def run_ours(
-    root, seconds, threads, batch_size=32, color_in_model=False, antialias=True
-):
-    import tensorflow as tf
-
-    from moco_keras import augment
-    from moco_keras import datasets
-    from moco_keras import pipelines
-
-    source = datasets.image_folder(root)
-    config = augment.get_augmentation("mocov2", antialias=antialias)
-    pairs = pipelines.two_view_dataset(
-        source, config, batch_size, seed=0, color_in_model=color_in_model
-    ).repeat()
-    if threads:
-        options = tf.data.Options()
-        options.threading.private_threadpool_size = threads
-        options.threading.max_intra_op_parallelism = 1
-        pairs = pairs.with_options(options)
-    iterator = iter(pairs)
-    next(iterator)  # tracing and the first fills are not throughput
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        q, _ = next(iterator)
-        count += int(q.shape[0])
-    return count / (time.perf_counter() - start)
-
-
 def run_grain(root, seconds, workers, batch_size=32):
-    """Pairs/s of the TensorFlow-free crop half (`views.two_view_batches`:
-    PIL decode, crop, resize, flip; uint8 out), in this process (one core)
-    or in `workers` grain worker processes."""
+    """Pairs/s of the pipeline's CPU half (`views.two_view_batches`: PIL
+    decode, crop, resize, flip; uint8 out), in this process (one core) or
+    in `workers` grain worker processes."""
     from moco_keras import datasets
     from moco_keras import views
 
@@ -206,11 +177,11 @@ def run_color_layer(seconds, batch_size=32):
     """
     import keras
 
-    from moco_keras import augment
     from moco_keras import color
+    from moco_keras import views
 
     layer = color.ColorAugmentation.from_augmentation(
-        augment.get_augmentation("mocov2"), seed=0
+        views.get_augmentation("mocov2"), seed=0
     )
     crops = np.random.default_rng(0).integers(
         0, 256, (batch_size, 224, 224, 3), dtype=np.uint8
@@ -235,59 +206,66 @@ def run_color_layer(seconds, batch_size=32):
     return count / (time.perf_counter() - start)
 
 
+def colour_layer_rate(backend, seconds):
+    """`run_color_layer` under Keras backend `backend`, in a process of its
+    own (a process runs one backend)."""
+    result = subprocess.run(
+        [sys.executable, __file__, "--colour_layer", f"--seconds={seconds}"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "KERAS_BACKEND": backend},
+    )
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--files", type=int, default=256)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--backends",
+        default="tensorflow,jax,torch",
+        help="Keras backends whose colour layer is timed",
+    )
+    parser.add_argument(
+        "--colour_layer",
+        action="store_true",
+        help="only time the colour layer (this process's backend); print it",
+    )
     parser.add_argument("--output", help="also write the table here (md)")
     args = parser.parse_args()
+    if args.colour_layer:
+        print(json.dumps(run_color_layer(args.seconds)))
+        return
     cores = len(os.sched_getaffinity(0))
+    backends = [b for b in args.backends.split(",") if b]
     with tempfile.TemporaryDirectory() as tmp:
         root = make_jpegs(tmp, args.files)
         paths = sorted(
             os.path.join(root, "n00000000", f)
             for f in os.listdir(os.path.join(root, "n00000000"))
         )
-        results = {
-            "baseline (1 core)": [],
-            "ours (1 thread)": [],
-            f"ours ({cores} cores)": [],
-            "split, CPU half (1 thread)": [],
-            "split, CPU half, --noantialias (1 thread)": [],
-            "split, colour layer (CPU)": [],
-            "grain, PIL CPU half (in process, 1 core)": [],
-            f"grain, PIL CPU half ({cores} workers)": [],
+        runs = {
+            "baseline (1 core)": lambda: run_baseline(paths, args.seconds),
+            "CPU half (in process, 1 core)": lambda: run_grain(
+                root, args.seconds, 0
+            ),
+            f"CPU half ({cores} grain workers)": lambda: run_grain(
+                root, args.seconds, cores
+            ),
         }
+        for backend in backends:
+            runs[f"colour layer on the CPU, {backend}"] = (
+                lambda backend=backend: colour_layer_rate(backend, args.seconds)
+            )
+        results = {name: [] for name in runs}
+        # Rounds alternate every path, so that a slower minute of the
+        # machine falls on all of them.
         for _ in range(args.rounds):
-            results["baseline (1 core)"].append(
-                run_baseline(paths, args.seconds)
-            )
-            results["ours (1 thread)"].append(run_ours(root, args.seconds, 1))
-            results[f"ours ({cores} cores)"].append(
-                run_ours(root, args.seconds, 0)
-            )
-            results["split, CPU half (1 thread)"].append(
-                run_ours(root, args.seconds, 1, color_in_model=True)
-            )
-            results["split, CPU half, --noantialias (1 thread)"].append(
-                run_ours(
-                    root,
-                    args.seconds,
-                    1,
-                    color_in_model=True,
-                    antialias=False,
-                )
-            )
-            results["split, colour layer (CPU)"].append(
-                run_color_layer(args.seconds)
-            )
-            results["grain, PIL CPU half (in process, 1 core)"].append(
-                run_grain(root, args.seconds, 0)
-            )
-            results[f"grain, PIL CPU half ({cores} workers)"].append(
-                run_grain(root, args.seconds, cores)
-            )
+            for name, run in runs.items():
+                results[name].append(run())
     lines = [
         f"MoCo v2 two-crop pairs/s, 224 px, {args.files} JPEGs ~500x375, "
         f"{args.rounds} rounds of {args.seconds:.0f} s, {cores} cores",

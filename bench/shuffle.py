@@ -9,14 +9,14 @@ batches of 256 of one epoch's order:
 
 - "buffer": `shuffle(10_000)` over the sorted list, the usual tf.data
   recipe;
-- "permutation": `datasets.Source.order`, a uniform permutation of all indices
-  per epoch, what `two_view_dataset` and `labelled_dataset` read now;
+- "permutation": `datasets.permutation`, a uniform permutation of all
+  indices per epoch, what the pipeline (`views.epoch_indices`) reads;
 - "uniform": the exact expectation for batches drawn at random without
   replacement.
 
 and the time and peak memory (RSS) of building the Source of the paths and
-of one epoch's order (up to its first index). Nothing is read from disk:
-the paths are names only.
+of one epoch's order (the pipeline's batches of indices). Nothing is read
+from disk: the paths are names only.
 """
 
 import argparse
@@ -49,6 +49,7 @@ def measure(name, sizes, batch, buffer):
     import tensorflow as tf
 
     from moco_keras import datasets
+    from moco_keras import views
 
     labels = np.repeat(np.arange(len(sizes)), sizes)
     paths = [
@@ -57,15 +58,14 @@ def measure(name, sizes, batch, buffer):
     ]
     rss, start = peak_mib(), time.perf_counter()
     source = datasets.Source(paths, labels, range(len(sizes)), encoded=True)
-    _ = source.items  # the paths' tensor too, which tf.data reads from
     source_cost = (time.perf_counter() - start, peak_mib() - rss)
     rss, start = peak_mib(), time.perf_counter()
-    next(iter(source.order(seed=0, epoch=0)))
+    permutation = views.epoch_indices(
+        source.num_examples, batch, seed=0, epoch=0
+    )
     order_cost = (time.perf_counter() - start, peak_mib() - rss)
+    permutation = permutation.ravel()
     rows = []
-    permutation = next(
-        iter(source.order(seed=0, epoch=0).batch(len(labels)))
-    ).numpy()
     rows.append(("permutation", *classes_per_batch(labels, permutation, batch)))
     buffered = tf.data.Dataset.range(len(labels)).shuffle(
         buffer, seed=0, reshuffle_each_iteration=False
