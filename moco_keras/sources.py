@@ -25,7 +25,8 @@ def check_input(config):
     workers = config["data"]["workers"]
     check(
         workers >= 0,
-        f"--workers is a count of grain worker processes: {workers}",
+        f"--workers is a count of grain worker processes, not {workers}: "
+        "use 0 to read in the training process, or more.",
     )
 
 
