@@ -311,13 +311,6 @@ def normalize(images, mean, std):
     return (images - mean) / std
 
 
-def augment_crops(crops, parameters, config):
-    """The colour half of a batch of uint8 crops: augment, then normalize."""
-    images = ops.cast(crops, "float32") / 255.0
-    images = augment(images, parameters, config)
-    return normalize(images * 255.0, config["mean"], config["std"])
-
-
 @keras.saving.register_keras_serializable(package="moco_keras")
 class ColorAugmentation(keras.layers.Layer):
     """MoCo's colour augmentation and normalization over a batch.
